@@ -1,0 +1,152 @@
+"""Problems: the small networks whose checkpoints G.pt learns from.
+
+A problem's parameters are one flat float32 vector in PyTorch ``state_dict`` order. Everything here
+works on a *batch* of such vectors ``theta [K, P]`` at once, because the sweep trains K networks as one
+computation and G.pt's evaluation scores thousands of generated vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gptpipe import data as datasets
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of ``logits [..., classes]`` against ``y [...]`` (4x faster here than
+    ``F.cross_entropy(reduction='none')`` on the small batched shapes this project uses)."""
+    return torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str  # state_dict key
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class MLPClassifier:
+    """Linear(d_in, hidden), ReLU, Linear(hidden, classes): the paper's MNIST network and its 8x8 twin.
+
+    ``metrics`` are the catalog columns of every checkpoint; ``primary`` is what G.pt is prompted with
+    by default (lower is better for all of them).
+    """
+
+    metrics = ("train_loss", "train_error", "test_loss", "test_error")
+    prompt_metrics = ("test_loss", "test_error")
+    primary = "test_loss"
+
+    def __init__(self, name: str, d_in: int, hidden: int, classes: int, default_data: str, data_sources: tuple[str, ...]):
+        self.name = name
+        self.d_in, self.hidden, self.classes = d_in, hidden, classes
+        self.default_data = default_data
+        self.data_sources = data_sources
+        self.layers = (
+            Layer("0.weight", (hidden, d_in)),
+            Layer("0.bias", (hidden,)),
+            Layer("2.weight", (classes, hidden)),
+            Layer("2.bias", (classes,)),
+        )
+        self.n_params = sum(layer.numel for layer in self.layers)
+
+    # --- layout -------------------------------------------------------------------------------
+    def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``theta [K, P]`` as ``[K, *shape]`` per layer (gradients flow back to theta)."""
+        out, start = [], 0
+        for layer in self.layers:
+            out.append(theta[:, start : start + layer.numel].reshape(theta.shape[0], *layer.shape))
+            start += layer.numel
+        return out
+
+    def module(self) -> nn.Module:
+        """The same network as an ordinary ``nn.Module`` (for one parameter vector)."""
+        return nn.Sequential(nn.Linear(self.d_in, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.classes))
+
+    def state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {layer.name: p[0].clone() for layer, p in zip(self.layers, self.unflatten(vector.reshape(1, -1)))}
+
+    def load_data(self, source: str, root: str | None = None) -> datasets.Dataset:
+        return datasets.load(source, root)
+
+    # --- init ---------------------------------------------------------------------------------
+    def init(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """One vector per generator, distributed as PyTorch's default ``nn.Linear`` init
+        (weights and biases uniform in +-1/sqrt(fan_in))."""
+        theta = torch.empty(len(generators), self.n_params)
+        for k, g in enumerate(generators):
+            start, fan_in = 0, self.d_in
+            for layer in self.layers:
+                if len(layer.shape) == 2:  # a weight; the bias after it shares its fan-in
+                    fan_in = layer.shape[1]
+                bound = 1.0 / math.sqrt(fan_in)
+                theta[k, start : start + layer.numel].uniform_(-bound, bound, generator=g)
+                start += layer.numel
+        return theta
+
+    # --- compute ------------------------------------------------------------------------------
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Network k applied to its own batch: ``theta [K, P]``, ``x [K, B, d_in]`` -> ``[K, B, classes]``."""
+        w1, b1, w2, b2 = self.unflatten(theta)
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).relu_()
+        return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-network mean cross-entropy ``[K]`` of each network on its own batch ``y [K, B]``."""
+        return cross_entropy(self.logits(theta, x), y).mean(1)
+
+    @torch.no_grad()
+    def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> dict[str, torch.Tensor]:
+        """Mean cross-entropy and error (fraction misclassified) of each of N vectors on one shared
+        split. The first layer of all N networks is one big matmul ``x @ [W1_1; ...; W1_N]^T``."""
+        losses, errors = [], []
+        for part in theta.split(chunk):
+            w1, b1, w2, b2 = self.unflatten(part)
+            n = part.shape[0]
+            h = (x @ w1.reshape(n * self.hidden, self.d_in).T).view(len(x), n, self.hidden)
+            h = (h.transpose(0, 1) + b1.unsqueeze(1)).relu_()  # [n, M, hidden]
+            z = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # [n, M, classes]
+            losses.append(cross_entropy(z, y.expand(n, -1)).mean(1))
+            errors.append((z.argmax(-1) != y).float().mean(1))
+        return {"loss": torch.cat(losses), "error": torch.cat(errors)}
+
+    def score(self, theta: torch.Tensor, data: datasets.Dataset) -> dict[str, torch.Tensor]:
+        """Every catalog metric of each vector: train/test loss and error."""
+        train = self.evaluate(theta, data.x_train, data.y_train)
+        test = self.evaluate(theta, data.x_test, data.y_test)
+        return {"train_loss": train["loss"], "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"]}
+
+    # --- symmetry -----------------------------------------------------------------------------
+    def permute(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Shuffle each network's hidden units with its own random permutation. The network computes
+        exactly the same function, so G.pt can be trained on all permuted copies (augmentation)."""
+        n = theta.shape[0]
+        perm = torch.argsort(torch.rand(n, self.hidden, generator=generator), dim=1)
+        w1, b1, w2, b2 = self.unflatten(theta)
+        w1 = torch.gather(w1, 1, perm.unsqueeze(-1).expand_as(w1))
+        b1 = torch.gather(b1, 1, perm)
+        w2 = torch.gather(w2, 2, perm.unsqueeze(1).expand_as(w2))
+        return torch.cat([w1.reshape(n, -1), b1, w2.reshape(n, -1), b2], dim=1)
+
+
+PROBLEMS = {
+    "digits_mlp": MLPClassifier("digits_mlp", 64, 10, 10, default_data="digits", data_sources=("digits",)),
+    "mnist_mlp": MLPClassifier("mnist_mlp", 784, 10, 10, default_data="mnist5k", data_sources=("mnist5k", "mnist", "fashion_mnist")),
+}
+
+
+class ProblemError(Exception):
+    pass
+
+
+def get(name: str):
+    try:
+        return PROBLEMS[name]
+    except KeyError:
+        raise ProblemError(f"unknown problem {name!r} (choose from {', '.join(PROBLEMS)})") from None

@@ -1,0 +1,201 @@
+"""The sweep: many small networks trained from different seeds and learning rates, every checkpoint kept.
+
+``train_runs`` trains K runs as one batched computation: their weights are stacked into ``theta [K, P]``,
+each step gathers every network's own mini-batch into ``[K, B, features]`` and does one forward/backward
+for all of them. Per network the arithmetic is exactly that of ``torch.optim.SGD`` (Nesterov, weight
+decay) with a cosine schedule, which ``tests/test_sweep.py`` checks against a plain per-network loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from gptpipe import data as datasets
+from gptpipe import problems
+
+DIVERGED_ABS = 1e4  # a weight this large means the run exploded
+
+
+class SweepConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that determines a sweep's checkpoints. Frozen into ``config.json`` at first collect."""
+
+    problem: str
+    runs: int
+    data: str = ""  # data source; "" = the problem's default
+    epochs: int = 25
+    checkpoints: int = 40  # per run: the init, evenly spaced iterations, the final weights
+    shard_size: int = 64
+    seed: int = 0
+    lr_min: float = 0.01
+    lr_max: float = 0.3  # each run's lr is log-uniform in [lr_min, lr_max]
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"
+
+    def __post_init__(self):
+        try:
+            problem = problems.get(self.problem)
+        except problems.ProblemError as e:
+            raise SweepConfigError(str(e)) from None
+        if not self.data:
+            object.__setattr__(self, "data", problem.default_data)
+        if self.data not in problem.data_sources:
+            raise SweepConfigError(f"problem {self.problem} takes data from {', '.join(problem.data_sources)}, not {self.data!r}")
+        for name in ("runs", "epochs", "shard_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise SweepConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.checkpoints < 2:
+            raise SweepConfigError(f"--checkpoints must be at least 2 (init and final), got {self.checkpoints}")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise SweepConfigError(f"need 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
+        if self.schedule not in ("cosine", "constant"):
+            raise SweepConfigError(f"unknown schedule {self.schedule!r} (cosine or constant)")
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.runs / self.shard_size)
+
+    def shard_runs(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.runs))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def steps_per_epoch(config: SweepConfig, n_train: int) -> int:
+    return math.ceil(n_train / config.batch_size)
+
+
+def checkpoint_steps(config: SweepConfig, n_train: int) -> np.ndarray:
+    """The optimiser steps after which a checkpoint is taken (0 = the init)."""
+    total = config.epochs * steps_per_epoch(config, n_train)
+    steps = np.unique(np.round(np.linspace(0, total, config.checkpoints)).astype(np.int64))
+    if len(steps) != config.checkpoints:
+        raise SweepConfigError(f"--checkpoints {config.checkpoints} is more than the {total + 1} steps of a run")
+    return steps
+
+
+def run_seed(sweep_seed: int, run: int) -> tuple[int, float]:
+    """Run r's torch seed (init and data order) and its learning-rate draw, derived from (sweep seed, r)
+    alone: any worker can train any run, in any grouping, and get the same result."""
+    ss = np.random.SeedSequence([sweep_seed, run])
+    torch_seed, lr_state = ss.generate_state(2)
+    u = np.random.default_rng(lr_state).random()
+    return int(torch_seed), float(u)
+
+
+def run_lr(config: SweepConfig, u: float) -> float:
+    return float(math.exp(math.log(config.lr_min) + u * (math.log(config.lr_max) - math.log(config.lr_min))))
+
+
+def lr_factor(config: SweepConfig, step: int, total: int) -> float:
+    if config.schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))  # CosineAnnealingLR(T_max=total, eta_min=0)
+
+
+@dataclass
+class RunsResult:
+    """What training K runs produced: parameter blocks and one row per checkpoint and per run."""
+
+    params: np.ndarray  # float32 [K, C, P]; NaN after a run diverged
+    metrics: dict[str, np.ndarray]  # metric -> [K, C] (NaN after divergence)
+    steps: np.ndarray  # [C]
+    epochs: np.ndarray  # [C]
+    seeds: list[int]
+    lrs: list[float]
+    n_ckpts: list[int]  # valid checkpoints per run (all of them unless it diverged)
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.Dataset) -> RunsResult:
+    """Train the given runs of a sweep as one batched computation and score every checkpoint."""
+    t0 = time.perf_counter()
+    problem = problems.get(config.problem)
+    runs = list(runs)
+    K, n_train = len(runs), len(dataset.x_train)
+    seeds, lrs = zip(*[run_seed(config.seed, r) for r in runs])
+    lrs = [run_lr(config, u) for u in lrs]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    theta = problem.init(generators).requires_grad_(True)
+    lr = torch.tensor(lrs).unsqueeze(1)  # [K, 1]
+    alive = torch.ones(K, 1)  # 0 once a run has diverged: it stops moving
+    momentum_buf = torch.zeros(K, problem.n_params)
+
+    per_epoch = steps_per_epoch(config, n_train)
+    total = config.epochs * per_epoch
+    ckpt_steps = checkpoint_steps(config, n_train)
+    C = len(ckpt_steps)
+    params = np.full((K, C, problem.n_params), np.nan, dtype=np.float32)
+    metrics = {m: np.full((K, C), np.nan, dtype=np.float64) for m in problem.metrics}
+    n_ckpts = [C] * K
+
+    def take_checkpoint(c: int) -> None:
+        with torch.no_grad():
+            t = theta.detach()
+            ok = torch.isfinite(t).all(1) & (t.abs().amax(1) < DIVERGED_ABS) & (alive[:, 0] > 0)
+            scores = problem.score(t, dataset)
+            ok &= torch.isfinite(scores[problem.primary])
+            for k in range(K):
+                if not ok[k] and alive[k, 0] > 0:  # diverged since the last checkpoint
+                    n_ckpts[k] = c
+                    alive[k, 0] = 0.0
+            if bool((alive[:, 0] == 0).any()):
+                theta.data[alive[:, 0] == 0] = 0.0  # frozen at zero: no NaNs leak into shared kernels
+            keep = alive[:, 0] > 0
+            params[keep.numpy(), c] = t[keep].numpy()
+            for m, v in scores.items():
+                metrics[m][keep.numpy(), c] = v[keep].double().numpy()
+
+    c = 0
+    if ckpt_steps[0] == 0:
+        take_checkpoint(0)
+        c = 1
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.stack([torch.randperm(n_train, generator=g) for g in generators])  # [K, N]
+        for b in range(per_epoch):
+            idx = order[:, b * config.batch_size : (b + 1) * config.batch_size]
+            loss = problem.loss(theta, dataset.x_train[idx], dataset.y_train[idx]).sum()
+            (grad,) = torch.autograd.grad(loss, theta)
+            with torch.no_grad():
+                # torch.optim.SGD(momentum, dampening=0, weight_decay, nesterov), one lr per network
+                d_p = grad.add_(theta.detach(), alpha=config.weight_decay)
+                if step == 0:
+                    momentum_buf.copy_(d_p)
+                else:
+                    momentum_buf.mul_(config.momentum).add_(d_p)
+                if config.nesterov:
+                    d_p = d_p.add(momentum_buf, alpha=config.momentum)
+                else:
+                    d_p = momentum_buf
+                theta.data.sub_(d_p * (lr * lr_factor(config, step, total) * alive))
+            step += 1
+            if c < C and step == ckpt_steps[c]:
+                take_checkpoint(c)
+                c += 1
+    assert c == C, (c, C)
+    return RunsResult(
+        params=params,
+        metrics=metrics,
+        steps=ckpt_steps,
+        epochs=ckpt_steps / per_epoch,
+        seeds=list(seeds),
+        lrs=lrs,
+        n_ckpts=n_ckpts,
+        wall_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,52 @@
+"""Checkpoint parameters as a chunked Zarr array ``float32 [run, ckpt, param]``.
+
+One chunk holds one run's whole block, so each writer owns the chunks it writes: concurrent shards
+never touch the same object, which is the only safe way to write Zarr concurrently on object storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from storage.store import Store
+
+
+def _zarr_store(store: Store, *parts: str, read_only: bool = False):
+    if store.is_local:
+        return LocalStore(store.path(*parts), read_only=read_only)
+    return FsspecStore.from_url(store.full_url(*parts), storage_options=store.options or None, read_only=read_only)
+
+
+def create_params(store: Store, parts: tuple[str, ...], n_runs: int, n_ckpts: int, n_params: int) -> zarr.Array:
+    """Create the array, or open it if a previous (interrupted) collection already made it."""
+    shape = (n_runs, n_ckpts, n_params)
+    try:
+        arr = zarr.open_array(_zarr_store(store, *parts), mode="r+")
+        if arr.shape != shape:
+            raise ValueError(f"{'/'.join(parts)} has shape {arr.shape}, expected {shape}")
+        return arr
+    except FileNotFoundError:
+        pass
+    return zarr.create_array(
+        _zarr_store(store, *parts),
+        shape=shape,
+        chunks=(1, n_ckpts, n_params),
+        dtype="float32",
+        fill_value=np.nan,
+    )
+
+
+def open_params(store: Store, *parts: str) -> zarr.Array:
+    try:
+        return zarr.open_array(_zarr_store(store, *parts, read_only=True), mode="r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no parameter array at {store.url}/{'/'.join(parts)}") from None
+
+
+def digest(block: np.ndarray) -> str:
+    """sha256 of a block as little-endian float32 in C order (the catalog's ``digest`` column)."""
+    return hashlib.sha256(np.ascontiguousarray(block, dtype="<f4").tobytes()).hexdigest()

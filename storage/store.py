@@ -1,0 +1,153 @@
+"""Where a store lives and how to reach it.
+
+A store is any fsspec URL: a local folder (the default), ``memory://`` in tests, ``s3://bucket/prefix``
+in production. S3 credentials and the endpoint come from the standard AWS environment variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``), never from the command line,
+so they cannot end up in shell history, logs or run parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".gptpipe", "store")
+
+
+class StoreError(Exception):
+    """A problem the user can fix: its message is the one line they see."""
+
+
+def default_store_url() -> str:
+    return os.environ.get("GPTPIPE_STORE", DEFAULT_STORE)
+
+
+def _s3_options() -> dict:
+    """s3fs options from the AWS environment. botocore reads the keys itself; the endpoint we pass on
+    explicitly because older botocore releases ignore ``AWS_ENDPOINT_URL``."""
+    options: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options.setdefault("client_kwargs", {})["region_name"] = region
+    return options
+
+
+def redact(text: str) -> str:
+    """Remove the secret key (and the access key id) from a message before anyone sees it."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+@dataclass
+class Store:
+    """A store root on some filesystem. ``path(...)`` gives filesystem paths below the root."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    options: dict = field(default_factory=dict)  # fsspec storage options (endpoint; never secrets)
+
+    @property
+    def protocol(self) -> str:
+        protocol = self.fs.protocol
+        return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def full_url(self, *parts: str) -> str:
+        """A URL other libraries (DuckDB, zarr) can open: plain path locally, protocol://path else."""
+        p = self.path(*parts)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_json(self, *parts: str):
+        with self.fs.open(self.path(*parts), "r") as f:
+            return json.load(f)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a whole object so that readers see either nothing or all of it. Object stores give
+        that for a single PUT; on a local disk we write a temporary file and rename it."""
+        target = self.path(*parts)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if self.is_local:
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def write_json(self, obj, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
+
+    def ls(self, *parts: str) -> list[str]:
+        """Names (not paths) directly below ``parts``; empty if the folder does not exist."""
+        try:
+            entries = self.fs.ls(self.path(*parts), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def open_store(url: str | None = None, *, create: bool = False) -> Store:
+    """Open (or, with ``create``, make) the store at ``url``. Raises StoreError with one clear line if
+    it cannot be reached: a missing folder, an unknown bucket, wrong credentials."""
+    url = url or default_store_url()
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = _s3_options() if protocol in ("s3", "s3a") else {}
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"cannot open store {url}: {e}") from None
+    root = root.rstrip("/") or "/"
+    store = Store(url=url, fs=fs, root=root, options=options)
+    try:
+        if store.protocol in ("s3", "s3a"):
+            _check_bucket(store)
+        elif not fs.exists(root):
+            if not create:
+                raise StoreError(f"store {url} does not exist")
+            fs.makedirs(root, exist_ok=True)
+    except StoreError:
+        raise
+    except PermissionError:
+        raise StoreError(f"access to store {url} denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except Exception as e:  # network errors, endpoint down: one line, no traceback, no secrets
+        raise StoreError(redact(f"cannot reach store {url}: {type(e).__name__}: {e}").splitlines()[0]) from None
+    return store
+
+
+def _check_bucket(store: Store) -> None:
+    bucket = store.root.split("/", 1)[0]
+    try:
+        store.fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise StoreError(f"bucket {bucket} does not exist at {os.environ.get('AWS_ENDPOINT_URL', 'the S3 endpoint')}") from None
+    except PermissionError:
+        raise StoreError(f"access to s3://{bucket} denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except OSError as e:
+        text = str(e)
+        if any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
+            raise StoreError(f"access to s3://{bucket} denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+        raise
