@@ -123,17 +123,26 @@ class MLPClassifier:
         return {"train_loss": train["loss"], "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"]}
 
     # --- symmetry -----------------------------------------------------------------------------
-    def permute(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Shuffle each network's hidden units with its own random permutation. The network computes
-        exactly the same function, so G.pt can be trained on all permuted copies (augmentation)."""
+    def sample_permutation(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` random orderings of the hidden units, ``[n, hidden]`` (one per network)."""
+        return torch.argsort(torch.rand(n, self.hidden, generator=generator), dim=1)
+
+    def permute(self, theta: torch.Tensor, generator: torch.Generator | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+        """Shuffle each network's hidden units. The network computes exactly the same function, so G.pt
+        can be trained on all permuted copies (augmentation).
+
+        ``perm [n, hidden]`` (from ``sample_permutation``) fixes the shuffles; pass the same ``perm`` to
+        permute several tensors jointly, e.g. both checkpoints of a training pair. Without it, each
+        network gets its own random shuffle drawn from ``generator``."""
         n = theta.shape[0]
-        perm = torch.argsort(torch.rand(n, self.hidden, generator=generator), dim=1)
+        if perm is None:
+            perm = self.sample_permutation(n, generator)
+        perm = perm.to(theta.device)
         w1, b1, w2, b2 = self.unflatten(theta)
         w1 = torch.gather(w1, 1, perm.unsqueeze(-1).expand_as(w1))
         b1 = torch.gather(b1, 1, perm)
         w2 = torch.gather(w2, 2, perm.unsqueeze(1).expand_as(w2))
         return torch.cat([w1.reshape(n, -1), b1, w2.reshape(n, -1), b2], dim=1)
-
 
 PROBLEMS = {
     "digits_mlp": MLPClassifier("digits_mlp", 64, 10, 10, default_data="digits", data_sources=("digits",)),

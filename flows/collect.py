@@ -1,0 +1,71 @@
+"""The collect flow: train a sweep shard by shard, each shard one Prefect task, resumable."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from gptpipe import collect
+from gptpipe.sweep import SweepConfig
+from storage import catalog
+from storage.store import open_store
+
+
+@task(retries=3, retry_delay_seconds=2, task_run_name="shard-{shard}")
+def collect_shard(store_url: str, sweep: str, shard: int, data_root: str | None, torch_threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    return collect.collect_shard(open_store(store_url), sweep, shard, data_root)
+
+
+@flow(name="collect", log_prints=True)
+def collect_flow(
+    store: str,
+    sweep: str,
+    problem: str,
+    runs: int,
+    data: str = "",
+    data_root: str | None = None,
+    shard_size: int = 64,
+    epochs: int = 25,
+    checkpoints: int = 40,
+    seed: int = 0,
+    lr_min: float = 0.01,
+    lr_max: float = 0.3,
+    torch_threads: int = 1,
+) -> dict:
+    """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``. Re-running with the same
+    arguments skips committed shards and finishes the rest."""
+    config = SweepConfig(problem=problem, runs=runs, data=data, epochs=epochs, checkpoints=checkpoints,
+                         shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max)
+    todo = collect.prepare(store, sweep, config, data_root)
+    st = open_store(store)
+    print(f"sweep {sweep}: {config.n_shards - len(todo)} of {config.n_shards} shards already committed, {len(todo)} to do")
+    progress = create_progress_artifact(progress=100.0 * (config.n_shards - len(todo)) / config.n_shards,
+                                        description=f"collect {sweep}: shards committed")
+    futures = [collect_shard.submit(store, sweep, s, data_root, torch_threads) for s in todo]
+    done = config.n_shards - len(todo)
+    for future in as_completed(futures):
+        future.result()  # a shard that failed all its retries fails the flow; committed ones stay
+        done += 1
+        update_progress_artifact(progress, progress=100.0 * done / config.n_shards)
+    summary = summarize(st, sweep)
+    create_markdown_artifact(markdown=summary["markdown"], key=_artifact_key(sweep), description=f"sweep {sweep}")
+    return summary
+
+
+def summarize(store, sweep: str) -> dict:
+    table = catalog.query(store, f"""
+        select count(*) as runs, count(*) filter (status = 'ok') as ok, count(*) filter (status = 'diverged') as diverged,
+               sum(n_ckpts) as checkpoints, min(lr) as lr_min, max(lr) as lr_max,
+               min(best_test_loss) as best_test_loss, max(final_test_loss) as worst_final_test_loss,
+               min(best_test_error) as best_test_error, sum(wall_s) as compute_s
+        from runs where sweep = '{sweep}'""").to_pylist()[0]
+    lines = [f"# Sweep `{sweep}`", "", "| | |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in table.items()]
+    return {**table, "markdown": "\n".join(lines)}
+
+
+def _artifact_key(name: str) -> str:
+    return "sweep-" + "".join(c if c.isalnum() else "-" for c in name.lower())

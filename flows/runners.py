@@ -1,0 +1,33 @@
+"""Choosing where a flow's tasks run: threads (default), processes, or a Dask cluster."""
+
+from __future__ import annotations
+
+import os
+
+RUNNERS = ("thread", "process", "dask")
+
+
+def task_runner(runner: str = "thread", workers: int | None = None, dask_address: str | None = None):
+    """A Prefect task runner. ``dask`` uses the cluster at ``dask_address`` or starts a local one with
+    ``workers`` single-threaded worker processes."""
+    workers = workers or (os.cpu_count() or 1)
+    if runner == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if runner == "process":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    raise ValueError(f"unknown runner {runner!r} (choose from {', '.join(RUNNERS)})")
+
+
+def torch_threads_per_task(workers: int) -> int:
+    """Intra-op threads for each concurrent task so that tasks x threads = cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

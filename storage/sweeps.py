@@ -1,0 +1,127 @@
+"""A sweep in the store: frozen config, parameter array, catalog rows, and the shard commit protocol.
+
+Layout (DESIGN.md): ``sweeps/<sweep>/config.json``, ``sweeps/<sweep>/params.zarr`` and the catalog's
+``checkpoints`` and ``runs`` partitions ``sweep=<sweep>``.
+
+Commit protocol for one shard: (1) write each run's parameter chunk, (2) write the shard's
+``checkpoints`` file, (3) write the shard's ``runs`` file. Step 3 is the commit: until it exists the
+shard does not count, and a later collect redoes it, overwriting the same chunks and files, so every
+run ends up in the catalog exactly once however often a shard was attempted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from storage import catalog, params
+from storage.store import Store, StoreError
+
+SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+FORMAT = 1
+
+
+def check_name(name: str, what: str = "sweep") -> None:
+    if not SWEEP_NAME.match(name or ""):
+        raise StoreError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+
+
+def config_path(sweep: str) -> tuple[str, ...]:
+    return ("sweeps", sweep, "config.json")
+
+
+def params_path(sweep: str) -> tuple[str, ...]:
+    return ("sweeps", sweep, "params.zarr")
+
+
+def list_sweeps(store: Store) -> list[str]:
+    return [s for s in store.ls("sweeps") if store.exists(*config_path(s))]
+
+
+def read_config(store: Store, sweep: str) -> dict:
+    if not store.exists(*config_path(sweep)):
+        known = ", ".join(list_sweeps(store)) or "none"
+        raise StoreError(f"no sweep {sweep!r} in store {store.url} (sweeps: {known})")
+    return store.read_json(*config_path(sweep))
+
+
+def full_config(frozen: dict, n_runs: int, n_ckpts: int, n_params: int) -> dict:
+    return {**frozen, "format": FORMAT, "n_runs": n_runs, "n_ckpts": n_ckpts, "n_params": n_params}
+
+
+def check_config(store: Store, sweep: str, config: dict) -> bool:
+    """True if the sweep exists with exactly this config, False if it does not exist yet; refuses a
+    different config under an existing name."""
+    check_name(sweep)
+    if not store.exists(*config_path(sweep)):
+        return False
+    existing = store.read_json(*config_path(sweep))
+    if existing != config:
+        diff = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+        raise StoreError(f"sweep {sweep!r} already exists with another config (differs in: {', '.join(diff)}); choose a new --sweep name")
+    return True
+
+
+def prepare(store: Store, sweep: str, config: dict) -> zarr.Array:
+    """Freeze ``config`` (from ``full_config``) as the sweep's config, or check it equals the one frozen
+    before, and create the parameter array."""
+    if not check_config(store, sweep, config):
+        store.write_json(config, *config_path(sweep))
+    return params.create_params(store, params_path(sweep), config["n_runs"], config["n_ckpts"], config["n_params"])
+
+
+@dataclass
+class ShardRows:
+    """What one shard commits: parameter blocks for its runs and its catalog rows."""
+
+    runs: list[int]
+    blocks: np.ndarray  # float32 [K, C, P]
+    checkpoints: pa.Table
+    run_rows: pa.Table
+
+
+def writable_params(store: Store, sweep: str) -> zarr.Array:
+    cfg = read_config(store, sweep)
+    return params.create_params(store, params_path(sweep), cfg["n_runs"], cfg["n_ckpts"], cfg["n_params"])
+
+
+def commit_shard(store: Store, sweep: str, shard: int, rows: ShardRows, array: zarr.Array) -> None:
+    for k, run in enumerate(rows.runs):  # one whole chunk per run: writers never share a chunk
+        array[run] = rows.blocks[k]
+    catalog.write_shard(store, "checkpoints", sweep, shard, rows.checkpoints)
+    catalog.write_shard(store, "runs", sweep, shard, rows.run_rows)  # the commit
+
+
+def committed_shards(store: Store, sweep: str) -> set[int]:
+    return catalog.committed_shards(store, sweep)
+
+
+def committed_runs(store: Store, sweep: str) -> pa.Table:
+    table = catalog.read_sweep_runs(store, sweep)
+    if table is None:
+        raise StoreError(f"sweep {sweep!r} has no committed runs yet")
+    return table.sort_by("run")
+
+
+def read_blocks(store: Store, sweep: str, runs: list[int] | np.ndarray) -> np.ndarray:
+    """Parameter blocks ``[len(runs), C, P]`` of the given runs, reading whole run-chunks (random row
+    reads from object storage are slow; whole chunks are fast)."""
+    array = params.open_params(store, *params_path(sweep))
+    runs = np.asarray(runs, dtype=np.int64)
+    if len(runs) == 0:
+        return np.empty((0, *array.shape[1:]), dtype=np.float32)
+    # contiguous ranges read as one slice each; zarr fetches their chunks concurrently
+    out = np.empty((len(runs), *array.shape[1:]), dtype=np.float32)
+    order = np.argsort(runs)
+    sorted_runs = runs[order]
+    breaks = np.flatnonzero(np.diff(sorted_runs) != 1) + 1
+    start = 0
+    for segment in np.split(sorted_runs, breaks):
+        block = array[int(segment[0]) : int(segment[-1]) + 1]
+        out[order[start : start + len(segment)]] = block
+        start += len(segment)
+    return out
