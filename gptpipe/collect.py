@@ -18,7 +18,7 @@ from gptpipe import problems
 from gptpipe.sweep import SweepConfig, checkpoint_steps, train_runs
 from storage import params as params_store
 from storage import sweeps
-from storage.store import Store, StoreError, open_store
+from storage.store import Store, StoreError, is_object_store, open_store
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,9 +51,9 @@ def check(store_url: str, sweep: str, config: SweepConfig, data_root: str | None
     try:
         store = open_store(store_url)
     except StoreError:
-        if "://" in store_url and not store_url.startswith("file://"):
+        if is_object_store(store_url):
             raise
-        return frozen  # a local store that does not exist yet: nothing to clash with
+        return frozen  # a folder that does not exist yet: nothing to clash with
     sweeps.check_config(store, sweep, frozen)
     return frozen
 

@@ -18,7 +18,10 @@ from storage.store import Store
 def _zarr_store(store: Store, *parts: str, read_only: bool = False):
     if store.is_local:
         return LocalStore(store.path(*parts), read_only=read_only)
-    return FsspecStore.from_url(store.full_url(*parts), storage_options=store.options or None, read_only=read_only)
+    options = dict(store.options)
+    if store.protocol in ("s3", "s3a"):
+        options["skip_instance_cache"] = True  # credentials as they are now, not as first cached
+    return FsspecStore.from_url(store.full_url(*parts), storage_options=options or None, read_only=read_only)
 
 
 def create_params(store: Store, parts: tuple[str, ...], n_runs: int, n_ckpts: int, n_params: int) -> zarr.Array:

@@ -41,6 +41,11 @@ def _s3_options() -> dict:
     return options
 
 
+def is_object_store(url: str) -> bool:
+    """Object stores have buckets that must exist; folder-like stores are created on first write."""
+    return url.split("://", 1)[0] in ("s3", "s3a", "gs", "gcs", "az", "abfs") if "://" in url else False
+
+
 def redact(text: str) -> str:
     """Remove the secret key (and the access key id) from a message before anyone sees it."""
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
@@ -76,12 +81,21 @@ class Store:
         p = self.path(*parts)
         return p if self.is_local else f"{self.protocol}://{p}"
 
+    def refresh(self, *parts: str) -> None:
+        """Forget cached listings (s3fs keeps them per filesystem instance), so that objects other
+        processes wrote since are seen: of ``parts`` and its parents, or of everything."""
+        if parts:
+            self.fs.invalidate_cache(self.path(*parts))
+        else:
+            self.fs.invalidate_cache()
+
     def exists(self, *parts: str) -> bool:
+        self.refresh(*parts)  # a cached listing of the parent would hide a newer object
         return self.fs.exists(self.path(*parts))
 
     def read_json(self, *parts: str):
-        with self.fs.open(self.path(*parts), "r") as f:
-            return json.load(f)
+        # one GET of the whole object: no size lookup that a cached listing could make stale
+        return json.loads(self.fs.cat_file(self.path(*parts)))
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole object so that readers see either nothing or all of it. Object stores give
@@ -117,7 +131,10 @@ def open_store(url: str | None = None, *, create: bool = False) -> Store:
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     options = _s3_options() if protocol in ("s3", "s3a") else {}
     try:
-        fs, root = fsspec.core.url_to_fs(url, **options)
+        # a fresh instance, not fsspec's cached one: that would keep the credentials (and listings)
+        # it was first made with, whatever the environment says now
+        extra = {"skip_instance_cache": True} if protocol in ("s3", "s3a") else {}
+        fs, root = fsspec.core.url_to_fs(url, **options, **extra)
     except (ImportError, ValueError) as e:
         raise StoreError(f"cannot open store {url}: {e}") from None
     root = root.rstrip("/") or "/"

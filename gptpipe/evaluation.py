@@ -1,0 +1,123 @@
+"""Evaluation maths for G.pt (no I/O): prompts, batched sampling, prompt alignment, recursive prompting.
+
+Protocol (as in the paper): start from parameters G.pt has not trained on (held-out runs' initial
+checkpoints, fresh random inits); ask each for ``P`` metric values evenly spaced from the best value
+seen in the sweep to 0.9 x its own starting metric; sample parameters; measure what they achieve with
+the problem's own ``score``. Prompt alignment is the R^2 of achieved against requested, computed per
+network and averaged over networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gptpipe.diffusion import Diffusion
+from gptpipe.gpt import Gpt, Normalizer
+
+
+def prompts(best: float, start_metric, n_prompts: int, top_frac: float = 0.9) -> torch.Tensor:
+    """``[N, n_prompts]``: for each network, values evenly spaced from ``best`` to ``top_frac x start``."""
+    start = torch.as_tensor(np.asarray(start_metric), dtype=torch.float32).reshape(-1, 1)
+    w = torch.linspace(0.0, 1.0, n_prompts).reshape(1, -1)
+    return best + w * (top_frac * start - best)
+
+
+@torch.no_grad()
+def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target, sampler: str = "ddim", steps: int | None = 1,
+           generator: torch.Generator | None = None, batch_size: int = 2048) -> torch.Tensor:
+    """New parameters ``[N, P]`` (raw, de-normalised) for N (start, prompt) problems, in batches.
+
+    ``start_params [N, P]`` raw parameters; ``start_metric [N]`` what they achieve; ``target [N]`` the
+    requested metric. Sampler names and ``steps`` as in ``Diffusion.sample``."""
+    device = next(model.parameters()).device
+    norm = Normalizer(model.config, device)
+    start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
+    start_metric = torch.as_tensor(np.asarray(start_metric), dtype=torch.float32).reshape(-1)
+    target = torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)
+    model.eval()
+    out = []
+    for a in range(0, len(start_params), batch_size):
+        s = norm.normalize(start_params[a : a + batch_size].to(device))
+        m0, m1 = start_metric[a : a + batch_size].to(device), target[a : a + batch_size].to(device)
+        denoise = lambda x_t, t: model(x_t, s, t, m0, m1)
+        x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device)
+        out.append(norm.denormalize(norm.params(x0, s)).cpu())
+    return torch.cat(out)
+
+
+def prompt_alignment_r2(requested, achieved) -> float:
+    """G.pt's prompt alignment: for each network (row), ``1 - sum (req - ach)^2 / sum (req - mean req)^2``
+    over its prompts; the mean over networks. 1 is perfect; 0 is as good as always answering the mean
+    request; it is unbounded below."""
+    req, ach = np.asarray(requested, dtype=np.float64), np.asarray(achieved, dtype=np.float64)
+    req, ach = req.reshape(-1, req.shape[-1]), ach.reshape(-1, ach.shape[-1])
+    ss_res = ((req - ach) ** 2).sum(1)
+    ss_tot = ((req - req.mean(1, keepdims=True)) ** 2).sum(1)
+    return float(np.mean(1.0 - ss_res / ss_tot))
+
+
+def pearson(requested, achieved) -> float:
+    """Pearson correlation of all (requested, achieved) pairs pooled."""
+    req, ach = np.asarray(requested, dtype=np.float64).ravel(), np.asarray(achieved, dtype=np.float64).ravel()
+    ok = np.isfinite(req) & np.isfinite(ach)
+    if ok.sum() < 2 or np.std(ach[ok]) == 0:
+        return float("nan")
+    return float(np.corrcoef(req[ok], ach[ok])[0, 1])
+
+
+@dataclass
+class PromptResult:
+    start_metric: np.ndarray  # [N]
+    requested: np.ndarray  # [N, P]
+    achieved: dict  # every metric of the problem -> [N, P]
+    params: np.ndarray  # [N, P, n_params] generated parameters
+    metric: str
+    r2: float
+    pearson: float
+
+
+def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, best: float, n_prompts: int = 20,
+                    metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
+                    generator: torch.Generator | None = None, top_frac: float = 0.9) -> PromptResult:
+    """Prompt N starting networks with ``n_prompts`` values each and measure what the samples achieve."""
+    start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
+    N = len(start_params)
+    start_metric = problem.score(start_params, dataset)[metric].float()
+    requested = prompts(best, start_metric, n_prompts, top_frac)  # [N, P]
+    rep = lambda x: x.repeat_interleave(n_prompts, dim=0)
+    theta = sample(model, diffusion, rep(start_params), rep(start_metric), requested.reshape(-1), sampler, steps, generator)
+    scores = problem.score(theta, dataset)
+    achieved = {k: v.double().numpy().reshape(N, n_prompts) for k, v in scores.items()}
+    req = requested.double().numpy()
+    return PromptResult(
+        start_metric=start_metric.double().numpy(),
+        requested=req,
+        achieved=achieved,
+        params=theta.numpy().reshape(N, n_prompts, -1),
+        metric=metric,
+        r2=prompt_alignment_r2(req, achieved[metric]),
+        pearson=pearson(req, achieved[metric]),
+    )
+
+
+def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, target, k: int = 5,
+                        metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
+                        generator: torch.Generator | None = None) -> dict:
+    """Feed G.pt's output back as the next start, ``k`` times, always asking for ``target [N]``.
+
+    Returns ``params [k, N, n_params]`` and, for every metric of the problem, ``[k, N]`` (row s = after
+    update s + 1), plus ``start`` metrics ``[N]``."""
+    theta = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
+    target = torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)
+    current = problem.score(theta, dataset)
+    out = {"start": current[metric].double().numpy(), "params": []}
+    for _ in range(k):
+        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator)
+        current = problem.score(theta, dataset)
+        out["params"].append(theta.numpy())
+        for name, v in current.items():
+            out.setdefault(name, []).append(v.double().numpy())
+    return {name: np.stack(v) if isinstance(v, list) else v for name, v in out.items()}

@@ -1,0 +1,388 @@
+"""G.pt: a transformer that denoises neural-network parameters, conditioned on where training starts.
+
+Inputs (one row per example, parameters already normalised, see ``Normalizer``):
+
+- ``x_t [B, P]``   the noisy diffusion variable (the target parameters, or the update, see ``target``)
+- ``start [B, P]`` the starting parameters theta_i
+- ``t [B]``        the diffusion timestep (0 .. timesteps-1)
+- ``start_metric [B]`` and ``target_metric [B]``: the metric theta_i achieves and the one we ask for
+
+Output: the model's estimate of the clean diffusion variable ("x0 prediction").
+
+The flat parameter vector is cut into tokens along the problem's layers (``chunk_layout``); every
+chunk has its own linear encoder and decoder, because chunk k always holds the same kind of numbers
+(e.g. "the first-layer weights"). Scalars enter as frequency embeddings, either as extra tokens (the
+paper) or through adaptive layer norm (as in DiT). Everything else is a plain pre-LN transformer with
+no causal mask. Presets: ``tiny`` (runs on two CPU cores in minutes), ``small``, ``paper`` (the published
+width 1536, 12 layers, 16 heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict] = {
+    # The CPU demo. Its settings are the winners of bench/gpt_ablations.py (docs/gpt-ablations.md).
+    "tiny": dict(width=128, depth=4, heads=4, max_chunk=1000, num_frequencies=32, max_freq_log2=6.0,
+                 conditioning="tokens", fuse_inputs=False, target="delta"),
+    "small": dict(width=384, depth=6, heads=6, max_chunk=1000, num_frequencies=64, max_freq_log2=8.0,
+                  conditioning="tokens", fuse_inputs=False, target="delta"),
+    # As published for MNIST/CIFAR (configs/train/*.yaml of the paper's code release).
+    "paper": dict(width=1536, depth=12, heads=16, max_chunk=1000, num_frequencies=128, max_freq_log2=14.0,
+                  conditioning="tokens", fuse_inputs=False, target="params"),
+}
+
+
+@dataclass
+class GptConfig:
+    """Everything needed to rebuild a G.pt model (JSON-able: lists, numbers, strings)."""
+
+    layers: list  # [[name, [shape...]], ...] in flat state_dict order (a problem's ``layers``)
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    max_chunk: int = 1000  # a layer with more values is split into several tokens
+    num_frequencies: int = 32  # scalar embedding: sin/cos at this many frequencies ...
+    max_freq_log2: float = 6.0  # ... spaced log-uniformly from 2^0 to 2^max_freq_log2
+    conditioning: str = "tokens"  # "tokens" (the paper: scalars are extra tokens) or "adaln" (DiT)
+    fuse_inputs: bool = False  # True: one token holds both x_t's and start's chunk (half the tokens)
+    target: str = "params"  # diffusion variable: "params" (theta_j, the paper) or "delta" (theta_j - theta_i, rescaled)
+    timesteps: int = 1000
+    preset: str = ""
+    # parameter normalisation, fitted on the training data (``Normalizer.fit``): one number per layer
+    param_scale: list = field(default_factory=list)  # normalised = raw * scale
+    delta_scale: list = field(default_factory=list)  # "delta" target: x0 = (theta_j - theta_i) / delta_scale (normalised units)
+
+    def __post_init__(self):
+        self.layers = [[str(name), [int(s) for s in shape]] for name, shape in self.layers]
+        if self.conditioning not in ("tokens", "adaln"):
+            raise ValueError(f"conditioning must be 'tokens' or 'adaln', not {self.conditioning!r}")
+        if self.target not in ("params", "delta"):
+            raise ValueError(f"target must be 'params' or 'delta', not {self.target!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    @classmethod
+    def from_preset(cls, name: str, layers, **overrides) -> "GptConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        return cls(layers=[[layer[0], list(layer[1])] for layer in _layer_pairs(layers)], preset=name,
+                   **{**PRESETS[name], **overrides})
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return [math.prod(shape) for _, shape in self.layers]
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.layer_sizes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GptConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _layer_pairs(layers):
+    """Accept a problem's ``Layer`` objects or ``[name, shape]`` pairs."""
+    return [(layer.name, tuple(layer.shape)) if hasattr(layer, "name") else (layer[0], tuple(layer[1])) for layer in layers]
+
+
+# ------------------------------------------------------------------------------------------------
+# tokens <-> flat parameter vectors
+# ------------------------------------------------------------------------------------------------
+
+
+def chunk_layout(layer_sizes: list[int], max_chunk: int) -> list[tuple[int, int, int]]:
+    """Cut the flat vector into chunks that never cross a layer boundary and hold at most ``max_chunk``
+    values: ``[(start, size, layer index), ...]`` in flat order (the paper's "chunk within layer")."""
+    out, start = [], 0
+    for li, n in enumerate(layer_sizes):
+        for offset in range(0, n, max_chunk):
+            out.append((start + offset, min(max_chunk, n - offset), li))
+        start += n
+    return out
+
+
+class Tokenizer(nn.Module):
+    """Flat ``[B, P]`` <-> padded chunks ``[B, T, L]`` (L = the longest chunk; padding is zeros).
+
+    Both directions are a single index operation, so a model with hundreds of chunks still does one
+    gather per call instead of a Python loop over chunks."""
+
+    def __init__(self, layer_sizes: list[int], max_chunk: int):
+        super().__init__()
+        self.layout = chunk_layout(layer_sizes, max_chunk)
+        self.n_params = sum(layer_sizes)
+        self.n_tokens = len(self.layout)
+        self.chunk_len = max(size for _, size, _ in self.layout)
+        gather = torch.full((self.n_tokens, self.chunk_len), self.n_params, dtype=torch.long)  # P = the zero pad
+        scatter = torch.empty(self.n_params, dtype=torch.long)
+        mask = torch.zeros(self.n_tokens, self.chunk_len)
+        for k, (start, size, _) in enumerate(self.layout):
+            gather[k, :size] = torch.arange(start, start + size)
+            scatter[start : start + size] = k * self.chunk_len + torch.arange(size)
+            mask[k, :size] = 1.0
+        self.register_buffer("gather_index", gather, persistent=False)
+        self.register_buffer("scatter_index", scatter, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("token_layer", torch.tensor([li for _, _, li in self.layout]), persistent=False)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+        return padded[:, self.gather_index]  # [B, T, L]
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.reshape(tokens.shape[0], -1)[:, self.scatter_index]  # [B, P]
+
+
+class ChunkLinear(nn.Module):
+    """T independent linear maps applied token-wise: ``[B, T, d_in] -> [B, T, d_out]`` with one weight
+    ``[T, d_in, d_out]`` (each chunk its own encoder or decoder, computed as one batched matmul)."""
+
+    def __init__(self, n_tokens: int, d_in: int, d_out: int, std: float = 0.02):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_tokens, d_in, d_out) * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("btc,tcd->btd", x, self.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# scalar conditioning
+# ------------------------------------------------------------------------------------------------
+
+
+class FrequencyEmbedding(nn.Module):
+    """A scalar ``s`` becomes ``[s, sin(pi f_k s), cos(pi f_k s)]`` for frequencies ``f_k`` spaced
+    log-uniformly in ``[1, 2^max_freq_log2]``. Low frequencies let the model interpolate between metric
+    values it has seen; high ones let it tell close values apart (too high and it can only memorise)."""
+
+    def __init__(self, num_frequencies: int, max_freq_log2: float):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.linspace(0.0, max_freq_log2, num_frequencies), persistent=False)
+        self.dim = 2 * num_frequencies + 1
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        s = s.float().unsqueeze(-1)
+        z = s * self.freqs
+        return torch.cat([s, z.sin(), z.cos()], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformer
+# ------------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block without a causal mask: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``.
+
+    With ``adaln`` the two layer norms lose their own affine parameters; instead a conditioning vector
+    ``c`` gives per-example shift, scale and a residual gate for each branch (DiT's adaLN-Zero: the
+    gates start at zero, so every block starts as the identity)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, adaln: bool):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width, elementwise_affine=not adaln)
+        self.ln2 = nn.LayerNorm(width, elementwise_affine=not adaln)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        self.modulation = nn.Linear(width, 6 * width) if adaln else None
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask: every token sees every token
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.modulation is None:
+            x = x + self.attention(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate1 * self.attention(self.ln1(x) * (1 + scale1) + shift1)
+        return x + gate2 * self.mlp(self.ln2(x) * (1 + scale2) + shift2)
+
+
+class Gpt(nn.Module):
+    """The G.pt denoiser.
+
+    Tokens: the chunks of ``x_t`` and of ``start`` (2T tokens, or T when ``fuse_inputs`` concatenates the
+    two chunks into one token), each through its own linear encoder, a LayerNorm and a learned position
+    embedding; with ``conditioning="tokens"`` four more tokens carry the timestep, the start metric, the
+    target metric and their difference. The transformer's outputs at x_t's token positions go through
+    per-chunk linear decoders (initialised at zero) back to a flat vector. For ``target="params"`` the
+    result is added to ``start`` (the global residual: an untrained model predicts "no change"); for
+    ``target="delta"`` the diffusion variable already is the update, so the decoder output is used as is.
+    """
+
+    def __init__(self, config: GptConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.tokenizer = Tokenizer(c.layer_sizes, c.max_chunk)
+        T, L, D = self.tokenizer.n_tokens, self.tokenizer.chunk_len, c.width
+        self.n_param_tokens = T
+        if c.fuse_inputs:
+            self.encode_fused = ChunkLinear(T, 2 * L, D)
+            n_in = T
+        else:
+            self.encode_x = ChunkLinear(T, L, D)
+            self.encode_start = ChunkLinear(T, L, D)
+            n_in = 2 * T
+        self.ln_in = nn.LayerNorm(D)
+        self.embed_scalar = FrequencyEmbedding(c.num_frequencies, c.max_freq_log2)
+        E = self.embed_scalar.dim
+        if c.conditioning == "tokens":
+            self.scalar_tokens = nn.ModuleList(nn.Linear(E, D) for _ in range(4))
+            n_in += 4
+        else:
+            self.cond_mlp = nn.Sequential(nn.Linear(4 * E, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU())
+            self.final_modulation = nn.Linear(D, 2 * D)
+        self.pos_emb = nn.Parameter(torch.randn(1, n_in, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(D, c.heads, c.mlp_ratio, c.conditioning == "adaln") for _ in range(c.depth))
+        self.ln_out = nn.LayerNorm(D, elementwise_affine=c.conditioning == "tokens")
+        self.decode = ChunkLinear(T, D, L, std=0.0)  # zero init: the untrained model predicts "no change"
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for b in self.blocks:
+            if b.modulation is not None:
+                nn.init.zeros_(b.modulation.weight)
+                nn.init.zeros_(b.modulation.bias)
+        if self.config.conditioning == "adaln":
+            nn.init.zeros_(self.final_modulation.weight)
+            nn.init.zeros_(self.final_modulation.bias)
+
+    def scalars(self, t, start_metric, target_metric) -> list[torch.Tensor]:
+        """The four conditioning scalars, each embedded: ``[B, E]`` x 4."""
+        t = t.float() / self.config.timesteps
+        s, g = start_metric.float(), target_metric.float()
+        return [self.embed_scalar(v) for v in (t, s, g, g - s)]
+
+    def forward(self, x_t, start, t, start_metric, target_metric) -> torch.Tensor:
+        tok = self.tokenizer
+        xs, ss = tok.to_tokens(x_t), tok.to_tokens(start)
+        if self.config.fuse_inputs:
+            h = self.encode_fused(torch.cat([xs, ss], dim=-1))
+        else:
+            h = torch.cat([self.encode_x(xs), self.encode_start(ss)], dim=1)
+        h = self.ln_in(h)
+        emb = self.scalars(t, start_metric, target_metric)
+        cond = None
+        if self.config.conditioning == "tokens":
+            h = torch.cat([h, torch.stack([proj(e) for proj, e in zip(self.scalar_tokens, emb)], dim=1)], dim=1)
+        else:
+            cond = self.cond_mlp(torch.cat(emb, dim=-1))
+        h = h + self.pos_emb
+        for block in self.blocks:
+            h = block(h, cond)
+        h = self.ln_out(h[:, : self.n_param_tokens])
+        if cond is not None:
+            shift, scale = self.final_modulation(cond).unsqueeze(1).chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        out = tok.from_tokens(self.decode(h)).float()  # padding positions are dropped here
+        if self.config.target == "params":
+            out = out + start
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+class Normalizer:
+    """Raw parameters <-> the diffusion variable, with per-layer scales fitted on the training data and
+    kept in ``GptConfig`` (so a saved model de-normalises by itself).
+
+    - ``normalize(theta) = theta * param_scale`` (per layer; "global" fits one number for all layers),
+      making every layer's values unit-variance across the training checkpoints.
+    - ``target="delta"``: the clean diffusion variable is ``x0 = (norm(theta_j) - norm(theta_i)) / delta_scale``,
+      the update rescaled to unit variance per layer, so the diffusion noise matches the size of
+      real updates instead of the size of the weights.
+    """
+
+    def __init__(self, config: GptConfig, device=None):
+        sizes = config.layer_sizes
+        rep = lambda v: torch.tensor(np.repeat(np.asarray(v, dtype=np.float32), sizes), device=device)
+        self.target = config.target
+        self.param_scale = rep(config.param_scale or [1.0] * len(sizes))
+        self.delta_scale = rep(config.delta_scale or [1.0] * len(sizes))
+
+    def to(self, device) -> "Normalizer":
+        self.param_scale, self.delta_scale = self.param_scale.to(device), self.delta_scale.to(device)
+        return self
+
+    def normalize(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta * self.param_scale
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.param_scale
+
+    def x0(self, theta_j_n: torch.Tensor, theta_i_n: torch.Tensor) -> torch.Tensor:
+        """The clean diffusion variable for a normalised pair (start i, target j)."""
+        if self.target == "params":
+            return theta_j_n
+        return (theta_j_n - theta_i_n) / self.delta_scale
+
+    def params(self, x0: torch.Tensor, theta_i_n: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``x0``: normalised target parameters."""
+        if self.target == "params":
+            return x0
+        return theta_i_n + x0 * self.delta_scale
+
+    @staticmethod
+    def fit(params: torch.Tensor, layer_sizes: list[int], mode: str = "layer", generator: torch.Generator | None = None,
+            n_pairs: int = 4096, pairs: tuple | None = None) -> tuple[list[float], list[float]]:
+        """``(param_scale, delta_scale)`` from training checkpoints ``params [R, C, P]`` (finite rows).
+        ``pairs = (run, i, j)`` index tensors: the pairs training will draw (default: uniform i < j)."""
+        if mode not in ("layer", "global"):
+            raise ValueError(f"normalisation must be 'layer' or 'global', not {mode!r}")
+        flat = params.reshape(-1, params.shape[-1])
+        flat = flat[torch.isfinite(flat).all(1)]
+        bounds = np.cumsum([0] + list(layer_sizes))
+        segs = lambda x: [x[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def rms(parts):
+            if mode == "global":
+                v = float(torch.cat([p.reshape(-1) for p in parts]).pow(2).mean().sqrt())
+                return [max(v, 1e-8)] * len(parts)
+            return [max(float(p.pow(2).mean().sqrt()), 1e-8) for p in parts]
+
+        param_scale = [1.0 / s for s in rms(segs(flat))]
+        R, C, _ = params.shape
+        if pairs is None:
+            r = torch.randint(0, R, (n_pairs,), generator=generator)
+            i = torch.randint(0, C - 1, (n_pairs,), generator=generator)
+            j = i + 1 + (torch.rand(n_pairs, generator=generator) * (C - 1 - i)).long()
+        else:
+            r, i, j = pairs
+        d = (params[r, j] - params[r, i]) * torch.tensor(np.repeat(param_scale, layer_sizes), dtype=params.dtype)
+        d = d[torch.isfinite(d).all(1)]
+        delta_scale = rms(segs(d))
+        return param_scale, delta_scale
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

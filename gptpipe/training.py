@@ -1,0 +1,325 @@
+"""Training G.pt on checkpoint data held in memory (no I/O here: the caller reads the store).
+
+Data: ``params [R, C, P]`` (R runs, C checkpoints each, flat parameters in state_dict order) and
+``metric [R, C]`` (the metric G.pt is prompted with, e.g. test_loss). A training example is a pair of
+checkpoints of one run, start i < target j: the model learns to produce theta_j from (theta_i, L_i, L_j).
+Both checkpoints of a pair get the same random hidden-unit permutation (the network's function is
+unchanged, so this is free data). Optimisation: AdamW, linear warm-up then cosine decay, gradient
+clipping, an exponential moving average (EMA) of the weights for sampling.
+
+Saving: ``Trainer.state_dict_bytes()`` is one safetensors blob (raw weights, EMA weights, AdamW moments,
+random-generator state, both configs as JSON metadata); ``Trainer.from_bytes`` resumes from it and
+``load_model`` turns it into a sampler-ready model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from gptpipe import problems as problems_mod
+from gptpipe.diffusion import Diffusion
+from gptpipe.gpt import Gpt, GptConfig, Normalizer
+
+FORMAT = "gptpipe.gpt/1"
+PAIRINGS = ("uniform", "init", "mixed")
+
+
+@dataclass
+class TrainConfig:
+    """How G.pt is trained (JSON-able). ``model`` overrides fields of the preset's ``GptConfig``."""
+
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)
+    steps: int = 4000  # length of the learning-rate schedule
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 200
+    weight_decay: float = 0.05
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    seed: int = 0
+    device: str = "auto"  # "auto" = CUDA when present, else CPU
+    autocast: str = "auto"  # "auto" (bf16 on CUDA; on CPU bf16 from width 256 up), "bf16", "none"
+    normalization: str = "layer"  # per-layer scales, or "global" (one scale)
+    pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0)
+    init_frac: float = 0.5
+    permute: bool = True
+    t_high_frac: float = 0.0  # fraction of training timesteps drawn from the top tenth of the schedule
+    sampler: str = "ddim"  # defaults for evaluation
+    sample_steps: int = 1
+
+    def __post_init__(self):
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, not {self.pairing!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ValueError(f"autocast must be auto, bf16 or none, not {self.autocast!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def use_bf16(config: TrainConfig, gpt_config: GptConfig, device: torch.device) -> bool:
+    """bf16 autocast pays on CUDA and, on CPUs with AMX, only once matmuls are big enough (measured
+    here: width 128 is faster in fp32, 256 and up in bf16)."""
+    if config.autocast != "auto":
+        return config.autocast == "bf16"
+    return device.type == "cuda" or gpt_config.width >= 256
+
+
+def _valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """Checkpoints usable per run: the leading ones with finite parameters and metric."""
+    ok = torch.isfinite(params).all(-1) & torch.isfinite(metric)
+    return torch.cumprod(ok.int(), dim=1).sum(1)
+
+
+class Trainer:
+    """Trains one G.pt. ``problem``: a problem object (or its name); ``params [R, C, P]``, ``metric [R, C]``
+    (numpy or torch); ``state``: what ``state_dict_bytes`` saved, unpacked (use ``Trainer.from_bytes``)."""
+
+    def __init__(self, problem, params, metric, config: TrainConfig | None = None, state: dict | None = None):
+        self.problem = problems_mod.get(problem) if isinstance(problem, str) else problem
+        self.config = config = config or TrainConfig()
+        params = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        metric = torch.as_tensor(np.asarray(metric), dtype=torch.float32)
+        if params.ndim != 3 or metric.shape != params.shape[:2]:
+            raise ValueError(f"need params [R, C, P] and metric [R, C], got {tuple(params.shape)} and {tuple(metric.shape)}")
+        if params.shape[2] != self.problem.n_params:
+            raise ValueError(f"params have {params.shape[2]} values per checkpoint, {self.problem.name} has {self.problem.n_params}")
+        n_valid = _valid_counts(params, metric)
+        keep = n_valid >= 2
+        if not bool(keep.any()):
+            raise ValueError("no run has two usable checkpoints")
+        self.params, self.metric, self.n_valid = params[keep], metric[keep], n_valid[keep]
+        self.device = resolve_device(config.device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+        if state is None:
+            torch.manual_seed(config.seed)
+            layers = [[layer.name, list(layer.shape)] for layer in self.problem.layers]
+            fit_pairs = self.sample_pairs(4096, torch.Generator().manual_seed(config.seed + 1))
+            param_scale, delta_scale = Normalizer.fit(self.params, [layer.numel for layer in self.problem.layers],
+                                                      config.normalization, pairs=fit_pairs)
+            self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
+                                                    delta_scale=delta_scale, **config.model)
+        else:
+            self.gpt_config = GptConfig.from_dict(state["gpt_config"])
+        self.model = Gpt(self.gpt_config).to(self.device)
+        self.ema = Gpt(self.gpt_config).to(self.device)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False)
+        self.diffusion = Diffusion(self.gpt_config.timesteps)
+        self.normalizer = Normalizer(self.gpt_config, self.device)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and n != "pos_emb"]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and n != "pos_emb")]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, config.beta2),
+        )
+        self.bf16 = use_bf16(config, self.gpt_config, self.device)
+        self.step = 0
+        self.losses: list[float] = []
+        self.wall_s = 0.0
+        if state is not None:
+            self._load_state(state)
+
+    # --- schedule -----------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        progress = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
+        return c.lr * (c.min_lr_frac + (1 - c.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # --- data ---------------------------------------------------------------------------------
+    def sample_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(run, i, j)`` index tensors ``[n]`` with i < j < n_valid[run]."""
+        g, c = generator or self.generator, self.config
+        run = torch.randint(0, len(self.params), (n,), generator=g)
+        last = (self.n_valid[run] - 1).float()  # >= 1
+        # the paper: a spacing uniform in 1..last, then a start uniform among those that fit
+        spacing = 1 + (torch.rand(n, generator=g) * last).long()
+        i = (torch.rand(n, generator=g) * (last + 1 - spacing)).long()
+        if c.pairing != "uniform":
+            from_init = torch.rand(n, generator=g) < (1.0 if c.pairing == "init" else c.init_frac)
+            i = torch.where(from_init, torch.zeros_like(i), i)
+            j_init = 1 + (torch.rand(n, generator=g) * last).long()
+            j = torch.where(from_init, j_init, i + spacing)
+        else:
+            j = i + spacing
+        return run, i, j
+
+    def batch(self, n: int) -> dict[str, torch.Tensor]:
+        run, i, j = self.sample_pairs(n)
+        theta_i, theta_j = self.params[run, i], self.params[run, j]
+        if self.config.permute and hasattr(self.problem, "permute"):
+            perm = self.problem.sample_permutation(n, self.generator)
+            theta_i = self.problem.permute(theta_i, perm=perm)
+            theta_j = self.problem.permute(theta_j, perm=perm)
+        d = self.device
+        return {
+            "theta_i": theta_i.to(d), "theta_j": theta_j.to(d),
+            "metric_i": self.metric[run, i].to(d), "metric_j": self.metric[run, j].to(d),
+            "t": self.diffusion.sample_t(n, self.generator, self.config.t_high_frac).to(d),
+            "noise": torch.randn(n, self.problem.n_params, generator=self.generator).to(d),
+        }
+
+    def loss_on(self, model: Gpt, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        start = self.normalizer.normalize(b["theta_i"])
+        x0 = self.normalizer.x0(self.normalizer.normalize(b["theta_j"]), start)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            denoise = lambda x_t, t: model(x_t, start, t, b["metric_i"], b["metric_j"])
+            return self.diffusion.loss(denoise, x0, b["t"], b["noise"]).mean()
+
+    # --- optimisation -------------------------------------------------------------------------
+    def step_many(self, n: int) -> list[float]:
+        """``n`` optimiser steps; returns their losses."""
+        self.model.train()
+        out = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.step)
+            loss = self.loss_on(self.model, self.batch(self.config.batch_size))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self._update_ema()
+            self.step += 1
+            out.append(loss.item())
+        self.wall_s += time.perf_counter() - t0
+        self.losses.extend(out)
+        return out
+
+    @torch.no_grad()
+    def _update_ema(self):
+        decay = min(self.config.ema, (1 + self.step) / (10 + self.step))
+        ema_p, p = list(self.ema.parameters()), list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+
+    def train(self, steps: int | None = None, on_progress: Callable[[int, float], None] | None = None, every: int = 100) -> list[float]:
+        """Train until ``steps`` (default: the schedule's ``config.steps``) steps are done in total,
+        calling ``on_progress(step, mean loss of the last chunk)`` every ``every`` steps."""
+        target = self.config.steps if steps is None else steps
+        out = []
+        while self.step < target:
+            chunk = self.step_many(min(every, target - self.step))
+            out.extend(chunk)
+            if on_progress is not None:
+                on_progress(self.step, float(np.mean(chunk)))
+        return out
+
+    @torch.no_grad()
+    def validation_loss(self, params, metric, n: int = 1024, seed: int = 1) -> float:
+        """The EMA model's diffusion loss on pairs from other runs (same pair sampling, fixed seed)."""
+        other = Trainer.__new__(Trainer)
+        other.__dict__.update(self.__dict__)
+        other.params = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        other.metric = torch.as_tensor(np.asarray(metric), dtype=torch.float32)
+        other.n_valid = _valid_counts(other.params, other.metric)
+        other.generator = torch.Generator().manual_seed(seed)
+        self.ema.eval()
+        return float(other.loss_on(self.ema, other.batch(n)))
+
+    # --- saving -------------------------------------------------------------------------------
+    def state_dict_bytes(self) -> bytes:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
+        for k, state in self.optimizer.state_dict()["state"].items():
+            for name, v in state.items():
+                tensors[f"opt.{k}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors["rng"] = self.generator.get_state()
+        meta = {
+            "format": FORMAT,
+            "gpt_config": json.dumps(self.gpt_config.to_dict()),
+            "train_config": json.dumps(self.config.to_dict()),
+            "step": str(self.step),
+            "wall_s": repr(self.wall_s),
+            "losses": json.dumps(self.losses),
+        }
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, problem, params, metric, blob: bytes, config: TrainConfig | None = None) -> "Trainer":
+        """Resume training from ``state_dict_bytes()``. ``config`` may change e.g. ``steps`` or ``device``;
+        by default the saved one is used."""
+        state = unpack(blob)
+        return cls(problem, params, metric, config or TrainConfig.from_dict(state["train_config"]), state=state)
+
+    def _load_state(self, state: dict):
+        t = state["tensors"]
+        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
+        opt = self.optimizer.state_dict()
+        opt_state: dict[int, dict] = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = v
+        opt["state"] = opt_state
+        self.optimizer.load_state_dict(opt)
+        self.generator.set_state(t["rng"])
+        self.step = state["step"]
+        self.losses = list(state["losses"])
+        self.wall_s = state["wall_s"]
+
+    def sampler_model(self, use_ema: bool = True) -> tuple[Gpt, Diffusion, GptConfig]:
+        model = self.ema if use_ema else self.model
+        model.eval()
+        return model, self.diffusion, self.gpt_config
+
+
+def unpack(blob: bytes) -> dict:
+    """The contents of a ``state_dict_bytes`` blob: tensors, configs (dicts), step, losses."""
+    tensors = st_load(blob)
+    meta = _metadata(blob)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a G.pt checkpoint (format {meta.get('format')!r})")
+    return {
+        "tensors": tensors,
+        "gpt_config": json.loads(meta["gpt_config"]),
+        "train_config": json.loads(meta["train_config"]),
+        "step": int(meta["step"]),
+        "wall_s": float(meta.get("wall_s", "0")),
+        "losses": json.loads(meta.get("losses", "[]")),
+    }
+
+
+def _metadata(blob: bytes) -> dict:
+    """The safetensors header's ``__metadata__`` (an 8-byte little-endian length, then JSON)."""
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n].decode("utf-8")).get("__metadata__", {})
+
+
+def load_model(blob: bytes, use_ema: bool = True, device: str = "cpu") -> tuple[Gpt, Diffusion, GptConfig]:
+    """A sampler-ready model from ``state_dict_bytes()`` (EMA weights by default), in eval mode."""
+    state = unpack(blob)
+    config = GptConfig.from_dict(state["gpt_config"])
+    model = Gpt(config)
+    prefix = "ema." if use_ema else "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)})
+    model.to(resolve_device(device)).eval()
+    return model, Diffusion(config.timesteps), config

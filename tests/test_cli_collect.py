@@ -1,0 +1,115 @@
+"""``gptpipe collect`` and ``gptpipe catalog`` as a user runs them, against a real Prefect server."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from storage import catalog, params, sweeps
+from storage.store import open_store
+from tests.conftest import BIN, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_collect_then_catalog(cli, tmp_path):
+    store = str(tmp_path / "s")
+    proc = cli("collect", "--store", store, "--sweep", "d1", "--problem", "digits_mlp", "--runs", "24",
+               "--shard-size", "8", "--epochs", "2", "--checkpoints", "5", check=True)
+    assert "runs=24" in proc.stdout and "diverged=0" in proc.stdout
+    out = cli("catalog", "--store", store, "--format", "json", "select count(*) as n from checkpoints", check=True)
+    assert json.loads(out.stdout) == [{"n": 120}]
+    out = cli("catalog", "--store", store, "--format", "csv",
+              "select cast(floor(log10(lr) * 2) as int) as bucket, min(best_test_loss) as best from runs group by 1 order by 1", check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "bucket,best" and len(lines) >= 3
+    out = cli("catalog", "--store", store, "select sweep, status, count(*) as n from runs group by all", check=True)
+    assert "d1" in out.stdout and "ok" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--problem", "nope", "--runs", "4"], "unknown problem 'nope'"),
+    (["--problem", "digits_mlp", "--runs", "0"], "--runs must be positive"),
+    (["--problem", "mnist_mlp", "--runs", "4", "--data", "mnist"], "needs --data-root"),
+    (["--problem", "mnist_mlp", "--runs", "4", "--data", "mnist", "--data-root", "/nonexistent/dir"], "does not exist"),
+    (["--problem", "digits_mlp", "--runs", "4", "--runner", "carrier-pigeon"], "unknown runner"),
+])
+def test_bad_input_one_line_nothing_written(cli, tmp_path, args, message):
+    store = tmp_path / "s"
+    proc = cli("collect", "--store", str(store), "--sweep", "x", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    assert not store.exists()
+
+
+def test_reused_sweep_name_and_bad_sql(cli, tmp_path):
+    store = str(tmp_path / "s")
+    cli("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "4", "--epochs", "1",
+        "--checkpoints", "3", check=True)
+    before = sorted(p.name for p in (tmp_path / "s" / "sweeps" / "d").iterdir())
+    proc = cli("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "8", "--epochs", "1", "--checkpoints", "3")
+    assert proc.returncode == 2 and "already exists with another config" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "s" / "sweeps" / "d").iterdir()) == before
+    proc = cli("catalog", "--store", store, "selec * form runs")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: SQL error") and proc.stderr.count("\n") == 1
+    proc = cli("catalog", "--store", str(tmp_path / "missing"), "select 1")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
+    """Kill the whole collecting process tree part-way, re-run, and check every run is there once with
+    parameters matching its digest."""
+    store_dir = tmp_path / "s"
+    args = [str(BIN / "gptpipe"), "collect", "--store", str(store_dir), "--sweep", "k", "--problem", "digits_mlp",
+            "--runs", "200", "--shard-size", "20", "--epochs", "25", "--checkpoints", "10", "--workers", "1"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    committed = set()
+    while time.time() < deadline and proc.poll() is None:
+        if store_dir.exists():
+            committed = catalog.committed_shards(open_store(str(store_dir)), "k")
+            if len(committed) >= 3:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = open_store(str(store_dir))
+    partial = catalog.committed_shards(store, "k")
+    assert 3 <= len(partial) < 10, partial
+
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = catalog.query(store, "select run, n_ckpts, digest from runs order by run").to_pylist()
+    assert [r["run"] for r in runs] == list(range(200))
+    n = catalog.query(store, "select count(*) as n, count(distinct (run, ckpt)) as d from checkpoints").to_pylist()[0]
+    assert n["n"] == n["d"] == 200 * 10
+    arr = params.open_params(store, *sweeps.params_path("k"))
+    for r in runs:
+        block = np.asarray(arr[r["run"], : r["n_ckpts"]], dtype="<f4")
+        assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
+
+
+def test_collect_flow_records_artifacts(prefect_api, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.collect import collect_flow
+
+    summary = collect_flow(store=str(tmp_path / "s"), sweep="art", problem="digits_mlp", runs=6, shard_size=3,
+                           epochs=1, checkpoints=3)
+    assert summary["runs"] == 6 and summary["ok"] == 6
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-art"])))
+
+    artifacts = asyncio.run(read())
+    assert artifacts and "Sweep `art`" in artifacts[0].data

@@ -1,0 +1,104 @@
+"""Collecting into a store without Prefect: the commit protocol, digests, the frozen config."""
+
+import hashlib
+import uuid
+
+import fsspec
+
+import numpy as np
+import pytest
+
+from gptpipe import collect
+from gptpipe.sweep import SweepConfig
+from storage import catalog, params, sweeps
+from storage.store import StoreError, open_store
+
+
+def small_config(**kw):
+    return SweepConfig(**{"problem": "digits_mlp", "runs": 10, "shard_size": 4, "epochs": 2, "checkpoints": 4, **kw})
+
+
+@pytest.fixture(params=["memory", "local"])
+def store_url(request, tmp_path):
+    if request.param == "memory":
+        name = uuid.uuid4().hex
+        yield f"memory://gptpipe-test/{name}"
+        fs = fsspec.filesystem("memory")
+        if fs.exists(f"/gptpipe-test/{name}"):
+            fs.rm(f"/gptpipe-test/{name}", recursive=True)
+    else:
+        yield str(tmp_path / "store")
+
+
+def test_collect_round_trip(store_url):
+    config = small_config()
+    todo = collect.prepare(store_url, "s1", config, None)
+    assert todo == [0, 1, 2]
+    store = open_store(store_url)
+    for shard in todo:
+        collect.collect_shard(store, "s1", shard)
+    runs = catalog.query(store, "select run, shard, n_ckpts, status, digest, lr, seed from runs order by run").to_pylist()
+    assert [r["run"] for r in runs] == list(range(10))
+    assert [r["shard"] for r in runs] == [0] * 4 + [1] * 4 + [2] * 2
+    arr = params.open_params(store, "sweeps", "s1", "params.zarr")
+    assert arr.shape == (10, 4, 760) and arr.chunks == (1, 4, 760)
+    for r in runs:
+        block = arr[r["run"], : r["n_ckpts"]]
+        assert hashlib.sha256(block.astype("<f4").tobytes()).hexdigest() == r["digest"]
+    n = catalog.query(store, "select count(*) as n, count(distinct (run, ckpt)) as d from checkpoints").to_pylist()[0]
+    assert n == {"n": 40, "d": 40}
+    # the stored parameters are the ones the metrics came from
+    got = catalog.query(store, "select test_loss from checkpoints where run = 3 and ckpt = 3").to_pylist()[0]["test_loss"]
+    from gptpipe import data, problems
+    import torch
+    score = problems.get("digits_mlp").score(torch.from_numpy(arr[3, 3][None]), data.load("digits"))
+    assert got == pytest.approx(score["test_loss"].item(), rel=1e-6)
+    # a second collect has nothing left to do
+    assert collect.prepare(store_url, "s1", config, None) == []
+
+
+def test_uncommitted_shard_is_invisible_and_redone(store_url):
+    config = small_config(runs=8)
+    collect.prepare(store_url, "s2", config, None)
+    store = open_store(store_url)
+    collect.collect_shard(store, "s2", 0)
+    # a crash after the checkpoints file of shard 1 but before its runs file (the commit)
+    rows = collect.shard_rows(config, [4, 5, 6, 7], 1, collect.train_runs(config, [4, 5, 6, 7], collect.load_data("digits", None)))
+    catalog.write_shard(store, "checkpoints", "s2", 1, rows.checkpoints)
+    assert catalog.query(store, "select count(*) as n from checkpoints").to_pylist()[0]["n"] == 16
+    assert collect.prepare(store_url, "s2", config, None) == [1]
+    collect.collect_shard(store, "s2", 1)
+    assert catalog.query(store, "select count(*) as n from checkpoints").to_pylist()[0]["n"] == 32
+    assert catalog.query(store, "select count(*) as n from runs").to_pylist()[0]["n"] == 8
+
+
+def test_reused_name_with_other_config_is_refused(store_url):
+    collect.prepare(store_url, "s3", small_config(), None)
+    with pytest.raises(StoreError, match="already exists with another config .*recipe"):
+        collect.prepare(store_url, "s3", small_config(seed=1), None)
+
+
+def test_diverged_runs_are_kept(store_url):
+    config = small_config(runs=2, lr_min=300.0, lr_max=400.0, epochs=3, checkpoints=6)
+    collect.prepare(store_url, "s4", config, None)
+    store = open_store(store_url)
+    collect.collect_shard(store, "s4", 0)
+    rows = catalog.query(store, "select status, n_ckpts from runs").to_pylist()
+    assert [r["status"] for r in rows] == ["diverged", "diverged"]
+    n = catalog.query(store, "select count(*) as n from checkpoints").to_pylist()[0]["n"]
+    assert n == sum(r["n_ckpts"] for r in rows) > 0
+
+
+def test_read_blocks_in_any_order(store_url):
+    collect.prepare(store_url, "s5", small_config(), None)
+    store = open_store(store_url)
+    for shard in range(3):
+        collect.collect_shard(store, "s5", shard)
+    arr = params.open_params(store, "sweeps", "s5", "params.zarr")
+    runs = [7, 2, 3, 9, 0]
+    np.testing.assert_array_equal(sweeps.read_blocks(store, "s5", runs), np.stack([arr[r] for r in runs]))
+
+
+def test_bad_sweep_name(store_url):
+    with pytest.raises(StoreError, match="invalid sweep name"):
+        collect.prepare(store_url, "../x", small_config(), None)

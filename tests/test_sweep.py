@@ -1,0 +1,103 @@
+"""The batched sweep trainer against plain PyTorch, one network at a time."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gptpipe import data, problems, sweep
+
+
+def train_alone(config: sweep.SweepConfig, run: int, dataset: data.Dataset) -> list[torch.Tensor]:
+    """The textbook loop: nn.Module + torch.optim.SGD + CosineAnnealingLR, checkpoints as flat vectors."""
+    problem = problems.get(config.problem)
+    seed, u = sweep.run_seed(config.seed, run)
+    g = torch.Generator().manual_seed(seed)
+    model = problem.module()
+    model.load_state_dict(problem.state_dict(problem.init([g])[0]))
+    opt = torch.optim.SGD(model.parameters(), lr=sweep.run_lr(config, u), momentum=config.momentum,
+                          nesterov=True, weight_decay=config.weight_decay)
+    per_epoch = math.ceil(len(dataset.x_train) / config.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * per_epoch)
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.state_dict().values()]).clone()
+    ckpt_steps = set(sweep.checkpoint_steps(config, len(dataset.x_train)).tolist())
+    out, step = [flat()], 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(dataset.x_train), generator=g)
+        for b in range(per_epoch):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            loss = torch.nn.functional.cross_entropy(model(dataset.x_train[idx]), dataset.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step in ckpt_steps:
+                out.append(flat())
+    return out
+
+
+@pytest.mark.parametrize("problem", ["digits_mlp", "mnist_mlp"])
+def test_batched_equals_plain_training(problem):
+    config = sweep.SweepConfig(problem=problem, runs=3, epochs=2, checkpoints=5)
+    dataset = data.load(config.data)
+    result = sweep.train_runs(config, range(3), dataset)
+    assert result.params.shape == (3, 5, problems.get(problem).n_params)
+    for k in range(3):
+        plain = train_alone(config, k, dataset)
+        assert len(plain) == 5
+        for c in range(5):
+            np.testing.assert_allclose(result.params[k, c], plain[c].numpy(), atol=2e-5, rtol=1e-4)
+    # different runs really differ: own seed, own data order, own learning rate
+    assert len(set(result.lrs)) == 3
+    assert not np.allclose(result.params[0, -1], result.params[1, -1])
+
+
+def test_metrics_are_the_modules_metrics():
+    config = sweep.SweepConfig(problem="digits_mlp", runs=2, epochs=1, checkpoints=2)
+    dataset = data.load("digits")
+    result = sweep.train_runs(config, [5, 9], dataset)
+    problem = problems.get("digits_mlp")
+    model = problem.module()
+    model.load_state_dict(problem.state_dict(torch.from_numpy(result.params[1, -1])))
+    with torch.no_grad():
+        logits = model(dataset.x_test)
+    loss = torch.nn.functional.cross_entropy(logits, dataset.y_test).item()
+    error = (logits.argmax(1) != dataset.y_test).float().mean().item()
+    assert result.metrics["test_loss"][1, -1] == pytest.approx(loss, rel=1e-5)
+    assert result.metrics["test_error"][1, -1] == pytest.approx(error, abs=1e-9)
+
+
+def test_run_result_does_not_depend_on_grouping():
+    config = sweep.SweepConfig(problem="digits_mlp", runs=4, epochs=1, checkpoints=3)
+    dataset = data.load("digits")
+    together = sweep.train_runs(config, range(4), dataset)
+    alone = sweep.train_runs(config, [2], dataset)
+    np.testing.assert_allclose(together.params[2], alone.params[0], atol=1e-6)
+
+
+def test_divergence_is_recorded_not_dropped():
+    config = sweep.SweepConfig(problem="digits_mlp", runs=2, epochs=3, checkpoints=6, lr_min=300.0, lr_max=400.0)
+    result = sweep.train_runs(config, range(2), data.load("digits"))
+    assert all(1 <= n < 6 for n in result.n_ckpts)
+    for k, n in enumerate(result.n_ckpts):
+        assert np.isfinite(result.params[k, :n]).all()
+        assert np.isnan(result.params[k, n:]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(problem="nope", runs=3), "unknown problem"),
+    (dict(problem="digits_mlp", runs=0), "--runs must be positive"),
+    (dict(problem="digits_mlp", runs=3, data="mnist"), "takes data from"),
+    (dict(problem="digits_mlp", runs=3, checkpoints=1), "at least 2"),
+])
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(sweep.SweepConfigError, match=message):
+        sweep.SweepConfig(**kwargs)
+
+
+def test_too_many_checkpoints_refused():
+    config = sweep.SweepConfig(problem="digits_mlp", runs=1, epochs=1, checkpoints=50)
+    with pytest.raises(sweep.SweepConfigError, match="more than the 12 steps"):
+        sweep.checkpoint_steps(config, 1400)
