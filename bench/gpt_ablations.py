@@ -52,6 +52,18 @@ V["depth2"] = variant(V["paper"], model=dict(depth=2))
 V["batch1024"] = variant(V["paper"], batch_size=1024, lr=2e-3)
 V["width256_bf16"] = variant(V["paper"], model=dict(width=256), autocast="bf16")
 V["ema_0.99"] = variant(V["paper"], ema=0.99)
+# All the levers that look right on paper at once; then leave-one-out from it.
+V["combo"] = variant(V["paper"], pairing="mixed", normalization="layer", t_high_frac=0.5,
+                     model=dict(target="delta", num_frequencies=32, max_freq_log2=6.0))
+V["combo-uniform_pairs"] = variant(V["combo"], pairing="uniform")
+V["combo-global_norm"] = variant(V["combo"], normalization="global")
+V["combo-t_uniform"] = variant(V["combo"], t_high_frac=0.0)
+V["combo-params_target"] = variant(V["combo"], model=dict(target="params"))
+V["combo-high_freq"] = variant(V["combo"], model=dict(num_frequencies=128, max_freq_log2=14.0))
+V["combo+init_pairs"] = variant(V["combo"], pairing="init")
+V["combo+adaln"] = variant(V["combo"], model=dict(conditioning="adaln"))
+V["combo+fused"] = variant(V["combo"], model=dict(fuse_inputs=True))
+V["combo+depth2"] = variant(V["combo"], model=dict(depth=2))
 
 
 def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarray]:

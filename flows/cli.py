@@ -161,6 +161,19 @@ def _print_table(result, format: str) -> None:
         Console().print(table)
 
 
+@app.command()
+def demo(store: Optional[str] = StoreOpt):
+    """The whole pipeline on the embedded default (digits_mlp, local store): collect, then query."""
+    url = store or default_store_url()
+    typer.echo(f"store: {url}")
+    collect(sweep="demo", problem="digits_mlp", runs=512, store=url, data="", data_root=None, shard_size=64,
+            epochs=25, checkpoints=40, seed=0, lr_min=0.01, lr_max=0.3, runner="thread", workers=None, dask_address=None)
+    typer.echo("best test loss per learning-rate bucket:")
+    catalog(sql="select round(log10(lr), 1) as log10_lr, count(*) as runs, min(best_test_loss) as best_test_loss, "
+                "avg(final_test_error) as mean_final_test_error from runs where sweep = 'demo' group by 1 order by 1",
+            store=url, format="table")
+
+
 @store_app.command("serve")
 def store_serve(
     dir: str = typer.Option(os.path.join(os.path.expanduser("~"), ".gptpipe", "s3"), "--dir", help="Data folder"),

@@ -10,6 +10,7 @@ import hashlib
 
 import numpy as np
 import zarr
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.storage import FsspecStore, LocalStore
 
 from storage.store import Store
@@ -18,10 +19,11 @@ from storage.store import Store
 def _zarr_store(store: Store, *parts: str, read_only: bool = False):
     if store.is_local:
         return LocalStore(store.path(*parts), read_only=read_only)
-    options = dict(store.options)
-    if store.protocol in ("s3", "s3a"):
-        options["skip_instance_cache"] = True  # credentials as they are now, not as first cached
-    return FsspecStore.from_url(store.full_url(*parts), storage_options=options or None, read_only=read_only)
+    # the store's own filesystem instance, so zarr uses the credentials open_store checked (a new
+    # instance from the URL would come from fsspec's cache, with whatever credentials it was first
+    # made with, and an asynchronous s3fs instance leaves its HTTP session unclosed when dropped)
+    fs = AsyncFileSystemWrapper(store.fs, asynchronous=True)
+    return FsspecStore(fs, path=store.path(*parts), read_only=read_only)
 
 
 def create_params(store: Store, parts: tuple[str, ...], n_runs: int, n_ckpts: int, n_params: int) -> zarr.Array:

@@ -107,7 +107,10 @@ def free_port_pairs(n: int, host: str = "127.0.0.1", exclude: tuple[int, ...] = 
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``port`` (connections of a stopped server in TIME_WAIT do not
+    count: weed, like any Go server, binds with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -279,6 +282,7 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-s3.autoCreateBucket=false",
+            "-volume.preStopSeconds=0",  # one node: nobody to hand over to before stopping
             f"-filer.localSocket={self._sock_dir}/filer.sock",
             f"-s3.localSocket={self._sock_dir}/s3.sock",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),

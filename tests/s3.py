@@ -35,17 +35,25 @@ _AWS_OVERRIDES = (
 )
 
 
+_RUNNING: list[SeaweedS3] = []  # one server per session even if two modules import the fixture
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
+    if _RUNNING and _RUNNING[0].running:
+        yield _RUNNING[0]
+        return
     try:
         find_weed()
     except S3ServerError as e:
         pytest.skip(str(e))
     server = SeaweedS3(tmp_path_factory.mktemp("s3data"), bucket="gptpipe-test")
     server.start()
+    _RUNNING[:] = [server]
     try:
         yield server
     finally:
+        _RUNNING.clear()
         server.stop()
 
 

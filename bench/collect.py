@@ -1,0 +1,187 @@
+"""Collection benchmarks (never run by the tests). Every ratio is against a baseline measured in the
+same run, on the same machine.
+
+    .venv/bin/python bench/collect.py trainer      # batched trainer vs per-network nn.Module + SGD, share of fp32 peak
+    .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
+    .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
+
+Results are printed as a markdown table and appended as JSON lines to bench/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gptpipe import data, problems, sweep  # noqa: E402
+
+RESULTS = REPO / "bench" / "results.jsonl"
+
+
+def record(name: str, **values) -> None:
+    row = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} cores", **values}
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=1))
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_network_epoch(problem, config: sweep.SweepConfig, n_train: int, n_test: int) -> float:
+    """Matmul FLOPs of one network-epoch: training (forward, weight gradients, hidden-layer input
+    gradient) and the checkpoint evaluations on both splits, spread over the epochs."""
+    d, h, c = problem.d_in, problem.hidden, problem.classes
+    train = n_train * (2 * d * h * 2 + 2 * h * c * 3)
+    evals = (n_train + n_test) * 2 * (d * h + h * c) * config.checkpoints / config.epochs
+    return train + evals
+
+
+def plain_loop(config: sweep.SweepConfig, runs: int, dataset) -> float:
+    """Seconds for the textbook loop: one nn.Module + torch.optim.SGD per network, same recipe, same
+    checkpoint scoring, data already in memory (no DataLoader, to be fair to the baseline)."""
+    problem = problems.get(config.problem)
+    n_train = len(dataset.x_train)
+    per_epoch = math.ceil(n_train / config.batch_size)
+    ckpts = set(sweep.checkpoint_steps(config, n_train).tolist())
+    t = time.perf_counter()
+    for r in range(runs):
+        seed, u = sweep.run_seed(config.seed, r)
+        g = torch.Generator().manual_seed(seed)
+        model = problem.module()
+        model.load_state_dict(problem.state_dict(problem.init([g])[0]))
+        opt = torch.optim.SGD(model.parameters(), lr=sweep.run_lr(config, u), momentum=0.9, nesterov=True, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * per_epoch)
+        step = 0
+        for _ in range(config.epochs):
+            order = torch.randperm(n_train, generator=g)
+            for b in range(per_epoch):
+                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+                loss = torch.nn.functional.cross_entropy(model(dataset.x_train[idx]), dataset.y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                if step in ckpts:
+                    with torch.no_grad():
+                        for x, y in ((dataset.x_train, dataset.y_train), (dataset.x_test, dataset.y_test)):
+                            z = model(x)
+                            torch.nn.functional.cross_entropy(z, y)
+                            (z.argmax(1) != y).float().mean()
+    return time.perf_counter() - t
+
+
+def bench_trainer(args) -> None:
+    torch.set_num_threads(args.threads)
+    dataset = data.load("mnist5k")
+    problem = problems.get("mnist_mlp")
+    config = sweep.SweepConfig(problem="mnist_mlp", runs=args.k, epochs=args.epochs, checkpoints=args.checkpoints)
+    peak = matmul_peak_gflops()
+    sweep.train_runs(sweep.SweepConfig(problem="mnist_mlp", runs=4, epochs=1, checkpoints=2), range(4), dataset)  # warm-up
+    t = time.perf_counter()
+    sweep.train_runs(config, range(args.k), dataset)
+    batched_s = time.perf_counter() - t
+    plain_runs = max(2, args.k // 8)
+    plain_s = plain_loop(config, plain_runs, dataset)
+    batched = args.k * args.epochs / batched_s
+    plain = plain_runs * args.epochs / plain_s
+    gflops = batched * flops_per_network_epoch(problem, config, len(dataset.x_train), len(dataset.x_test)) / 1e9
+    record("trainer", problem="mnist_mlp/mnist5k", threads=args.threads, k=args.k, epochs=args.epochs,
+           batched_net_epochs_per_s=round(batched, 1), plain_net_epochs_per_s=round(plain, 1),
+           speedup=round(batched / plain, 2), batched_gflops=round(gflops, 1), fp32_peak_gflops=round(peak, 1),
+           share_of_peak=round(gflops / peak, 3))
+
+
+def gptpipe(*args: str, env: dict | None = None) -> float:
+    t = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "gptpipe"), *args], check=True, env={**os.environ, **(env or {})})
+    return time.perf_counter() - t
+
+
+def catalog_json(store: str, sql: str) -> list[dict]:
+    out = subprocess.run([str(Path(sys.executable).parent / "gptpipe"), "catalog", "--store", store, "--format", "json", sql],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def bench_overhead(args) -> None:
+    store = f"/tmp/gptpipe-bench-overhead-{os.getpid()}"
+    wall = gptpipe("collect", "--store", store, "--sweep", "o", "--problem", args.problem, "--runs", str(args.runs),
+                   "--shard-size", str(args.shard_size), "--workers", str(args.workers))
+    compute = catalog_json(store, "select sum(wall_s) as s from runs")[0]["s"]
+    record("overhead", problem=args.problem, runs=args.runs, shard_size=args.shard_size, workers=args.workers,
+           wall_s=round(wall, 1), summed_task_compute_s=round(compute, 1), wall_over_compute=round(wall / compute, 3))
+    subprocess.run(["rm", "-rf", store])
+
+
+def store_stats(path: str) -> tuple[int, int]:
+    size = objects = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            size += os.path.getsize(os.path.join(root, f))
+            objects += 1
+    return size, objects
+
+
+QUERY = ("select floor(log10(lr) * 4) / 4 as log10_lr_bucket, count(*) as runs, min(c.test_loss) as best_test_loss "
+         "from checkpoints c join runs using (sweep, run) group by 1 order by 1")
+
+
+def bench_scale(args) -> None:
+    for n in args.runs:
+        store = f"{args.store_prefix}-{n}"
+        wall = gptpipe("collect", "--store", store, "--sweep", f"scale{n}", "--problem", "digits_mlp", "--runs", str(n),
+                       "--shard-size", str(args.shard_size))
+        size, objects = store_stats(store)
+        catalog_json(store, QUERY)  # warm the page cache
+        t = time.perf_counter()
+        for _ in range(3):
+            rows = catalog_json(store, QUERY)
+        query_s = (time.perf_counter() - t) / 3
+        record("scale", problem="digits_mlp", runs=n, checkpoints=40, wall_s=round(wall, 1),
+               store_mb=round(size / 2**20, 1), objects=objects, query_s=round(query_s, 2), buckets=len(rows),
+               note="wall_s of the last (possibly resumed) collect call")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("trainer")
+    t.add_argument("--k", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--checkpoints", type=int, default=9)
+    t.add_argument("--threads", type=int, default=os.cpu_count())
+    o = sub.add_parser("overhead")
+    o.add_argument("--problem", default="mnist_mlp")
+    o.add_argument("--runs", type=int, default=1000)
+    o.add_argument("--shard-size", type=int, default=64)
+    o.add_argument("--workers", type=int, default=os.cpu_count())
+    s = sub.add_parser("scale")
+    s.add_argument("--runs", type=int, nargs="+", default=[1000, 10000, 100000])
+    s.add_argument("--shard-size", type=int, default=256)
+    s.add_argument("--store-prefix", default="/tmp/gptpipe-bench-scale")
+    args = p.parse_args()
+    {"trainer": bench_trainer, "overhead": bench_overhead, "scale": bench_scale}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""G.pt model, tokenisation, permutation augmentation, training and saving (all on tiny CPU settings)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gptpipe import evaluation, gpt, problems
+from gptpipe.training import Trainer, TrainConfig, load_model
+
+DIGITS = problems.get("digits_mlp")
+MNIST = problems.get("mnist_mlp")
+MICRO = dict(width=32, depth=1, heads=2, num_frequencies=8)
+
+
+def layers_of(problem):
+    return [[layer.name, list(layer.shape)] for layer in problem.layers]
+
+
+@pytest.mark.parametrize("problem", [DIGITS, MNIST])
+@pytest.mark.parametrize("max_chunk", [7, 64, 1000])
+def test_tokenize_detokenize_is_identity(problem, max_chunk):
+    sizes = [layer.numel for layer in problem.layers]
+    tok = gpt.Tokenizer(sizes, max_chunk)
+    x = torch.randn(3, problem.n_params)
+    tokens = tok.to_tokens(x)
+    assert tokens.shape == (3, tok.n_tokens, tok.chunk_len)
+    assert torch.equal(tok.from_tokens(tokens), x)
+    # padding is zero and every chunk stays inside one layer
+    assert torch.equal(tokens * (1 - tok.mask), torch.zeros_like(tokens))
+    bounds = np.cumsum([0] + sizes)
+    for start, size, li in tok.layout:
+        assert size <= max_chunk and bounds[li] <= start and start + size <= bounds[li + 1]
+
+
+def test_permutation_preserves_function_and_pairs_share_it():
+    g = torch.Generator().manual_seed(0)
+    theta = DIGITS.init([torch.Generator().manual_seed(s) for s in range(4)])
+    later = theta + 0.1 * torch.randn(theta.shape, generator=g)
+    x = torch.randn(4, 16, 64, generator=g)
+    perm = DIGITS.sample_permutation(4, g)
+    for t in (theta, later):
+        p = DIGITS.permute(t, perm=perm)
+        assert not torch.equal(p, t)
+        torch.testing.assert_close(DIGITS.logits(p, x), DIGITS.logits(t, x))
+    # the same perm moves both checkpoints alike: their difference is permuted the same way
+    torch.testing.assert_close(DIGITS.permute(later, perm=perm) - DIGITS.permute(theta, perm=perm),
+                               DIGITS.permute(later - theta, perm=perm))
+
+
+def test_trainer_permutes_both_checkpoints_of_a_pair_jointly():
+    # checkpoint c of run r = base_r + c * (a per-run random vector): theta_j - theta_i = (j - i) * v_r.
+    # A joint permutation keeps (theta_j - theta_i) / (j - i) equal to the permuted theta_1 - theta_0.
+    R, C = 3, 5
+    g = torch.Generator().manual_seed(1)
+    base, v = torch.randn(R, 1, DIGITS.n_params, generator=g), torch.randn(R, 1, DIGITS.n_params, generator=g)
+    params = base + torch.arange(C).view(1, C, 1) * v
+    metric = torch.linspace(2, 1, C).repeat(R, 1)
+    tr = Trainer(DIGITS, params, metric, TrainConfig(model=MICRO, pairing="uniform", batch_size=64))
+    b = tr.batch(64)
+    step = (b["theta_j"] - b["theta_i"])
+    # each row's update is a permutation of some run's v; joint permutation keeps it a *multiple* of one
+    # permuted v, so |update| sorted equals (j-i) * |v_r| sorted for some r
+    sorted_v = v.squeeze(1).abs().sort(dim=1).values
+    for row in step:
+        s = row.abs().sort().values
+        ratios = s.unsqueeze(0) / sorted_v
+        assert any(torch.allclose(r, r.mean().expand_as(r), rtol=1e-3) for r in ratios)
+    # and the pairs really are permuted (not left as stored)
+    stored = params.reshape(R * C, -1)
+    assert any(not any(torch.allclose(ti, row) for row in stored) for ti in b["theta_i"][:8])
+
+
+@pytest.mark.parametrize("conditioning", ["tokens", "adaln"])
+@pytest.mark.parametrize("target", ["params", "delta"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_untrained_model_predicts_no_change(conditioning, target, fuse):
+    cfg = gpt.GptConfig(layers=layers_of(DIGITS), conditioning=conditioning, target=target, fuse_inputs=fuse, **MICRO)
+    model = gpt.Gpt(cfg)
+    start = torch.randn(5, DIGITS.n_params)
+    out = model(torch.randn(5, DIGITS.n_params), start, torch.randint(0, 1000, (5,)), torch.rand(5), torch.rand(5))
+    assert out.shape == (5, DIGITS.n_params)
+    torch.testing.assert_close(out, start if target == "params" else torch.zeros_like(start))
+
+
+def test_config_presets_and_json_round_trip():
+    paper = gpt.GptConfig.from_preset("paper", DIGITS.layers)
+    assert (paper.width, paper.depth, paper.heads) == (1536, 12, 16)
+    tiny = gpt.GptConfig.from_preset("tiny", DIGITS.layers, depth=2)
+    assert tiny.depth == 2 and tiny.preset == "tiny"
+    again = gpt.GptConfig.from_dict(json.loads(json.dumps(tiny.to_dict())))
+    assert again == tiny
+    with pytest.raises(ValueError):
+        gpt.GptConfig.from_preset("huge", DIGITS.layers)
+
+
+def test_normalizer_round_trip():
+    params = torch.randn(4, 6, DIGITS.n_params) * torch.linspace(0.1, 2, DIGITS.n_params)
+    sizes = [layer.numel for layer in DIGITS.layers]
+    ps, ds = gpt.Normalizer.fit(params, sizes, "layer")
+    assert len(ps) == len(ds) == 4
+    cfg = gpt.GptConfig(layers=layers_of(DIGITS), target="delta", param_scale=ps, delta_scale=ds, **MICRO)
+    n = gpt.Normalizer(cfg)
+    a, b = params[0, 0:1], params[0, 3:4]
+    x0 = n.x0(n.normalize(b), n.normalize(a))
+    torch.testing.assert_close(n.denormalize(n.params(x0, n.normalize(a))), b)
+
+
+@pytest.fixture(scope="module")
+def small_sweep():
+    g = torch.Generator().manual_seed(0)
+    R, C = 12, 6
+    theta0 = DIGITS.init([torch.Generator().manual_seed(s) for s in range(R)])
+    direction = torch.randn(R, DIGITS.n_params, generator=g) * 0.05
+    params = theta0.unsqueeze(1) + torch.arange(C).view(1, C, 1) * direction.unsqueeze(1)
+    metric = 2.3 - 0.3 * torch.arange(C).float().repeat(R, 1)
+    return params, metric
+
+
+def test_tiny_training_run_reduces_loss(small_sweep):
+    params, metric = small_sweep
+    cfg = TrainConfig(model=MICRO, steps=150, batch_size=64, lr=3e-3, warmup=10, seed=0)
+    tr = Trainer(DIGITS, params, metric, cfg)
+    losses = tr.train()
+    assert tr.step == 150
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20])
+
+
+def test_save_load_and_resume(small_sweep):
+    params, metric = small_sweep
+    cfg = TrainConfig(model=MICRO, steps=40, batch_size=32, warmup=5, seed=3)
+    tr = Trainer(DIGITS, params, metric, cfg)
+    tr.step_many(10)
+    blob = tr.state_dict_bytes()
+    assert isinstance(blob, bytes)
+    # resuming continues exactly as the uninterrupted trainer does
+    resumed = Trainer.from_bytes(DIGITS, params, metric, blob)
+    assert resumed.step == 10 and resumed.config == tr.config
+    torch.testing.assert_close(torch.tensor(resumed.step_many(5)), torch.tensor(tr.step_many(5)))
+    for a, b in zip(resumed.ema.parameters(), tr.ema.parameters()):
+        torch.testing.assert_close(a, b)
+    # a model loaded from bytes samples exactly what the trainer's EMA model samples
+    model, diffusion, config = load_model(tr.state_dict_bytes())
+    assert config == tr.gpt_config
+    own, own_diffusion, _ = tr.sampler_model()
+    start, m0, m1 = params[:4, 0], metric[:4, 0], metric[:4, -1]
+    for sampler, steps in [("ddim", 1), ("ddpm", 20)]:
+        a = evaluation.sample(model, diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
+        b = evaluation.sample(own, own_diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
+        assert torch.equal(a, b)
