@@ -162,8 +162,109 @@ def _print_table(result, format: str) -> None:
 
 
 @app.command()
+def train(
+    sweep: list[str] = typer.Option(..., help="Sweep(s) to learn from (repeat --sweep for several)"),
+    model: str = typer.Option(..., help="Model name"),
+    store: Optional[str] = StoreOpt,
+    preset: str = typer.Option("tiny", help="tiny (CPU demo), small or paper"),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the preset's)"),
+    metric: Optional[str] = typer.Option(None, help="Metric to condition on (default: the problem's, test_loss)"),
+    batch_size: Optional[int] = typer.Option(None),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda"),
+    save_every: int = typer.Option(500, help="Save (and resume from) every N steps"),
+):
+    """Train G.pt on sweeps in the store. Re-running the same command resumes."""
+    from gptpipe import model_store
+    from gptpipe.gpt import PRESETS
+    from storage import sweeps as sweeps_mod
+    from storage.store import open_store
+
+    url = store or default_store_url()
+    with user_errors():
+        sweeps_mod.check_name(model, "model")
+        if preset not in PRESETS:
+            raise StoreError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        if steps is not None and steps <= 0:
+            raise StoreError(f"--steps must be positive, got {steps}")
+        st = open_store(url)
+        for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
+            sweeps_mod.committed_runs(st, s)
+        from flows.train import train_flow
+
+        target = steps or _preset_steps(preset)
+        with progress_bar(f"train {model}", target, lambda: _model_step(st, model)):
+            summary = train_flow(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
+                                 save_every=save_every, device=device, batch_size=batch_size)
+    typer.echo(f"model {model} in {url}/models/{model}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+def _preset_steps(preset: str) -> int:
+    from gptpipe.training import TrainConfig
+
+    return TrainConfig(preset=preset).steps
+
+
+def _model_step(st, model: str) -> int:
+    from gptpipe import model_store
+
+    return model_store.read_lineage(st, model).get("step", 0) if model_store.model_exists(st, model) else 0
+
+
+@app.command()
+def evaluate(
+    model: Optional[str] = typer.Option(None, help="Model to evaluate (default: the newest in the store)"),
+    store: Optional[str] = StoreOpt,
+    eval: Optional[str] = typer.Option(None, "--eval", help="Evaluation name (default: <model>-<timestamp>)"),
+    networks: int = typer.Option(32, help="Start networks: half held-out runs' inits, half fresh inits"),
+    prompts: int = typer.Option(20, help="Prompts per network, from the sweep's best value to 0.9 x start"),
+    recursive: int = typer.Option(5, help="G.pt updates in the recursive-prompting protocol"),
+    sampler: str = typer.Option("", help="ddim or ddpm (default: the model's)"),
+    sample_steps: int = typer.Option(0, help="Sampler steps (default: the model's)"),
+    seed: int = typer.Option(0),
+):
+    """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
+    from gptpipe import model_store
+    from storage.store import open_store
+
+    url = store or default_store_url()
+    with user_errors():
+        if networks < 2 or prompts < 2:
+            raise StoreError("--networks and --prompts must be at least 2")
+        if sampler not in ("", "ddim", "ddpm"):
+            raise StoreError(f"unknown sampler {sampler!r} (ddim or ddpm)")
+        st = open_store(url)
+        model = model or model_store.newest_model(st)
+        model_store.read_lineage(st, model)
+        if eval:
+            from storage import sweeps as sweeps_mod
+
+            sweeps_mod.check_name(eval, "eval")
+            if st.exists("evals", eval, "results.parquet"):
+                raise StoreError(f"evaluation {eval!r} already exists; choose another --eval name")
+        from flows.evaluate import evaluate_flow
+
+        with console.status(f"evaluating {model}"):
+            summary = evaluate_flow(store=url, model=model, eval=eval, networks=networks, prompts=prompts,
+                                    recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed)
+    _print_summary(url, summary)
+
+
+def _print_summary(url: str, s: dict) -> None:
+    m = s["metric"]
+    typer.echo(f"evaluation {s['eval']} of {s['model']} ({s['problem']}, prompted with {m}):")
+    typer.echo(f"  prompt alignment R²: held-out runs {s.get('r2_heldout_run', float('nan')):.3f}, "
+               f"fresh inits {s.get('r2_fresh_init', float('nan')):.3f} (Pearson {s.get('pearson_all', float('nan')):.3f})")
+    for metric in ("test_loss", "test_error"):
+        if f"one_step_best_prompt_{metric}_mean" in s:
+            typer.echo(f"  {metric}, fresh inits: start {s[f'start_{metric}_mean']:.4g} -> G.pt one step {s[f'one_step_best_prompt_{metric}_mean']:.4g} "
+                       f"(best {s[f'one_step_best_prompt_{metric}_min']:.4g}); SGD 1 epoch {s[f'sgd_1_epoch_{metric}_mean']:.4g}, "
+                       f"25 epochs {s[f'sgd_25_epochs_{metric}_mean']:.4g}")
+    typer.echo(f"  report: {url}/evals/{s['eval']}/report.md")
+
+
+@app.command()
 def demo(store: Optional[str] = StoreOpt):
-    """The whole pipeline on the embedded default (digits_mlp, local store): collect, then query."""
+    """The whole pipeline on the embedded default (digits_mlp, local store): collect, train, evaluate."""
     url = store or default_store_url()
     typer.echo(f"store: {url}")
     collect(sweep="demo", problem="digits_mlp", runs=512, store=url, data="", data_root=None, shard_size=64,
@@ -172,6 +273,9 @@ def demo(store: Optional[str] = StoreOpt):
     catalog(sql="select round(log10(lr), 1) as log10_lr, count(*) as runs, min(best_test_loss) as best_test_loss, "
                 "avg(final_test_error) as mean_final_test_error from runs where sweep = 'demo' group by 1 order by 1",
             store=url, format="table")
+    train(sweep=["demo"], model="demo", store=url, preset="tiny", steps=None, metric=None, batch_size=None,
+          device="auto", save_every=500)
+    evaluate(model="demo", store=url, eval=None, networks=32, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0)
 
 
 @store_app.command("serve")

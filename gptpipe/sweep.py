@@ -121,8 +121,11 @@ class RunsResult:
     extra: dict = field(default_factory=dict)
 
 
-def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.Dataset) -> RunsResult:
-    """Train the given runs of a sweep as one batched computation and score every checkpoint."""
+def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.Dataset,
+               init: torch.Tensor | None = None) -> RunsResult:
+    """Train the given runs of a sweep as one batched computation and score every checkpoint.
+    ``init [K, P]`` replaces the runs' seeded initial weights (evaluation baselines start from given
+    networks); data order and learning rates still come from the runs' seeds."""
     t0 = time.perf_counter()
     problem = problems.get(config.problem)
     runs = list(runs)
@@ -131,7 +134,10 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     lrs = [run_lr(config, u) for u in lrs]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
-    theta = problem.init(generators).requires_grad_(True)
+    theta = problem.init(generators)
+    if init is not None:
+        theta = init.detach().clone().float()
+    theta.requires_grad_(True)
     lr = torch.tensor(lrs).unsqueeze(1)  # [K, 1]
     alive = torch.ones(K, 1)  # 0 once a run has diverged: it stops moving
     momentum_buf = torch.zeros(K, problem.n_params)

@@ -60,7 +60,7 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     (a view exists once its table has at least one file)."""
     con = duckdb.connect()
     if not store.is_local:
-        pass  # store.refresh()  # glob (ours and DuckDB's) reads s3fs's cached listings: see new shards
+        store.refresh()  # glob (ours and DuckDB's) reads s3fs's cached listings: see new shards
         con.register_filesystem(store.fs)
 
     def source(pattern: str, hive: bool) -> str | None:

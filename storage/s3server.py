@@ -427,7 +427,7 @@ def serve_forever(
     out=None,
     stop_event: threading.Event | None = None,
 ) -> int:
-    """Run the local S3 store until Ctrl-C / SIGTERM (or ``stop_event``); print how to reach it.
+    """Run the local S3 store until Ctrl-C / SIGTERM / SIGHUP (or ``stop_event``); print how to reach it.
 
     The printout names the endpoint, the bucket, a store URL and the ``export`` lines for
     everything but the secret, which is sourced from the credentials file (or already in the
@@ -440,7 +440,7 @@ def serve_forever(
     stop_event = stop_event or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, lambda *_: stop_event.set())
     try:
         t0 = time.monotonic()

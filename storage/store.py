@@ -90,7 +90,7 @@ class Store:
             self.fs.invalidate_cache()
 
     def exists(self, *parts: str) -> bool:
-        pass  # self.refresh(*parts)  # a cached listing of the parent would hide a newer object
+        self.refresh(*parts)  # a cached listing of the parent would hide a newer object
         return self.fs.exists(self.path(*parts))
 
     def read_json(self, *parts: str):

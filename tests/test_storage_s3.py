@@ -95,18 +95,6 @@ def test_missing_bucket_one_line(s3_env, s3_server):
     assert s3_server.secret_key not in message
 
 
-def _pids_of(binary: str) -> set[int]:
-    pids = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.readlink(f"/proc/{d}/exe") == binary:
-                    pids.add(int(d))
-            except OSError:
-                pass
-    return pids
-
-
 def test_restart_keeps_data_and_stop_leaves_nothing(tmp_path):
     port = free_ports(1)[0]
     server = SeaweedS3(tmp_path / "data", port, access_key="restart-key", secret_key="restart-secret-123")

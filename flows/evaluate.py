@@ -1,0 +1,31 @@
+"""The evaluate flow: prompt a stored G.pt, record achieved vs requested, publish the report."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from gptpipe import eval_store, model_store
+from storage.store import open_store
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(store: str, model: str | None = None, eval: str | None = None, networks: int = 32, prompts: int = 20,
+                  recursive: int = 5, sampler: str = "", sample_steps: int = 0, seed: int = 0) -> dict:
+    """Evaluate ``model`` (default: the newest in the store) into ``evals/<eval>`` (default: a new
+    timestamped name), so a scheduled run never overwrites an earlier one."""
+    st = open_store(store)
+    model = model or model_store.newest_model(st)
+    eval = eval or f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    summary = eval_store.run(st, eval_store.EvalRequest(model=model, eval=eval, networks=networks, prompts=prompts,
+                                                       recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed))
+    report = st.read_json("evals", eval, "summary.json")  # what the store holds, not what we think it holds
+    create_markdown_artifact(key="eval-report", description=f"evaluation {eval}",
+                             markdown=st.fs.cat_file(st.path("evals", eval, "report.md")).decode())
+    headline = [{"quantity": k, "value": v} for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    create_table_artifact(key="eval-summary", table=headline, description=f"headline numbers of {eval}")
+    create_link_artifact(key="eval-link", link=st.full_url("evals", eval, "report.md"), description=f"report of {eval}")
+    print(f"evaluation {eval}: R² held-out {summary.get('r2_heldout_run', float('nan')):.3f}, fresh {summary.get('r2_fresh_init', float('nan')):.3f}")
+    return summary
