@@ -188,6 +188,7 @@ def train(
             raise StoreError(f"--steps must be positive, got {steps}")
         st = open_store(url)
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
+            sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
         from flows.train import train_flow
 

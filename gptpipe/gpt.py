@@ -58,6 +58,7 @@ class GptConfig:
     conditioning: str = "tokens"  # "tokens" (the paper: scalars are extra tokens) or "adaln" (DiT)
     fuse_inputs: bool = False  # True: one token holds both x_t's and start's chunk (half the tokens)
     target: str = "params"  # diffusion variable: "params" (theta_j, the paper) or "delta" (theta_j - theta_i, rescaled)
+    units: list = field(default_factory=list)  # [[layer, axis], ...]: one shared-type token per hidden unit (see Tokenizer)
     timesteps: int = 1000
     preset: str = ""
     # parameter normalisation, fitted on the training data (``Normalizer.fit``): one number per layer
@@ -66,6 +67,7 @@ class GptConfig:
 
     def __post_init__(self):
         self.layers = [[str(name), [int(s) for s in shape]] for name, shape in self.layers]
+        self.units = [[int(li), int(axis)] for li, axis in self.units]
         if self.conditioning not in ("tokens", "adaln"):
             raise ValueError(f"conditioning must be 'tokens' or 'adaln', not {self.conditioning!r}")
         if self.target not in ("params", "delta"):
@@ -118,29 +120,60 @@ def chunk_layout(layer_sizes: list[int], max_chunk: int) -> list[tuple[int, int,
     return out
 
 
+def unit_index(layer_shapes: list[list[int]], units: list) -> torch.Tensor:
+    """Flat indices of each hidden unit's parameters, ``[H, U]``. ``units = [[layer, axis], ...]``
+    says along which axis of which layers the hidden units run (for Linear-ReLU-Linear:
+    ``[[0, 0], [1, 0], [2, 1]]``: row h of W1, entry h of b1, column h of W2)."""
+    starts = np.cumsum([0] + [math.prod(s) for s in layer_shapes])
+    parts = []
+    for li, axis in units:
+        shape = layer_shapes[li]
+        idx = torch.arange(math.prod(shape)).reshape(shape) + int(starts[li])
+        parts.append(idx.movedim(axis, 0).reshape(shape[axis], -1))
+    return torch.cat(parts, dim=1)
+
+
 class Tokenizer(nn.Module):
-    """Flat ``[B, P]`` <-> padded chunks ``[B, T, L]`` (L = the longest chunk; padding is zeros).
+    """Flat ``[B, P]`` <-> padded tokens ``[B, T, L]`` (L = the longest token; padding is zeros).
 
-    Both directions are a single index operation, so a model with hundreds of chunks still does one
-    gather per call instead of a Python loop over chunks."""
+    Two kinds of token. *Chunks* (the paper): consecutive values of one layer, at most ``max_chunk``;
+    each chunk has its own type, i.e. its own encoder, decoder and position embedding. *Units*
+    (``units`` given): token h holds everything attached to hidden unit h (its incoming weights, bias
+    and outgoing weights); all unit tokens share one type, so the model treats hidden units as a set and
+    is exactly equivariant to permuting them, the network's own symmetry. Values not in a unit go into
+    chunks. Both directions are one index operation."""
 
-    def __init__(self, layer_sizes: list[int], max_chunk: int):
+    def __init__(self, layer_shapes: list[list[int]], max_chunk: int, units: list | None = None):
         super().__init__()
-        self.layout = chunk_layout(layer_sizes, max_chunk)
-        self.n_params = sum(layer_sizes)
-        self.n_tokens = len(self.layout)
-        self.chunk_len = max(size for _, size, _ in self.layout)
+        sizes = [math.prod(s) for s in layer_shapes]
+        self.n_params = sum(sizes)
+        tokens, types = [], []
+        covered = torch.zeros(self.n_params, dtype=torch.bool)
+        if units:
+            per_unit = unit_index(layer_shapes, units)
+            tokens += list(per_unit)
+            types += [0] * len(per_unit)
+            covered[per_unit.reshape(-1)] = True
+        for start, size, _ in chunk_layout(sizes, max_chunk):
+            idx = torch.arange(start, start + size)
+            idx = idx[~covered[idx]]
+            if len(idx):
+                tokens.append(idx)
+                types.append(max(types, default=-1) + 1)
+        self.n_tokens = len(tokens)
+        self.n_types = max(types) + 1
+        self.chunk_len = max(len(t) for t in tokens)
         gather = torch.full((self.n_tokens, self.chunk_len), self.n_params, dtype=torch.long)  # P = the zero pad
         scatter = torch.empty(self.n_params, dtype=torch.long)
         mask = torch.zeros(self.n_tokens, self.chunk_len)
-        for k, (start, size, _) in enumerate(self.layout):
-            gather[k, :size] = torch.arange(start, start + size)
-            scatter[start : start + size] = k * self.chunk_len + torch.arange(size)
-            mask[k, :size] = 1.0
+        for k, idx in enumerate(tokens):
+            gather[k, : len(idx)] = idx
+            scatter[idx] = k * self.chunk_len + torch.arange(len(idx))
+            mask[k, : len(idx)] = 1.0
         self.register_buffer("gather_index", gather, persistent=False)
         self.register_buffer("scatter_index", scatter, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
-        self.register_buffer("token_layer", torch.tensor([li for _, _, li in self.layout]), persistent=False)
+        self.register_buffer("token_type", torch.tensor(types), persistent=False)
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
@@ -151,15 +184,20 @@ class Tokenizer(nn.Module):
 
 
 class ChunkLinear(nn.Module):
-    """T independent linear maps applied token-wise: ``[B, T, d_in] -> [B, T, d_out]`` with one weight
-    ``[T, d_in, d_out]`` (each chunk its own encoder or decoder, computed as one batched matmul)."""
+    """Token-wise linear maps ``[B, T, d_in] -> [B, T, d_out]``, one weight per token *type*
+    (``weight [n_types, d_in, d_out]``; token k uses ``weight[token_type[k]]``): each chunk its own
+    encoder or decoder, computed as one batched matmul."""
 
-    def __init__(self, n_tokens: int, d_in: int, d_out: int, std: float = 0.02):
+    def __init__(self, token_type: torch.Tensor, d_in: int, d_out: int, std: float = 0.02):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_tokens, d_in, d_out) * std)
+        n_types = int(token_type.max()) + 1
+        self.weight = nn.Parameter(torch.randn(n_types, d_in, d_out) * std)
+        self.register_buffer("token_type", token_type.clone(), persistent=False)
+        self.shared = n_types < len(token_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("btc,tcd->btd", x, self.weight)
+        w = self.weight[self.token_type] if self.shared else self.weight
+        return torch.einsum("btc,tcd->btd", x, w)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,29 +274,33 @@ class Gpt(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.tokenizer = Tokenizer(c.layer_sizes, c.max_chunk)
-        T, L, D = self.tokenizer.n_tokens, self.tokenizer.chunk_len, c.width
+        self.tokenizer = tok = Tokenizer([shape for _, shape in c.layers], c.max_chunk, c.units or None)
+        T, L, D, K = tok.n_tokens, tok.chunk_len, c.width, tok.n_types
         self.n_param_tokens = T
         if c.fuse_inputs:
-            self.encode_fused = ChunkLinear(T, 2 * L, D)
-            n_in = T
+            self.encode_fused = ChunkLinear(tok.token_type, 2 * L, D)
+            pos = [tok.token_type]
         else:
-            self.encode_x = ChunkLinear(T, L, D)
-            self.encode_start = ChunkLinear(T, L, D)
-            n_in = 2 * T
+            self.encode_x = ChunkLinear(tok.token_type, L, D)
+            self.encode_start = ChunkLinear(tok.token_type, L, D)
+            pos = [tok.token_type, K + tok.token_type]
+        n_pos = K * len(pos)
         self.ln_in = nn.LayerNorm(D)
         self.embed_scalar = FrequencyEmbedding(c.num_frequencies, c.max_freq_log2)
         E = self.embed_scalar.dim
         if c.conditioning == "tokens":
             self.scalar_tokens = nn.ModuleList(nn.Linear(E, D) for _ in range(4))
-            n_in += 4
+            pos.append(n_pos + torch.arange(4))
+            n_pos += 4
         else:
             self.cond_mlp = nn.Sequential(nn.Linear(4 * E, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU())
             self.final_modulation = nn.Linear(D, 2 * D)
-        self.pos_emb = nn.Parameter(torch.randn(1, n_in, D) * 0.02)
+        # learned position embeddings, one per token type (hidden-unit tokens share theirs)
+        self.pos_emb = nn.Parameter(torch.randn(n_pos, D) * 0.02)
+        self.register_buffer("pos_index", torch.cat(pos), persistent=False)
         self.blocks = nn.ModuleList(Block(D, c.heads, c.mlp_ratio, c.conditioning == "adaln") for _ in range(c.depth))
         self.ln_out = nn.LayerNorm(D, elementwise_affine=c.conditioning == "tokens")
-        self.decode = ChunkLinear(T, D, L, std=0.0)  # zero init: the untrained model predicts "no change"
+        self.decode = ChunkLinear(tok.token_type, D, L, std=0.0)  # zero init: the untrained model predicts "no change"
         self._init_weights()
 
     def _init_weights(self):
@@ -294,7 +336,7 @@ class Gpt(nn.Module):
             h = torch.cat([h, torch.stack([proj(e) for proj, e in zip(self.scalar_tokens, emb)], dim=1)], dim=1)
         else:
             cond = self.cond_mlp(torch.cat(emb, dim=-1))
-        h = h + self.pos_emb
+        h = h + self.pos_emb[self.pos_index]
         for block in self.blocks:
             h = block(h, cond)
         h = self.ln_out(h[:, : self.n_param_tokens])

@@ -89,6 +89,7 @@ def one_step_plot(summary: dict, metric: str) -> bytes:
     rec = summary[f"recursive_{metric}_mean"]
     b.plot(range(1, len(rec) + 1), rec, marker="o", color="tab:orange", label="G.pt, prompted with the best value")
     b.axhline(summary[f"sgd_25_epochs_{metric}_mean"], color="tab:blue", ls="--", label="SGD 25 epochs")
+    b.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     b.set_xlabel("G.pt updates")
     b.set_ylabel(f"mean {metric}")
     b.set_title("Recursive prompting")

@@ -1,0 +1,95 @@
+"""collect -> train -> evaluate through the flows, on a real Prefect server, checked from the store."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gptpipe import data, problems
+from storage import catalog, params
+from storage.store import open_store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, prefect_server):
+    """A tiny digits sweep and a G.pt trained on it for a few steps (shared by the tests below)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.collect import collect_flow
+    from flows.train import train_flow
+
+    url = str(tmp_path_factory.mktemp("pipeline") / "store")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["api_url"]}):
+        collect_flow(store=url, sweep="tiny", problem="digits_mlp", runs=40, shard_size=20, epochs=3, checkpoints=6)
+        summary = train_flow(store=url, sweeps=["tiny"], model="g", steps=4, save_every=2, batch_size=16)
+    assert summary["step"] == 4
+    return url
+
+
+def test_train_writes_model_and_resumes(small_store, prefect_api):
+    from flows.train import train_flow
+
+    store = open_store(small_store)
+    lineage = store.read_json("models", "g", "lineage.json")
+    assert lineage["step"] == 4 and lineage["sweeps"] == ["tiny"] and len(lineage["heldout_runs"]["tiny"]) == 4
+    assert store.fs.cat_file(store.path("models", "g", "train_loss.png"))[:4] == b"\x89PNG"
+    log = store.fs.cat_file(store.path("models", "g", "train_log.csv")).decode().splitlines()
+    assert log[0] == "step,loss" and len(log) == 5
+    summary = train_flow(store=small_store, sweeps=["tiny"], model="g", steps=6, save_every=2, batch_size=16)
+    assert summary["step"] == 6
+    log = store.fs.cat_file(store.path("models", "g", "train_log.csv")).decode().splitlines()
+    assert len(log) == 7 and log[1:5] == ["1," + log[1].split(",")[1]] + log[2:5]  # first steps kept, not redone
+
+
+def test_evaluate_rows_params_and_report(small_store, prefect_api):
+    from flows.evaluate import evaluate_flow
+
+    summary = evaluate_flow(store=small_store, model="g", eval="e1", networks=4, prompts=3, recursive=2)
+    store = open_store(small_store)
+    rows = catalog.query(store, "select * from evaluations where eval = 'e1' order by network, step, requested").to_pylist()
+    grid = [r for r in rows if r["step"] == 1]
+    assert len(grid) == 4 * 3 and {r["source"] for r in grid} == {"heldout_run", "fresh_init"}
+    assert len([r for r in rows if r["step"] == 2]) == 2  # recursive updates of the fresh inits
+    # row i of params.zarr holds the parameters that achieved row i
+    results = catalog.query(store, "select achieved, test_error from evaluations where eval = 'e1'").to_pylist()
+    vectors = params.open_params(store, "evals", "e1", "params.zarr")[0]
+    assert vectors.shape == (len(results), 760)
+    problem, dataset = problems.get("digits_mlp"), data.load("digits")
+    scores = problem.score(torch.from_numpy(np.asarray(vectors)), dataset)
+    np.testing.assert_allclose(scores["test_loss"].numpy(), [r["achieved"] for r in results], rtol=1e-5)
+    np.testing.assert_allclose(scores["test_error"].numpy(), [r["test_error"] for r in results], atol=1e-9)
+    # the report's R² is recomputable from the table
+    from gptpipe.evaluation import prompt_alignment_r2
+
+    held = [r for r in grid if r["source"] == "heldout_run"]
+    req = np.array([r["requested"] for r in held]).reshape(-1, 3)
+    ach = np.array([r["achieved"] for r in held]).reshape(-1, 3)
+    assert summary["r2_heldout_run"] == pytest.approx(prompt_alignment_r2(req, ach))
+    report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
+    assert f"| prompt alignment R² | {summary['r2_heldout_run']:.3f} |" in report
+    for png in ("alignment.png", "curves.png", "one_step_test_loss.png"):
+        assert store.fs.cat_file(store.path("evals", "e1", png))[:4] == b"\x89PNG"
+    assert "e1" in store.fs.cat_file(store.path("evals", "index.md")).decode()
+
+
+def test_cli_bad_inputs(small_store, cli, tmp_path):
+    for args, message in [
+        (["train", "--store", small_store, "--sweep", "nope", "--model", "m"], "no sweep 'nope'"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--preset", "huge"], "unknown preset"),
+        (["evaluate", "--store", small_store, "--model", "nope"], "no model 'nope'"),
+        (["evaluate", "--store", str(tmp_path), "--model", "g"], "no model 'g'"),
+        (["train", "--store", str(tmp_path / "missing"), "--sweep", "tiny", "--model", "m"], "does not exist"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
+    assert not open_store(small_store).exists("models", "m")
+
+
+def test_catalog_sees_evaluations_json(small_store, cli):
+    proc = cli("catalog", "--store", small_store, "--format", "json",
+               "select source, count(*) as n from evaluations where step = 1 group by source order by source", check=True)
+    counts = {r["source"]: r["n"] for r in json.loads(proc.stdout)}
+    assert set(counts) >= {"heldout_run", "fresh_init"}
