@@ -29,8 +29,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from gptpipe.data import DataError
     from gptpipe.problems import ProblemError
     from gptpipe.sweep import SweepConfigError
+    from storage.s3server import S3ServerError
 
-    return (StoreError, DataError, ProblemError, SweepConfigError)
+    return (StoreError, DataError, ProblemError, SweepConfigError, S3ServerError)
 
 
 @contextmanager
@@ -289,7 +290,9 @@ def store_serve(
     from storage.s3server import serve_forever
 
     with user_errors():
-        serve_forever(dir, port, bucket=bucket)
+        rc = serve_forever(dir, port, bucket=bucket)
+    if rc:
+        raise typer.Exit(rc)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from prefect.futures import as_completed
 from gptpipe import collect
 from gptpipe.sweep import SweepConfig
 from storage import catalog
-from storage.store import open_store
+from storage.store import default_store_url, open_store
 
 
 @task(retries=3, retry_delay_seconds=2, task_run_name="shard-{shard}")
@@ -22,10 +22,10 @@ def collect_shard(store_url: str, sweep: str, shard: int, data_root: str | None,
 
 @flow(name="collect", log_prints=True)
 def collect_flow(
-    store: str,
     sweep: str,
     problem: str,
     runs: int,
+    store: str | None = None,
     data: str = "",
     data_root: str | None = None,
     shard_size: int = 64,
@@ -37,7 +37,9 @@ def collect_flow(
     torch_threads: int = 1,
 ) -> dict:
     """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``. Re-running with the same
-    arguments skips committed shards and finishes the rest."""
+    arguments skips committed shards and finishes the rest. ``store`` defaults to ``$GPTPIPE_STORE`` where
+    the flow runs (a deployment's worker)."""
+    store = store or default_store_url()
     config = SweepConfig(problem=problem, runs=runs, data=data, epochs=epochs, checkpoints=checkpoints,
                          shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max)
     todo = collect.prepare(store, sweep, config, data_root)

@@ -8,14 +8,16 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from gptpipe import eval_store, model_store
-from storage.store import open_store
+from storage.store import default_store_url, open_store
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(store: str, model: str | None = None, eval: str | None = None, networks: int = 32, prompts: int = 20,
+def evaluate_flow(store: str | None = None, model: str | None = None, eval: str | None = None, networks: int = 32, prompts: int = 20,
                   recursive: int = 5, sampler: str = "", sample_steps: int = 0, seed: int = 0) -> dict:
     """Evaluate ``model`` (default: the newest in the store) into ``evals/<eval>`` (default: a new
-    timestamped name), so a scheduled run never overwrites an earlier one."""
+    timestamped name), so a scheduled run never overwrites an earlier one. ``store`` defaults to
+    ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
+    store = store or default_store_url()
     st = open_store(store)
     model = model or model_store.newest_model(st)
     eval = eval or f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"

@@ -24,7 +24,9 @@ def task_runner(runner: str = "thread", workers: int | None = None, dask_address
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+        # a local cluster listens on loopback only, and without a dashboard (it would bind every interface)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "host": "127.0.0.1", "dashboard_address": None})
     raise ValueError(f"unknown runner {runner!r} (choose from {', '.join(RUNNERS)})")
 
 

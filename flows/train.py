@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from gptpipe import model_store
 from gptpipe.training import TrainConfig, Trainer
-from storage.store import StoreError, open_store
+from storage.store import StoreError, default_store_url, open_store
 
 
 @task
@@ -16,11 +16,13 @@ def load_data(store_url: str, sweeps: list[str], metric: str | None, seed: int):
 
 
 @flow(name="train", log_prints=True, retries=1)
-def train_flow(store: str, sweeps: list[str], model: str, preset: str = "tiny", steps: int | None = None,
+def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: str = "tiny", steps: int | None = None,
                metric: str | None = None, save_every: int = 500, seed: int = 0, device: str = "auto",
                batch_size: int | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
-    loses at most ``save_every`` steps: re-running the same command resumes from the last save."""
+    loses at most ``save_every`` steps: re-running the same command resumes from the last save.
+    ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
+    store = store or default_store_url()
     st = open_store(store)
     data = load_data(store, sweeps, metric, seed)
     config = TrainConfig(preset=preset, seed=seed, device=device)

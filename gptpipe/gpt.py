@@ -33,14 +33,17 @@ from torch import nn
 
 PRESETS: dict[str, dict] = {
     # The CPU demo. Its settings are the winners of bench/gpt_ablations.py (docs/gpt-ablations.md).
-    "tiny": dict(width=128, depth=4, heads=4, max_chunk=1000, num_frequencies=32, max_freq_log2=6.0,
-                 conditioning="tokens", fuse_inputs=False, target="delta"),
+    "tiny": dict(width=128, depth=2, heads=4, max_chunk=1000, num_frequencies=32, max_freq_log2=6.0,
+                 conditioning="adaln", fuse_inputs=True, target="delta"),
     "small": dict(width=384, depth=6, heads=6, max_chunk=1000, num_frequencies=64, max_freq_log2=8.0,
-                  conditioning="tokens", fuse_inputs=False, target="delta"),
+                  conditioning="adaln", fuse_inputs=True, target="delta"),
     # As published for MNIST/CIFAR (configs/train/*.yaml of the paper's code release).
     "paper": dict(width=1536, depth=12, heads=16, max_chunk=1000, num_frequencies=128, max_freq_log2=14.0,
                   conditioning="tokens", fuse_inputs=False, target="params"),
 }
+# Whether a preset gives each hidden unit its own (shared-type) token when the problem describes its
+# units (``problem.unit_axes``); the paper cuts layers into chunks only.
+UNIT_TOKENS = {"tiny": True, "small": True, "paper": False}
 
 
 @dataclass

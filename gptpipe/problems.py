@@ -55,6 +55,9 @@ class MLPClassifier:
             Layer("2.bias", (classes,)),
         )
         self.n_params = sum(layer.numel for layer in self.layers)
+        # where the hidden units sit: row h of layer 0 (W1), entry h of layer 1 (b1), column h of layer 2
+        # (W2). ``permute`` shuffles exactly these; G.pt can give each unit one token (gpt.Tokenizer).
+        self.unit_axes = ((0, 0), (1, 0), (2, 1))
 
     # --- layout -------------------------------------------------------------------------------
     def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:

@@ -11,6 +11,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
+from gptpipe.baselines import EVAL_STEPS
 from storage.store import Store
 
 
@@ -36,9 +37,10 @@ def alignment_plot(rows: dict, summary: dict) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     step = np.asarray(rows["step"])
+    grid = (step == 1) & (np.asarray(rows["sample"]) == 0)
     req, ach, src = np.asarray(rows["requested"]), np.asarray(rows["achieved"]), np.asarray(rows["source"])
     for name, color in (("heldout_run", "tab:blue"), ("fresh_init", "tab:orange")):
-        m = (step == 1) & (src == name)
+        m = grid & (src == name)
         if m.any():
             ax.scatter(req[m], ach[m], s=8, alpha=0.5, color=color,
                        label=f"{name.replace('_', ' ')}: R² {summary.get(f'r2_{name}', float('nan')):.2f}")
@@ -56,11 +58,12 @@ def curves_plot(rows: dict, summary: dict, n: int = 6) -> bytes:
     """A few networks prompted across the range: each line is one start network."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    step, net = np.asarray(rows["step"]), np.asarray(rows["network"])
+    grid = (np.asarray(rows["step"]) == 1) & (np.asarray(rows["sample"]) == 0)
+    net = np.asarray(rows["network"])
     req, ach, src = np.asarray(rows["requested"]), np.asarray(rows["achieved"]), np.asarray(rows["source"])
-    shown = [k for name in ("heldout_run", "fresh_init") for k in sorted(set(net[(src == name) & (step == 1)]))[: n // 2]]
+    shown = [k for name in ("heldout_run", "fresh_init") for k in sorted(set(net[(src == name) & grid]))[: n // 2]]
     for k in shown:
-        m = (net == k) & (step == 1)
+        m = (net == k) & grid
         order = np.argsort(req[m])
         style = "-" if src[m][0] == "heldout_run" else "--"
         ax.plot(req[m][order], ach[m][order], style, marker="o", ms=3, label=f"network {k} ({src[m][0].replace('_', ' ')})")
@@ -94,6 +97,88 @@ def one_step_plot(summary: dict, metric: str) -> bytes:
     b.set_ylabel(f"mean {metric}")
     b.set_title("Recursive prompting")
     b.legend(fontsize=8)
+    return _png(fig)
+
+
+def optimiser_plot(summary: dict, metric: str) -> bytes:
+    """SGD and Adam from the same fresh inits, against optimiser steps; G.pt's one update as a line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = np.asarray(summary["optimiser_steps"], dtype=float)
+    x = np.where(steps == 0, 0.5, steps)  # log axis: step 0 drawn at 0.5
+    for name, color in (("sgd", "tab:blue"), ("adam", "tab:green")):
+        ax.plot(x, summary[f"{name}_curve_{metric}_mean"], marker="o", ms=3, color=color,
+                label=f"{name.upper()} (lr {summary['best_lr' if name == 'sgd' else 'adam_lr']:.3g})")
+    ax.axhline(summary[f"one_step_best_prompt_{metric}_mean"], color="tab:orange", lw=2, label="G.pt, one update")
+    ax.axhline(summary["sweep_best"], color="grey", ls=":", label="best checkpoint in the sweep")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimiser steps (batch 128; 0 drawn at 0.5)")
+    ax.set_ylabel(f"mean {metric} (fresh inits)")
+    ax.set_title("One G.pt update vs optimiser steps")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def diversity_plot(diversity: dict, rows: dict, metric: str) -> bytes:
+    """Several samples for the same (network, best prompt): what each achieves, and how far apart
+    the samples are compared with how far they moved from the start."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
+    net, sample, step = np.asarray(rows["network"]), np.asarray(rows["sample"]), np.asarray(rows["step"])
+    req, ach = np.asarray(rows["requested"]), np.asarray(rows["achieved"])
+    best = req.min()
+    pairwise, moved = [], []
+    for i, n in enumerate(diversity["nets"]):
+        m = (net == n) & (step == 1) & (req == best)
+        a.scatter(np.full(m.sum(), i), ach[m], s=14)
+        samples = np.concatenate([diversity["first"][i][None], diversity["extra"][i]])
+        d = np.linalg.norm(samples[:, None] - samples[None], axis=-1)
+        pairwise += d[np.triu_indices(len(samples), 1)].tolist()
+        moved += np.linalg.norm(samples - diversity["start"][i], axis=1).tolist()
+    a.axhline(best, color="k", ls="--", lw=1, label="requested")
+    a.set_xticks(range(len(diversity["nets"])), [f"net {n}" for n in diversity["nets"]])
+    a.set_ylabel(f"achieved {metric}")
+    a.set_title("Samples for the same prompt")
+    a.legend(fontsize=8)
+    b.hist(pairwise, bins=20, alpha=0.7, label="between samples")
+    b.hist(moved, bins=20, alpha=0.7, label="sample to its start")
+    b.set_xlabel("parameter distance (L2)")
+    b.set_title("Distinct solutions?")
+    b.legend(fontsize=8)
+    return _png(fig)
+
+
+def landscape_plot(landscape: dict, diversity: dict, metric: str) -> bytes:
+    """The metric over the sweep's top-2 principal directions, with starts and samples drawn on it."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cs = ax.contourf(landscape["a"], landscape["b"], landscape["values"], levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label=metric)
+    ax.scatter(*landscape["train"].T, s=1, c="white", alpha=0.15, label="training checkpoints")
+    n = len(diversity["nets"])
+    pts = landscape["points"]
+    starts, firsts, extra = pts[:n], pts[n : 2 * n], pts[2 * n :].reshape(n, -1, 2)
+    for i in range(n):
+        color = plt.cm.tab10(i)
+        ax.scatter(*starts[i], marker="x", s=60, color=color)
+        samples = np.concatenate([firsts[i][None], extra[i]])
+        ax.scatter(*samples.T, s=18, color=color, edgecolor="k", lw=0.5)
+        for p in samples:
+            ax.plot([starts[i][0], p[0]], [starts[i][1], p[1]], color=color, lw=0.5, alpha=0.6)
+    ax.set_xlabel("principal direction 1")
+    ax.set_ylabel("principal direction 2")
+    ax.set_title(f"{metric} landscape: starts (x) and G.pt samples (o)")
+    return _png(fig)
+
+
+def nn_plot(nn: dict) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(nn["generated"], bins=20, alpha=0.7, label="G.pt samples (best prompt)")
+    ax.hist(nn["heldout_final"], bins=20, alpha=0.7, label="held-out runs' final checkpoints")
+    ax.set_xlabel("distance to the nearest training checkpoint (L2)")
+    ax.set_title("Memorisation check")
+    ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -133,11 +218,45 @@ def markdown(summary: dict) -> str:
         "",
         "SGD baselines start from the same networks with the sweep's recipe at the learning rate of its best run.",
         "",
+        f"![optimisers](optimisers_{m}.png)",
+        "",
+        f"Steps to match G.pt's one update: SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
+        f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).",
+        "",
+        "## Diversity",
+        "",
+        f"{summary['diversity_samples']} samples for each of {summary['diversity_networks']} fresh inits at the best prompt.",
+        "",
+        "![diversity](diversity.png)",
+        "",
+        "![landscape](landscape.png)",
+        "",
+        "## Honesty checks",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| best checkpoint in the sweep ({m}) | {summary['sweep_best']:.4g} |",
+        f"| mean final checkpoint in the sweep ({m}) | {summary['sweep_mean_final']:.4g} |",
+        f"| good training checkpoints + 5% noise ({m}, mean) | {summary.get(f'noisy_checkpoint_{m}_mean', float('nan')):.4g} |",
+        f"| G.pt one update, best prompt ({m}, mean over fresh inits) | {summary[f'one_step_best_prompt_{m}_mean']:.4g} |",
+        f"| median distance of G.pt samples to the nearest training checkpoint | {summary['nn_distance_generated_median']:.4g} |",
+        f"| the same for held-out runs' final checkpoints (reference) | {summary['nn_distance_heldout_final_median']:.4g} |",
+        "",
+        "![memorisation](nearest_neighbour.png)",
+        "",
+        "## Lineage",
+        "",
+        f"Model `{summary['model']}` at step {summary['model_step']} (training {summary.get('train_wall_s')} s); sweeps "
+        f"{', '.join(summary['sweeps'])} (collect compute {summary.get('collect_compute_s', 0):.0f} s); catalog digest "
+        f"`{summary['catalog_digest']}`; code {summary['code_version']}; {summary['machine']}; evaluation {summary['eval_wall_s']} s "
+        f"(sampling {summary.get('sampling_s')} s, baselines {summary.get('baselines_s')} s, checks {summary.get('checks_s')} s).",
+        "",
         "## Recompute these numbers",
         "",
         "```",
-        f"gptpipe catalog \"select source, count(*) as rows, corr(requested, achieved) as pearson from evaluations where eval = '{e}' and step = 1 group by source\"",
-        f"gptpipe catalog \"select step, avg(test_error) as mean_test_error from evaluations where eval = '{e}' and source = 'fresh_init' and requested = (select min(requested) from evaluations where eval = '{e}') group by step order by step\"",
+        f"gptpipe catalog \"select source, count(*) as rows, corr(requested, achieved) as pearson from evaluations where eval = '{e}' and step = 1 and sample = 0 group by source\"",
+        f"gptpipe catalog \"select step, avg(test_error) as mean_test_error from evaluations where eval = '{e}' and source = 'fresh_init' and sample = 0 and requested = (select min(requested) from evaluations where eval = '{e}') group by step order by step\"",
+        f"gptpipe catalog \"select optimiser, epochs, steps, avg({m}) from baselines where eval = '{e}' and source = 'fresh_init' group by all order by all\"",
         "```",
         "",
         "R² per network is 1 − Σ(requested − achieved)² / Σ(requested − mean requested)², averaged over networks.",
@@ -145,13 +264,24 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baselines: pa.Table) -> None:
+def _steps(n) -> str:
+    return f"{n} steps" if n is not None else f"more than {max(EVAL_STEPS)} steps"
+
+
+def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baselines: pa.Table, landscape: dict,
+          diversity: dict, nn: dict) -> None:
     rows = results.to_pydict()
-    store.write_bytes(alignment_plot(rows, summary), "evals", eval_name, "alignment.png")
-    store.write_bytes(curves_plot(rows, summary), "evals", eval_name, "curves.png")
-    for metric in ("test_loss", "test_error", summary["metric"]):
+    put = lambda data, name: store.write_bytes(data, "evals", eval_name, name)
+    put(alignment_plot(rows, summary), "alignment.png")
+    put(curves_plot(rows, summary), "curves.png")
+    for metric in dict.fromkeys(("test_loss", "test_error", summary["metric"])):
         if f"start_{metric}_mean" in summary:
-            store.write_bytes(one_step_plot(summary, metric), "evals", eval_name, f"one_step_{metric}.png")
+            put(one_step_plot(summary, metric), f"one_step_{metric}.png")
+            put(optimiser_plot(summary, metric), f"optimisers_{metric}.png")
+    if len(diversity["nets"]):
+        put(diversity_plot(diversity, rows, summary["metric"]), "diversity.png")
+        put(landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else summary["metric"]), "landscape.png")
+    put(nn_plot(nn), "nearest_neighbour.png")
     store.write_bytes(markdown(summary).encode(), "evals", eval_name, "report.md")
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save as st_save
 
 from gptpipe import problems as problems_mod
 from gptpipe.diffusion import Diffusion
-from gptpipe.gpt import Gpt, GptConfig, Normalizer
+from gptpipe.gpt import UNIT_TOKENS, Gpt, GptConfig, Normalizer
 
 FORMAT = "gptpipe.gpt/1"
 PAIRINGS = ("uniform", "init", "mixed")
@@ -39,9 +39,9 @@ class TrainConfig:
 
     preset: str = "tiny"
     model: dict = field(default_factory=dict)
-    steps: int = 4000  # length of the learning-rate schedule
-    batch_size: int = 256
-    lr: float = 1e-3
+    steps: int = 1000  # length of the learning-rate schedule (more overfits a 512-run sweep, see docs/gpt-ablations.md)
+    batch_size: int = 128
+    lr: float = 3e-3
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     warmup: int = 200
     weight_decay: float = 0.05
@@ -55,9 +55,10 @@ class TrainConfig:
     pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0)
     init_frac: float = 0.5
     permute: bool = True
-    t_high_frac: float = 0.0  # fraction of training timesteps drawn from the top tenth of the schedule
+    unit_tokens: bool | None = None  # one shared-type token per hidden unit (problems with ``unit_axes``); None = the preset's choice
+    t_high_frac: float = 0.5  # fraction of training timesteps drawn from the top tenth of the schedule
     sampler: str = "ddim"  # defaults for evaluation
-    sample_steps: int = 1
+    sample_steps: int = 10
 
     def __post_init__(self):
         if self.pairing not in PAIRINGS:
@@ -121,8 +122,12 @@ class Trainer:
             fit_pairs = self.sample_pairs(4096, torch.Generator().manual_seed(config.seed + 1))
             param_scale, delta_scale = Normalizer.fit(self.params, [layer.numel for layer in self.problem.layers],
                                                       config.normalization, pairs=fit_pairs)
+            model = dict(config.model)
+            units = UNIT_TOKENS.get(config.preset, False) if config.unit_tokens is None else config.unit_tokens
+            if units and getattr(self.problem, "unit_axes", None) and "units" not in model:
+                model["units"] = [list(u) for u in self.problem.unit_axes]
             self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
-                                                    delta_scale=delta_scale, **config.model)
+                                                    delta_scale=delta_scale, **model)
         else:
             self.gpt_config = GptConfig.from_dict(state["gpt_config"])
         self.model = Gpt(self.gpt_config).to(self.device)
@@ -135,7 +140,7 @@ class Trainer:
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and n != "pos_emb")]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(0.9, config.beta2),
+            lr=config.lr, betas=(0.9, config.beta2), foreach=True,
         )
         self.bf16 = use_bf16(config, self.gpt_config, self.device)
         self.step = 0

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from storage.store import Store, StoreError, redact
 
-TABLES = ("checkpoints", "runs", "evaluations")
+TABLES = ("checkpoints", "runs", "evaluations", "baselines")
 
 
 class CatalogError(StoreError):
@@ -81,6 +81,9 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     evals = source("evals/*/results.parquet", hive=False)
     if evals:
         con.execute(f"create view evaluations as select * from {evals}")
+        base = source("evals/*/baselines.parquet", hive=False)
+        if base:  # only evaluations that committed (wrote results.parquet) count
+            con.execute(f"create view baselines as select b.* from {base} b semi join (select distinct eval from evaluations) e using (eval)")
     return con
 
 

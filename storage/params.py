@@ -45,6 +45,14 @@ def create_params(store: Store, parts: tuple[str, ...], n_runs: int, n_ckpts: in
     )
 
 
+def write_rows(store: Store, parts: tuple[str, ...], matrix: np.ndarray, rows_per_chunk: int = 1024) -> zarr.Array:
+    """A whole 2-D float32 array ``[row, param]`` written once (e.g. an evaluation's generated parameters)."""
+    arr = zarr.create_array(_zarr_store(store, *parts), shape=matrix.shape, chunks=(rows_per_chunk, matrix.shape[1]),
+                            dtype="float32", fill_value=np.nan, overwrite=True)
+    arr[:] = matrix.astype(np.float32)
+    return arr
+
+
 def open_params(store: Store, *parts: str) -> zarr.Array:
     try:
         return zarr.open_array(_zarr_store(store, *parts, read_only=True), mode="r")

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+try:  # the real S3 server fixtures (SeaweedFS), for every test module
+    from tests.s3 import s3_env, s3_server, s3_store_url  # noqa: F401
+except ImportError:  # tests/ itself on sys.path (plain ``pytest`` without the repository root)
+    from s3 import s3_env, s3_server, s3_store_url  # noqa: F401
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

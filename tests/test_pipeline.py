@@ -50,12 +50,12 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     summary = evaluate_flow(store=small_store, model="g", eval="e1", networks=4, prompts=3, recursive=2)
     store = open_store(small_store)
     rows = catalog.query(store, "select * from evaluations where eval = 'e1' order by network, step, requested").to_pylist()
-    grid = [r for r in rows if r["step"] == 1]
+    grid = [r for r in rows if r["step"] == 1 and r["sample"] == 0]
     assert len(grid) == 4 * 3 and {r["source"] for r in grid} == {"heldout_run", "fresh_init"}
     assert len([r for r in rows if r["step"] == 2]) == 2  # recursive updates of the fresh inits
     # row i of params.zarr holds the parameters that achieved row i
     results = catalog.query(store, "select achieved, test_error from evaluations where eval = 'e1'").to_pylist()
-    vectors = params.open_params(store, "evals", "e1", "params.zarr")[0]
+    vectors = params.open_params(store, "evals", "e1", "params.zarr")[:]
     assert vectors.shape == (len(results), 760)
     problem, dataset = problems.get("digits_mlp"), data.load("digits")
     scores = problem.score(torch.from_numpy(np.asarray(vectors)), dataset)
@@ -73,6 +73,17 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     for png in ("alignment.png", "curves.png", "one_step_test_loss.png"):
         assert store.fs.cat_file(store.path("evals", "e1", png))[:4] == b"\x89PNG"
     assert "e1" in store.fs.cat_file(store.path("evals", "index.md")).decode()
+    # baselines are in the catalog too, and the report's SGD numbers come from them
+    base = catalog.query(store, "select optimiser, epochs, steps, avg(test_loss) as m from baselines "
+                                "where eval = 'e1' and source = 'fresh_init' group by all").to_pylist()
+    recipe_25 = [r["m"] for r in base if r["optimiser"] == "sweep_recipe" and r["epochs"] == 25]
+    assert recipe_25 and recipe_25[0] == pytest.approx(summary["sgd_25_epochs_test_loss_mean"])
+    sgd = sorted((r["steps"], r["m"]) for r in base if r["optimiser"] == "sgd")
+    assert [m for _, m in sgd] == pytest.approx(summary["sgd_curve_test_loss_mean"])
+    diversity = catalog.query(store, "select network, count(*) as n from evaluations where eval = 'e1' and step = 1 "
+                                     "and requested = (select min(requested) from evaluations where eval = 'e1') group by network "
+                                     "having count(*) > 1").to_pylist()
+    assert diversity and all(r["n"] == 8 for r in diversity)
 
 
 def test_cli_bad_inputs(small_store, cli, tmp_path):

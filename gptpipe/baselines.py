@@ -1,0 +1,51 @@
+"""What G.pt's one update is compared with: ordinary optimisers started from the same networks.
+
+``optimiser_curves`` trains K start networks at once with SGD or Adam. Stacking the K networks into one
+``theta [K, P]`` and handing it to ``torch.optim`` is exactly K independent optimisers: the loss is a sum
+of per-network losses and both optimisers act element-wise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EVAL_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: float, eval_steps=EVAL_STEPS,
+                     batch_size: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Test metrics ``[len(eval_steps), K]`` of the K start networks after each number of steps
+    (constant learning rate; each network its own data order)."""
+    theta = torch.tensor(np.asarray(start), dtype=torch.float32, requires_grad=True)
+    K, n = theta.shape[0], len(dataset.x_train)
+    if optimiser == "sgd":
+        opt = torch.optim.SGD([theta], lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    elif optimiser == "adam":
+        opt = torch.optim.Adam([theta], lr=lr)
+    else:
+        raise ValueError(f"unknown optimiser {optimiser!r}")
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, list] = {}
+    step, order, pos = 0, None, n
+    for target in eval_steps:
+        while step < target:
+            if pos + batch_size > n:  # a new epoch: every network reshuffles
+                order, pos = torch.argsort(torch.rand(K, n, generator=g), dim=1), 0
+            idx = order[:, pos : pos + batch_size]
+            pos += batch_size
+            loss = problem.loss(theta, dataset.x_train[idx], dataset.y_train[idx]).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        for m, v in problem.score(theta.detach(), dataset).items():
+            out.setdefault(m, []).append(v.double().numpy())
+    return {m: np.stack(v) for m, v in out.items()}
+
+
+def steps_to_match(curve_mean: np.ndarray, eval_steps, value: float) -> int | None:
+    """The first evaluated step count at which the mean metric is at least as good as ``value``
+    (lower is better); None if it never is within the curve."""
+    hits = np.flatnonzero(np.asarray(curve_mean) <= value)
+    return int(np.asarray(eval_steps)[hits[0]]) if len(hits) else None

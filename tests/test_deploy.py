@@ -1,0 +1,214 @@
+"""The deployments of deploy/prefect.yaml on a real Prefect server, run by a real process worker:
+a worker killed mid-collection (with its flow run) and the run retried on a new worker lands every run
+exactly once; the scheduled evaluate deployment reports on the newest model in the worker's store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage import catalog, params, sweeps
+from storage.store import open_store
+from tests.conftest import BIN, REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+POOL = "gptpipe"  # the work pool named in deploy/prefect.yaml
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def prefect_cmd(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "prefect"), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server):
+    """The work pool and the repository's deployments, made the way docs/deploy.md says."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["api_url"], "GPTPIPE_REPO": str(REPO)}
+    existing = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", POOL], capture_output=True, text=True, env=env)
+    if existing.returncode != 0:
+        prefect_cmd("work-pool", "create", POOL, "--type", "process", env=env)
+    out = prefect_cmd("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml", env=env).stdout
+    for name in ("collect/collect", "train/train", "evaluate/evaluate"):
+        assert f"prefect deployment run '{name}'" in out, out
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Worker:
+    """``prefect worker start --pool gptpipe`` in its own session, its output in a log file."""
+
+    def __init__(self, env: dict, log: Path, **extra: str):
+        self.log_path = log
+        self._log = open(log, "w")
+        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO", **extra}
+        self.proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL], env=env, cwd=REPO,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def crash(self) -> None:
+        """SIGKILL the worker's process group and the flow runs it started (each in a session of its
+        own): what a lost machine or an OOM-killed container does."""
+        groups = {os.getpgid(p) for p in _children(self.proc.pid) if _exists(p)} | {self.proc.pid}
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.getpgid(pid)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _run(deployment: str, parameters: dict) -> str:
+    from prefect.deployments import run_deployment
+
+    return str(run_deployment(deployment, parameters=parameters, timeout=0).id)
+
+
+def _wait(flow_run_id: str, worker: Worker, timeout: float = 150, until=None):
+    """The flow run once it is terminal (or ``until(flow_run)`` holds)."""
+    deadline = time.time() + timeout
+    with _client() as client:
+        while time.time() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if until is not None and until(run):
+                return run
+            if until is None and run.state and run.state.type.value in TERMINAL:
+                return run
+            assert worker.proc.poll() is None, f"worker exited:\n{worker.tail()}"
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {flow_run_id} not done in {timeout} s (state {run.state.type.value}):\n{worker.tail()}")
+
+
+def test_worker_killed_mid_collection_then_retry_is_exactly_once(deployed, prefect_api, tmp_path):
+    from prefect.states import Crashed
+
+    store_dir = tmp_path / "store"
+    n_runs, shard, ckpts = 120, 10, 5
+    # two shards at a time, so that shards commit one after another while the run is killed
+    worker = Worker(deployed, tmp_path / "worker1.log", PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS="2")
+    try:
+        run_id = _run("collect/collect", {"store": str(store_dir), "sweep": "dk", "problem": "digits_mlp", "runs": n_runs,
+                                          "shard_size": shard, "epochs": 20, "checkpoints": ckpts})
+        deadline = time.time() + 120
+        committed: set[int] = set()
+        while time.time() < deadline and len(committed) < 2:
+            assert worker.proc.poll() is None, worker.tail()
+            if (store_dir / "catalog").exists():
+                committed = catalog.committed_shards(open_store(str(store_dir)), "dk")
+            time.sleep(0.05)
+        with _client() as client:
+            assert client.read_flow_run(run_id).state.type.value == "RUNNING"
+        worker.crash()
+    finally:
+        worker.stop()
+    partial = catalog.committed_shards(open_store(str(store_dir)), "dk")
+    assert 2 <= len(partial) < n_runs // shard, partial
+    time.sleep(1.0)  # nothing is left running that could still commit
+    assert catalog.committed_shards(open_store(str(store_dir)), "dk") == partial
+
+    # the server still believes the run is running; mark it crashed (what an operator, or an automation
+    # on missing heartbeats, does), then retry it with the CLI: a new worker picks it up
+    with _client() as client:
+        client.set_flow_run_state(run_id, Crashed(message="worker lost"), force=True)
+    prefect_cmd("flow-run", "retry", run_id, env=deployed)
+    worker = Worker(deployed, tmp_path / "worker2.log")
+    try:
+        run = _wait(run_id, worker)
+    finally:
+        worker.stop()
+    assert run.state.type.value == "COMPLETED", worker.tail()
+    assert run.deployment_id is not None and run.run_count >= 2
+
+    store = open_store(str(store_dir))
+    rows = catalog.query(store, "select run, n_ckpts, digest from runs where sweep = 'dk' order by run").to_pylist()
+    assert [r["run"] for r in rows] == list(range(n_runs))
+    counts = catalog.query(store, "select count(*) as n, count(distinct (run, ckpt)) as d from checkpoints where sweep = 'dk'").to_pylist()[0]
+    assert counts["n"] == counts["d"] == sum(r["n_ckpts"] for r in rows)
+    arr = params.open_params(store, *sweeps.params_path("dk"))
+    for r in rows:
+        block = np.asarray(arr[r["run"], : r["n_ckpts"]], dtype="<f4")
+        assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
+
+
+def test_scheduled_evaluate_deployment_reports_newest_model(deployed, prefect_api, tmp_path):
+    store = str(tmp_path / "store")
+    env = {"PREFECT_API_URL": prefect_api}
+    run_cli("collect", "--store", store, "--sweep", "ev", "--problem", "digits_mlp", "--runs", "24", "--shard-size", "12",
+            "--epochs", "3", "--checkpoints", "5", env=env, check=True)
+    run_cli("train", "--store", store, "--sweep", "ev", "--model", "g1", "--preset", "tiny", "--steps", "4",
+            "--batch-size", "16", env=env, check=True)
+
+    with _client() as client:
+        deployment = client.read_deployment_by_name("evaluate/evaluate")
+    crons = [s.schedule.cron for s in deployment.schedules if hasattr(s.schedule, "cron")]
+    assert crons == ["0 3 * * *"] and all(s.active for s in deployment.schedules)
+    assert "store" not in deployment.parameters and "model" not in deployment.parameters
+
+    # what the schedule does, now: no store (the worker's GPTPIPE_STORE), no model (the newest)
+    worker = Worker(deployed, tmp_path / "worker.log", GPTPIPE_STORE=store)
+    try:
+        run_id = _run("evaluate/evaluate", {"networks": 4, "prompts": 3, "recursive": 2})
+        run = _wait(run_id, worker)
+    finally:
+        worker.stop()
+    assert run.state.type.value == "COMPLETED", worker.tail()
+    st = open_store(store)
+    evals = st.ls("evals")
+    names = [e for e in evals if e.startswith("g1-")]
+    assert len(names) == 1, evals
+    assert st.exists("evals", names[0], "report.md") and st.exists("evals", names[0], "results.parquet")
+    assert names[0] in st.fs.cat_file(st.path("evals", "index.md")).decode()
