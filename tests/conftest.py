@@ -20,6 +20,9 @@ except ImportError:  # tests/ itself on sys.path (plain ``pytest`` without the r
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# One intra-op thread per process: with servers and CLI subprocesses sharing two cores, OpenMP's
+# spinning threads slow small kernels by 10x or more (measured: test_gpt 102 s -> 8 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
