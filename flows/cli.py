@@ -76,17 +76,17 @@ def progress_bar(description: str, total: int, poll, every: float = 0.5):
 @app.command()
 def collect(
     sweep: str = typer.Option(..., help="Sweep name (letters, digits, . _ -)"),
-    problem: str = typer.Option(..., help="digits_mlp or mnist_mlp"),
+    problem: str = typer.Option(..., help="digits_mlp, mnist_mlp, cifar_cnn or cartpole"),
     runs: int = typer.Option(..., help="Number of training runs"),
     store: Optional[str] = StoreOpt,
     data: str = typer.Option("", help="Data source (default: the problem's embedded one)"),
     data_root: Optional[str] = typer.Option(None, help="Folder with torchvision data sets (mnist, fashion_mnist)"),
     shard_size: int = typer.Option(64, help="Runs per shard = per task, trained as one batched computation"),
-    epochs: int = typer.Option(25),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (PPO iterations for cartpole); default: the problem's recipe"),
     checkpoints: int = typer.Option(40, help="Checkpoints per run (init, iterations, final)"),
     seed: int = typer.Option(0),
-    lr_min: float = typer.Option(0.01),
-    lr_max: float = typer.Option(0.3),
+    lr_min: Optional[float] = typer.Option(None, help="Learning rates are log-uniform in [lr-min, lr-max]; default: the problem's recipe"),
+    lr_max: Optional[float] = typer.Option(None),
     runner: str = typer.Option("thread", help="thread, process or dask"),
     workers: Optional[int] = typer.Option(None, help="Concurrent shard tasks (default: one per core)"),
     dask_address: Optional[str] = typer.Option(None, help="tcp://host:port of a dask.distributed scheduler"),
@@ -173,8 +173,11 @@ def train(
     batch_size: Optional[int] = typer.Option(None),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda"),
     save_every: int = typer.Option(500, help="Save (and resume from) every N steps"),
+    memory_budget: Optional[float] = typer.Option(None, help="Bytes of training parameters read into memory; bigger "
+                                                  "training sets are streamed from the store (default 2 GiB, $GPTPIPE_MEMORY_BUDGET)"),
 ):
-    """Train G.pt on sweeps in the store. Re-running the same command resumes."""
+    """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
+    `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
     from gptpipe import model_store
     from gptpipe.gpt import PRESETS
     from storage import sweeps as sweeps_mod
@@ -191,12 +194,24 @@ def train(
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
+        budget = int(memory_budget) if memory_budget is not None else None
+        from gptpipe import distributed
+
+        if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
+            from flows.train import train_distributed
+
+            summary = train_distributed(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
+                                        save_every=save_every, device=device, batch_size=batch_size, memory_budget=budget)
+            if int(os.environ.get("RANK", "0")) == 0:
+                typer.echo(f"model {model} in {url}/models/{model}: " + ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+            return
         from flows.train import train_flow
 
         target = steps or _preset_steps(preset)
         with progress_bar(f"train {model}", target, lambda: _model_step(st, model)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
-                                 save_every=save_every, device=device, batch_size=batch_size)
+                                 save_every=save_every, device=device, batch_size=batch_size, memory_budget=budget)
     typer.echo(f"model {model} in {url}/models/{model}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
@@ -223,6 +238,7 @@ def evaluate(
     sampler: str = typer.Option("", help="ddim or ddpm (default: the model's)"),
     sample_steps: int = typer.Option(0, help="Sampler steps (default: the model's)"),
     seed: int = typer.Option(0),
+    data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     from gptpipe import model_store
@@ -247,7 +263,8 @@ def evaluate(
 
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, networks=networks, prompts=prompts,
-                                    recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed)
+                                    recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
+                                    data_root=data_root)
     _print_summary(url, summary)
 
 
@@ -259,7 +276,7 @@ def _print_summary(url: str, s: dict) -> None:
     for metric in ("test_loss", "test_error"):
         if f"one_step_best_prompt_{metric}_mean" in s:
             typer.echo(f"  {metric}, fresh inits: start {s[f'start_{metric}_mean']:.4g} -> G.pt one step {s[f'one_step_best_prompt_{metric}_mean']:.4g} "
-                       f"(best {s[f'one_step_best_prompt_{metric}_min']:.4g}); SGD 1 epoch {s[f'sgd_1_epoch_{metric}_mean']:.4g}, "
+                       f"(best {s[f'one_step_best_prompt_{metric}_best']:.4g}); SGD 1 epoch {s[f'sgd_1_epoch_{metric}_mean']:.4g}, "
                        f"25 epochs {s[f'sgd_25_epochs_{metric}_mean']:.4g}")
     typer.echo(f"  report: {url}/evals/{s['eval']}/report.md")
 
@@ -270,14 +287,72 @@ def demo(store: Optional[str] = StoreOpt):
     url = store or default_store_url()
     typer.echo(f"store: {url}")
     collect(sweep="demo", problem="digits_mlp", runs=2048, store=url, data="", data_root=None, shard_size=64,
-            epochs=25, checkpoints=40, seed=0, lr_min=0.01, lr_max=0.3, runner="thread", workers=None, dask_address=None)
+            epochs=None, checkpoints=40, seed=0, lr_min=None, lr_max=None, runner="thread", workers=None, dask_address=None)
     typer.echo("best test loss per learning-rate bucket:")
     catalog(sql="select round(log10(lr), 1) as log10_lr, count(*) as runs, min(best_test_loss) as best_test_loss, "
                 "avg(final_test_error) as mean_final_test_error from runs where sweep = 'demo' group by 1 order by 1",
             store=url, format="table")
     train(sweep=["demo"], model="demo", store=url, preset="tiny", steps=1400, metric=None, batch_size=None,
-          device="auto", save_every=500)
-    evaluate(model="demo", store=url, eval=None, networks=32, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0)
+          device="auto", save_every=500, memory_budget=None)
+    evaluate(model="demo", store=url, eval=None, networks=32, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0,
+             data_root=None)
+
+
+@app.command("import-gpt")
+def import_gpt(
+    path: str = typer.Argument(..., help="An official G.pt checkpoint dataset folder (e.g. checkpoint_datasets/mnist)"),
+    sweep: str = typer.Option(..., help="Sweep name to import into"),
+    problem: str = typer.Option(..., help="mnist_mlp, cifar_cnn or cartpole"),
+    store: Optional[str] = StoreOpt,
+    checkpoints: int = typer.Option(200, help="Checkpoints per run (200 in the released datasets)"),
+    shard_size: int = typer.Option(16, help="Runs per shard = per task and per commit (16 x 200 MNIST checkpoints = 100 MB)"),
+    workers: Optional[int] = typer.Option(None, help="Concurrent shard tasks (default: one per core)"),
+):
+    """Import a released G.pt checkpoint dataset (LMDB layout) as a sweep. Re-running resumes."""
+    from flows.runners import task_runner
+    from gptpipe import interop
+    from storage import sweeps
+    from storage.store import open_store
+
+    url = store or default_store_url()
+    with user_errors():
+        config, _ = interop.check(url, sweep, problem, path, checkpoints, shard_size)
+        from flows.interop import import_flow
+
+        flow = import_flow.with_options(task_runner=task_runner("thread", workers or (os.cpu_count() or 1)))
+
+        def committed():
+            try:
+                return len(sweeps.committed_shards(open_store(url), sweep))
+            except StoreError:
+                return 0
+
+        with progress_bar(f"import {sweep}", interop.n_shards(config), committed):
+            summary = flow(store=url, sweep=sweep, problem=problem, source=path, checkpoints=checkpoints, shard_size=shard_size)
+        bad = interop.report_rows(open_store(url), sweep)
+    for r in bad[:20]:
+        typer.echo(f"  run {r['run']} ({r['source_run']}): {r['status']}, {r['n_ckpts']} checkpoints: {r['note']}", err=True)
+    if len(bad) > 20:
+        typer.echo(f"  ... {len(bad) - 20} more: gptpipe catalog \"select * from runs where sweep = '{sweep}' and status != 'ok'\"", err=True)
+    typer.echo(f"sweep {sweep} in {url}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+@app.command("export")
+def export_params(
+    out: str = typer.Argument(..., help="Output file: .safetensors (default) or .pt/.pth (torch state_dict)"),
+    store: Optional[str] = StoreOpt,
+    sweep: Optional[str] = typer.Option(None, help="Sweep of the checkpoint"),
+    run: Optional[int] = typer.Option(None, help="Run of the checkpoint"),
+    ckpt: Optional[int] = typer.Option(None, help="Checkpoint index within the run"),
+    eval: Optional[str] = typer.Option(None, "--eval", help="Evaluation whose generated parameters to export"),
+    row: Optional[int] = typer.Option(None, help="Row of the evaluation's results"),
+):
+    """Write a stored checkpoint or a generated network as a PyTorch state_dict (safetensors or .pt)."""
+    from gptpipe import interop
+
+    with user_errors():
+        meta = interop.export(store or default_store_url(), out, sweep=sweep, run=run, ckpt=ckpt, eval=eval, row=row)
+    typer.echo(f"{out}: {meta['problem']} state_dict for problems.get({meta['problem']!r}).module()")
 
 
 @store_app.command("serve")

@@ -6,9 +6,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from gptpipe import collect
+from gptpipe import collect, problems
 from gptpipe.sweep import SweepConfig
-from storage import catalog
+from storage import catalog, sweeps
 from storage.store import default_store_url, open_store
 
 
@@ -29,11 +29,11 @@ def collect_flow(
     data: str = "",
     data_root: str | None = None,
     shard_size: int = 64,
-    epochs: int = 25,
+    epochs: int | None = None,
     checkpoints: int = 40,
     seed: int = 0,
-    lr_min: float = 0.01,
-    lr_max: float = 0.3,
+    lr_min: float | None = None,
+    lr_max: float | None = None,
     torch_threads: int = 1,
 ) -> dict:
     """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``. Re-running with the same
@@ -59,11 +59,12 @@ def collect_flow(
 
 
 def summarize(store, sweep: str) -> dict:
+    """Runs ok / diverged, the learning-rate range and the range of every metric's best value."""
+    problem = problems.get(sweeps.read_config(store, sweep)["problem"])
+    best = ", ".join(f"{'max' if m in problem.higher_is_better else 'min'}(best_{m}) as best_{m}" for m in problem.metrics)
     table = catalog.query(store, f"""
         select count(*) as runs, count(*) filter (status = 'ok') as ok, count(*) filter (status = 'diverged') as diverged,
-               sum(n_ckpts) as checkpoints, min(lr) as lr_min, max(lr) as lr_max,
-               min(best_test_loss) as best_test_loss, max(final_test_loss) as worst_final_test_loss,
-               min(best_test_error) as best_test_error, sum(wall_s) as compute_s
+               sum(n_ckpts) as checkpoints, min(lr) as lr_min, max(lr) as lr_max, {best}, sum(wall_s) as compute_s
         from runs where sweep = '{sweep}'""").to_pylist()[0]
     lines = [f"# Sweep `{sweep}`", "", "| | |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in table.items()]
     return {**table, "markdown": "\n".join(lines)}

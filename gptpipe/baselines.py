@@ -44,8 +44,9 @@ def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: fl
     return {m: np.stack(v) for m, v in out.items()}
 
 
-def steps_to_match(curve_mean: np.ndarray, eval_steps, value: float) -> int | None:
-    """The first evaluated step count at which the mean metric is at least as good as ``value``
-    (lower is better); None if it never is within the curve."""
-    hits = np.flatnonzero(np.asarray(curve_mean) <= value)
+def steps_to_match(curve_mean: np.ndarray, eval_steps, value: float, higher_is_better: bool = False) -> int | None:
+    """The first evaluated step count at which the mean metric is at least as good as ``value``;
+    None if it never is within the curve."""
+    curve = np.asarray(curve_mean)
+    hits = np.flatnonzero(curve >= value if higher_is_better else curve <= value)
     return int(np.asarray(eval_steps)[hits[0]]) if len(hits) else None

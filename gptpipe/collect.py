@@ -35,10 +35,12 @@ def frozen_config(config: SweepConfig, dataset: datasets.Dataset) -> dict:
         "recipe": config.to_dict(),
         "metrics": list(problem.metrics),
         "layers": [[layer.name, list(layer.shape)] for layer in problem.layers],
-        "checkpoint_steps": checkpoint_steps(config, len(dataset.x_train)).tolist(),
-        "n_train": len(dataset.x_train),
-        "n_test": len(dataset.x_test),
+        "checkpoint_steps": checkpoint_steps(config, None if dataset is None else len(dataset.x_train)).tolist(),
+        "n_train": 0 if dataset is None else len(dataset.x_train),  # 0: no data set (a simulator, e.g. cartpole)
+        "n_test": 0 if dataset is None else len(dataset.x_test),
     }
+    if getattr(problem, "settings", None):  # the problem's own fixed recipe (augmentation, PPO constants)
+        frozen["settings"] = problem.settings
     return sweeps.full_config(frozen, config.runs, config.checkpoints, problem.n_params)
 
 
@@ -90,7 +92,7 @@ def shard_rows(config: SweepConfig, runs: list[int], shard: int, result) -> swee
         ck["epoch"] += result.epochs[:n].tolist()
         for m in problem.metrics:
             ck[m] += result.metrics[m][k, :n].tolist()
-            run_rows[f"best_{m}"].append(float(np.min(result.metrics[m][k, :n])))
+            run_rows[f"best_{m}"].append(problems.best_of(problem, m, result.metrics[m][k, :n]))  # max for `return`
             run_rows[f"final_{m}"].append(float(result.metrics[m][k, n - 1]))
         run_rows["run"].append(run)
         run_rows["shard"].append(shard)
@@ -126,7 +128,7 @@ def collect_shard(store: Store, sweep: str, shard: int, data_root: str | None = 
         "shard": shard,
         "runs": len(runs),
         "diverged": sum(n < result.params.shape[1] for n in result.n_ckpts),
-        f"best_{primary}": float(np.nanmin(result.metrics[primary])),
+        f"best_{primary}": problems.best_of(problems.get(config.problem), primary, result.metrics[primary]),
         "compute_s": result.wall_s,
         "wall_s": time.perf_counter() - t0,
     }

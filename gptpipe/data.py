@@ -12,11 +12,21 @@ stored parameters with these rules.
   ``ROOT/FashionMNIST/raw/``), official train/test splits.
 
 MNIST-family images are scaled to [0, 1] and normalised with mean 0.1307, std 0.3081.
+
+- ``cifar10``: CIFAR-10 in torchvision's on-disk layout, ``ROOT/cifar-10-batches-py/`` with the pickled
+  batches ``data_batch_1`` .. ``data_batch_5`` (train, in that order, 50,000) and ``test_batch``
+  (10,000), each a dict with ``data`` (uint8 ``[N, 3072]``, channel-major 3 x 32 x 32) and ``labels``.
+  Downloaded through torchvision (which checks the official md5s) only when that folder is missing;
+  what is on disk is read by our own reader, so any files in that layout work. Rows keep CIFAR's order
+  (``x [N, 3072]``); pixels are scaled to [0, 1] and normalised per channel with mean
+  (0.4914, 0.4822, 0.4465) and std (0.2470, 0.2435, 0.2616) (R, G, B; the training set's statistics).
+- ``gym``: no data set (``load`` returns None): the problem's simulator is its data (cartpole).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +34,14 @@ import torch
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
-SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist")
-NEEDS_ROOT = ("mnist", "fashion_mnist")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = ("test_batch",)
+
+SOURCES = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "gym")
+NEEDS_ROOT = ("mnist", "fashion_mnist", "cifar10")
+NO_DATA = ("gym",)  # sources whose data set is a simulator: ``load`` returns None
 
 
 class DataError(Exception):
@@ -85,7 +101,55 @@ def _torchvision(name: str, root: str | None) -> Dataset:
     return _tensors(*splits)
 
 
-def load(source: str, root: str | None = None) -> Dataset:
+def _cifar_batches(folder: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+        except FileNotFoundError:
+            raise DataError(f"cifar10: {path} is missing") from None
+        except Exception as e:
+            raise DataError(f"cifar10: {path} is not a CIFAR-10 batch ({type(e).__name__})") from None
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        if "data" not in batch or "labels" not in batch:
+            raise DataError(f"cifar10: {path} has no data/labels")
+        x = np.asarray(batch["data"], dtype=np.uint8)
+        if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(batch["labels"]):
+            raise DataError(f"cifar10: {path} holds data of shape {x.shape}, need [N, 3072] with N labels")
+        xs.append(x)
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar10(root: str | None) -> Dataset:
+    if not root:
+        raise DataError("data source cifar10 needs --data-root DIR")
+    if not os.path.isdir(root):
+        raise DataError(f"data root {root} does not exist")
+    folder = os.path.join(root, CIFAR_FOLDER)
+    if not os.path.isdir(folder):  # not on disk: fetch it where there is a network
+        import torchvision
+
+        try:
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as e:
+            raise DataError(f"cifar10 not found under {root} and could not be downloaded ({type(e).__name__})") from None
+    mean = np.repeat(np.asarray(CIFAR_MEAN, dtype=np.float32), 1024)
+    std = np.repeat(np.asarray(CIFAR_STD, dtype=np.float32), 1024)
+    splits = []
+    for names in (CIFAR_TRAIN, CIFAR_TEST):
+        x, y = _cifar_batches(folder, names)
+        splits += [(x.astype(np.float32) / 255.0 - mean) / std, y]
+    return _tensors(*splits)
+
+
+def load(source: str, root: str | None = None) -> Dataset | None:
+    if source in NO_DATA:
+        return None
+    if source == "cifar10":
+        return _cifar10(root)
     if source == "digits":
         return _digits()
     if source == "mnist5k":

@@ -12,6 +12,9 @@ Samplers (all batched: ``shape = [N, P]`` holds N independent (network, prompt) 
   timesteps. ``steps=1`` is the one-step posterior mean: ``x0_hat(x_T, T-1)``, the model's estimate of
   E[x0 | condition], because x_T carries almost no information about x0.
 - ``mean``: that one-step estimate averaged over ``n_mean`` noise draws (a lower-variance mean).
+
+``x_T`` (``ddim``, ``ddpm``): an explicit starting noise ``[N, P]`` instead of a fresh draw. DDIM is then a
+deterministic function of ``x_T`` (used by ``evaluation.latent_walk``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class Diffusion:
 
     @torch.no_grad()
     def ddim(self, denoise: Denoiser, shape, steps: int = 1, generator=None, device="cpu", x_T=None) -> torch.Tensor:
-        x = self._noise(shape, generator, device) if x_T is None else x_T
+        x = self._noise(shape, generator, device) if x_T is None else x_T.to(device, torch.float32)
         ts = self.spaced(steps)
         for k, t in enumerate(ts):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
@@ -81,7 +84,7 @@ class Diffusion:
     @torch.no_grad()
     def ddpm(self, denoise: Denoiser, shape, steps: int | None = None, generator=None, device="cpu", x_T=None) -> torch.Tensor:
         """Ancestral sampling; ``steps=None`` runs all ``timesteps`` steps."""
-        x = self._noise(shape, generator, device) if x_T is None else x_T
+        x = self._noise(shape, generator, device) if x_T is None else x_T.to(device, torch.float32)
         ts = self.spaced(steps or self.timesteps)
         for k, t in enumerate(ts):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
@@ -104,11 +107,16 @@ class Diffusion:
             total = total + self.ddim(denoise, shape, 1, generator, device)
         return total / n_mean
 
-    def sample(self, denoise: Denoiser, shape, sampler: str = "ddim", steps: int | None = 1, generator=None, device="cpu") -> torch.Tensor:
+    def sample(self, denoise: Denoiser, shape, sampler: str = "ddim", steps: int | None = 1, generator=None, device="cpu",
+               x_T: torch.Tensor | None = None) -> torch.Tensor:
+        if x_T is not None and tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
         if sampler == "ddim":
-            return self.ddim(denoise, shape, steps or 1, generator, device)
+            return self.ddim(denoise, shape, steps or 1, generator, device, x_T=x_T)
         if sampler == "ddpm":
-            return self.ddpm(denoise, shape, steps, generator, device)
+            return self.ddpm(denoise, shape, steps, generator, device, x_T=x_T)
+        if x_T is not None:
+            raise ValueError("the 'mean' sampler averages over many noises; x_T needs 'ddim' or 'ddpm'")
         if sampler == "mean":
             return self.mean(denoise, shape, steps or 8, generator, device)
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")

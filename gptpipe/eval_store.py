@@ -39,9 +39,11 @@ class EvalRequest:
     recursive: int = 5  # G.pt updates in the recursive-prompting protocol
     diversity_networks: int = 4  # fresh inits sampled several times at the best prompt
     diversity_samples: int = 8
+    data_root: str | None = None  # where mnist/fashion_mnist/cifar10 files are (the embedded sources need none)
     sampler: str = ""  # "" = the model's default
     sample_steps: int = 0  # 0 = the model's default
     seed: int = 0
+    walk_frames: int = 8  # frames of the latent walk in the report (0: none)
 
 
 def start_networks(store: Store, lineage: dict, problem, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -65,7 +67,8 @@ def sgd_baseline(store: Store, lineage: dict, start: np.ndarray, dataset) -> dic
     sweep = lineage["sweeps"][0]
     recipe = sweeps.read_config(store, sweep)["recipe"]
     metric = lineage["metric"]
-    best_lr = best_run_lr(store, sweep, metric)
+    problem = problems.get(lineage["problem"])
+    best_lr = best_run_lr(store, sweep, metric, problems.sign(problem, metric) < 0)
     config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "lr_min": best_lr, "lr_max": best_lr})
     result = train_runs(config, range(len(start)), dataset, init=torch.from_numpy(start))
     return {e: {m: v[:, e] for m, v in result.metrics.items()} for e in (0, 1, 25)}
@@ -100,7 +103,7 @@ def run(store: Store, req: EvalRequest) -> dict:
     metric, best = lineage["metric"], float(lineage["best"])
     sweep = lineage["sweeps"][0]
     recipe = sweeps.read_config(store, sweep)["recipe"]
-    dataset = load_data(recipe["data"], None)
+    dataset = load_data(recipe["data"], req.data_root)
     train_config = lineage.get("train_config", {})
     sampler = req.sampler or train_config.get("sampler", "ddim")
     steps = req.sample_steps or train_config.get("sample_steps", 1)
@@ -115,7 +118,7 @@ def run(store: Store, req: EvalRequest) -> dict:
     prompted = evaluation.prompt_networks(model, diffusion, problem, dataset, start, best, req.prompts, metric=metric,
                                           sampler=sampler, steps=steps, generator=g)
     fresh = np.array([s == "fresh_init" for s in sources])
-    top = int(np.argmin(prompted.requested[0]))  # the prompt asking for the best value
+    top = 0  # prompts run from the best value (index 0) towards the start value
     # 2. recursive prompting (fresh inits, always the best value): update 1 is the grid's sample at the
     #    best prompt; updates 2..K feed each output back in as the next start
     recursive = evaluation.recursive_prompting(model, diffusion, problem, dataset, prompted.params[fresh, top],
@@ -132,15 +135,18 @@ def run(store: Store, req: EvalRequest) -> dict:
     # 4. baselines from the same start networks: the sweep's recipe, and SGD/Adam curves
     t = time.perf_counter()
     recipe_baseline = sgd_baseline(store, lineage, start, dataset)
-    best_lr = best_run_lr(store, sweep, metric)
+    higher = problems.sign(problem, metric) < 0
+    best_lr = best_run_lr(store, sweep, metric, higher)
+    # optimiser curves need a differentiable training loss; an RL problem has none to hand to SGD/Adam
     curves = {name: baselines.optimiser_curves(problem, dataset, start[fresh], name, lr, seed=req.seed)
-              for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))}
+              for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))} if hasattr(problem, "loss") else {}
     timings["baselines_s"] = round(time.perf_counter() - t, 1)
 
     # 5. honesty checks: sweep statistics, noisy checkpoints, nearest training checkpoints
     t = time.perf_counter()
     training, train_values = training_checkpoints(store, lineage, seed=req.seed)
-    sweep_stats = catalog.query(store, f"select min(best_{metric}) as best, avg(final_{metric}) as mean_final "
+    best_agg = "max" if problems.sign(problem, metric) < 0 else "min"
+    sweep_stats = catalog.query(store, f"select {best_agg}(best_{metric}) as best, avg(final_{metric}) as mean_final "
                                        f"from runs where sweep = '{sweep}' and status = 'ok'").to_pylist()[0]
     noisy = analysis.noise_baseline(problem, dataset, training[np.argsort(train_values)[:32]], seed=req.seed)
     generated = prompted.params[:, top]
@@ -151,6 +157,25 @@ def run(store: Store, req: EvalRequest) -> dict:
     landscape_points = np.concatenate([start[div_nets], prompted.params[div_nets, top], div_params.numpy()])
     landscape = analysis.pca_landscape(problem, dataset, training, landscape_points, "test_error" if "test_error" in problem.metrics else metric)
     timings["checks_s"] = round(time.perf_counter() - t, 1)
+
+    # 6. a latent walk: one fresh init, best prompt, noise slerped between two draws (deterministic DDIM)
+    t = time.perf_counter()
+    walk = None
+    if fresh.any() and req.walk_frames > 1:
+        n0 = int(np.flatnonzero(fresh)[0])
+        walk_steps = steps if sampler == "ddim" else 10
+        walk_params, _ = evaluation.latent_walk(model, diffusion, start[n0], float(prompted.start_metric[n0]), best,
+                                                req.walk_frames, torch.Generator().manual_seed(req.seed + 7), walk_steps)
+        values = problem.score(walk_params, dataset)[metric].double().numpy()
+        walk = {"images": report.first_layer_images(problem.layers, walk_params.numpy()), "values": values}
+        if walk["images"] is not None:
+            walk_summary = {"latent_walk_frames": req.walk_frames, "latent_walk_steps": walk_steps,
+                            "latent_walk_network": n0, "latent_walk_values": [float(v) for v in values]}
+        else:
+            walk, walk_summary = None, {}
+    else:
+        walk_summary = {}
+    timings["latent_walk_s"] = round(time.perf_counter() - t, 2)
 
     rows, vectors = _rows(req, problem, sources, prompted, recursive, fresh, best, div_nets, div_params.numpy(), div_scores)
     base_rows = {"network": [], "source": [], "optimiser": [], "steps": [], "epochs": []}  # + eval, model below
@@ -181,7 +206,7 @@ def run(store: Store, req: EvalRequest) -> dict:
         "sampler": sampler, "sample_steps": steps, "best_lr": best_lr, "adam_lr": ADAM_LR,
         "optimiser_steps": list(baselines.EVAL_STEPS),
         **{f"{name}_curve_{m}_mean": [float(x) for x in v.mean(1)] for name, c in curves.items() for m, v in c.items()},
-        **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[metric].mean(1), baselines.EVAL_STEPS, one_step)
+        **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[metric].mean(1), baselines.EVAL_STEPS, one_step, higher)
            for name, c in curves.items()},
         "sweep_best": sweep_stats["best"], "sweep_mean_final": sweep_stats["mean_final"],
         **{f"noisy_checkpoint_{m}_mean": float(np.mean(v)) for m, v in noisy.items()},
@@ -190,7 +215,7 @@ def run(store: Store, req: EvalRequest) -> dict:
         "diversity_networks": len(div_nets), "diversity_samples": req.diversity_samples,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
-        "train_wall_s": lineage.get("train_wall_s"), **timings,
+        "train_wall_s": lineage.get("train_wall_s"), **timings, **walk_summary,
     })
     summary["collect_compute_s"] = catalog.query(store, f"select sum(wall_s) as s from runs where sweep = '{sweep}'")["s"][0].as_py()
     summary.update({"eval_wall_s": round(time.perf_counter() - t0, 1), "created_at": datetime.now(timezone.utc).isoformat(),
@@ -202,16 +227,17 @@ def run(store: Store, req: EvalRequest) -> dict:
     store.write_json(summary, "evals", req.eval, "summary.json")
     report.write(store, req.eval, summary, pa.table(rows), pa.table(base_rows), landscape=landscape,
                  diversity={"nets": div_nets, "start": start[div_nets], "first": prompted.params[div_nets, top],
+                            "requested": float(prompted.requested[div_nets[0], top]) if len(div_nets) else best,
                             "extra": div_params.numpy().reshape(len(div_nets), max(extra, 0), -1)},
-                 nn={"generated": nn_generated, "heldout_final": nn_heldout})
+                 nn={"generated": nn_generated, "heldout_final": nn_heldout}, walk=walk)
     catalog.write_table(store, pa.table(rows), "evals", req.eval, "results.parquet")
     report.write_index(store)
     return summary
 
 
-def best_run_lr(store: Store, sweep: str, metric: str) -> float:
+def best_run_lr(store: Store, sweep: str, metric: str, higher_is_better: bool = False) -> float:
     return catalog.query(store, f"select lr from runs where sweep = '{sweep}' and status = 'ok' "
-                                f"order by best_{metric} limit 1")["lr"][0].as_py()
+                                f"order by best_{metric} {'desc' if higher_is_better else 'asc'} limit 1")["lr"][0].as_py()
 
 
 def _rows(req, problem, sources, prompted, recursive, fresh, best, div_nets, div_params, div_scores):
@@ -266,10 +292,10 @@ def headline(req, lineage, prompted, recursive, baseline, sources, metric, best)
             out[f"r2_{name}"] = evaluation.prompt_alignment_r2(prompted.requested[mask], prompted.achieved[metric][mask])
             out[f"pearson_{name}"] = evaluation.pearson(prompted.requested[mask], prompted.achieved[metric][mask])
     fresh = src == "fresh_init"
-    top = int(np.argmin(prompted.requested[0]))  # the prompt asking for the best value
+    top = 0  # the prompt asking for the best value
     for m, v in prompted.achieved.items():
         out[f"one_step_best_prompt_{m}_mean"] = float(np.mean(v[fresh, top]))
-        out[f"one_step_best_prompt_{m}_min"] = float(np.min(v[fresh, top]))
+        out[f"one_step_best_prompt_{m}_best"] = float(problems.best_of(problems.get(lineage["problem"]), m, v[fresh, top]))
         out[f"start_{m}_mean"] = float(np.mean(baseline[0][m][fresh]))
         out[f"sgd_1_epoch_{m}_mean"] = float(np.mean(baseline[1][m][fresh]))
         out[f"sgd_25_epochs_{m}_mean"] = float(np.mean(baseline[25][m][fresh]))

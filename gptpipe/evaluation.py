@@ -27,11 +27,12 @@ def prompts(best: float, start_metric, n_prompts: int, top_frac: float = 0.9) ->
 
 @torch.no_grad()
 def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target, sampler: str = "ddim", steps: int | None = 1,
-           generator: torch.Generator | None = None, batch_size: int = 2048) -> torch.Tensor:
+           generator: torch.Generator | None = None, batch_size: int = 2048, x_T: torch.Tensor | None = None) -> torch.Tensor:
     """New parameters ``[N, P]`` (raw, de-normalised) for N (start, prompt) problems, in batches.
 
     ``start_params [N, P]`` raw parameters; ``start_metric [N]`` what they achieve; ``target [N]`` the
-    requested metric. Sampler names and ``steps`` as in ``Diffusion.sample``."""
+    requested metric. Sampler names and ``steps`` as in ``Diffusion.sample``. ``x_T [N, P]``: explicit
+    initial noise (in the diffusion variable's normalised units) instead of drawing it from ``generator``."""
     device = next(model.parameters()).device
     norm = Normalizer(model.config, device)
     start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
@@ -43,9 +44,42 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
         s = norm.normalize(start_params[a : a + batch_size].to(device))
         m0, m1 = start_metric[a : a + batch_size].to(device), target[a : a + batch_size].to(device)
         denoise = lambda x_t, t: model(x_t, s, t, m0, m1)
-        x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device)
+        noise = None if x_T is None else torch.as_tensor(x_T)[a : a + batch_size]
+        x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device, x_T=noise)
         out.append(norm.denormalize(norm.params(x0, s)).cpu())
     return torch.cat(out)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between two noise vectors ``[P]`` at ``alphas [F]`` -> ``[F, P]``: every
+    point keeps the norm a Gaussian draw of that size has (a straight line would pass through
+    unlikely, too-short noise)."""
+    z0, z1 = z0.double(), z1.double()
+    cos = torch.dot(z0, z1) / (z0.norm() * z1.norm())
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    a = alphas.double().reshape(-1, 1)
+    if float(omega) < 1e-6:
+        return ((1 - a) * z0 + a * z1).float()
+    return ((torch.sin((1 - a) * omega) * z0 + torch.sin(a * omega) * z1) / torch.sin(omega)).float()
+
+
+@torch.no_grad()
+def latent_walk(model: Gpt, diffusion: Diffusion, start, start_metric: float, target: float, n_frames: int = 8,
+                generator: torch.Generator | None = None, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk through G.pt's noise space for one (start, prompt): draw two noises, slerp between them in
+    ``n_frames`` frames and sample each deterministically (DDIM, ``steps`` steps). Neighbouring frames
+    differ only by a small move of the noise, so the frames show how the generated network changes
+    continuously across the solutions G.pt offers for the same prompt.
+
+    ``start [P]`` raw parameters. Returns ``(params [n_frames, P], noise [n_frames, P])``."""
+    start = torch.as_tensor(np.asarray(start), dtype=torch.float32).reshape(1, -1)
+    P = start.shape[1]
+    z0 = torch.randn(P, generator=generator)
+    z1 = torch.randn(P, generator=generator)
+    noise = slerp(z0, z1, torch.linspace(0.0, 1.0, n_frames))
+    theta = sample(model, diffusion, start.expand(n_frames, -1), torch.full((n_frames,), float(start_metric)),
+                   torch.full((n_frames,), float(target)), "ddim", steps, generator, x_T=noise)
+    return theta, noise
 
 
 def prompt_alignment_r2(requested, achieved) -> float:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,16 +27,38 @@ from storage.store import Store, StoreError
 
 STATE = "state.safetensors"
 HELDOUT_FRAC, HELDOUT_MAX = 0.1, 64
+# Training sets up to this many bytes of parameters are read into memory; bigger ones are streamed
+# from the store in groups of whole runs (``gptpipe.pairs.StreamingPairs``). $GPTPIPE_MEMORY_BUDGET
+# (bytes) overrides it.
+MEMORY_BUDGET = 2 * 1024**3
+
+
+def memory_budget() -> int:
+    return int(float(os.environ.get("GPTPIPE_MEMORY_BUDGET", MEMORY_BUDGET)))
 
 
 @dataclass
 class TrainingData:
     problem: str
     metric: str
-    params: np.ndarray  # float32 [R, C, P] of the training runs
-    metric_values: np.ndarray  # [R, C]; NaN past a run's n_ckpts
+    params: np.ndarray | None  # float32 [R, C, P] of the training runs; None when streamed
+    metric_values: np.ndarray  # [R, C]; NaN past a run's n_ckpts (always in memory: small)
     lineage: dict  # sweeps, catalog digest, held-out runs
     best: float  # best metric value among training checkpoints (the top of the prompt range)
+    read_runs: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)  # training-set positions -> blocks
+
+    @property
+    def streamed(self) -> bool:
+        return self.params is None
+
+    def stream(self, batch_size: int, pairing: str = "mixed", init_frac: float = 0.5, permute: bool = True, seed: int = 0,
+               **options):
+        """A ``StreamingPairs`` source over these training runs (``options``: group_runs, spans, ...)."""
+        from gptpipe.pairs import StreamingPairs
+
+        read = self.read_runs or (lambda idx: self.params[idx])
+        return StreamingPairs(problems.get(self.problem), read, self.metric_values, batch_size, pairing, init_frac,
+                              permute, seed=seed, **options)
 
 
 def code_version() -> str:
@@ -52,8 +76,12 @@ def heldout_runs(run_ids: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(run_ids, size=n, replace=False))
 
 
-def load_training_data(store: Store, sweep_names: list[str], metric: str | None = None, seed: int = 0) -> TrainingData:
-    """Read the training runs of one or more sweeps of the same problem (ok runs, minus held-out)."""
+def load_training_data(store: Store, sweep_names: list[str], metric: str | None = None, seed: int = 0,
+                       budget: int | None = None) -> TrainingData:
+    """The training runs of one or more sweeps of the same problem (ok runs, minus held-out). Small sweeps
+    are cached in memory (``params``); when their parameters exceed ``budget`` bytes (default
+    ``memory_budget()``, 2 GiB) only the metrics are read and ``read_runs`` streams run blocks later."""
+    budget = memory_budget() if budget is None else budget
     if not sweep_names:
         raise StoreError("name at least one --sweep")
     configs = {s: sweeps.read_config(store, s) for s in sweep_names}
@@ -65,6 +93,12 @@ def load_training_data(store: Store, sweep_names: list[str], metric: str | None 
     if metric not in problem.metrics:
         raise StoreError(f"problem {problem.name} has no metric {metric!r} (metrics: {', '.join(problem.metrics)})")
     blocks, values, heldout, digest = [], [], {}, hashlib.sha256()
+    train_lists, n_ckpts, n_params = [], set(), set()
+    for name in sweep_names:
+        n_ckpts.add(int(configs[name]["n_ckpts"]))
+        n_params.add(int(configs[name]["n_params"]))
+    if len(n_ckpts) != 1:
+        raise StoreError("sweeps with different checkpoints per run cannot be trained together yet")
     for name in sweep_names:
         runs = sweeps.committed_runs(store, name)
         ok = runs.filter(np.asarray(runs["status"].to_pylist()) == "ok")
@@ -76,19 +110,43 @@ def load_training_data(store: Store, sweep_names: list[str], metric: str | None 
         train_ids = np.setdiff1d(run_ids, held)
         for r, d in zip(runs["run"].to_pylist(), runs["digest"].to_pylist()):
             digest.update(f"{name}/{r}/{d};".encode())
-        blocks.append(sweeps.read_blocks(store, name, train_ids))
+        train_lists.append(train_ids)
         table = catalog.query(store, f"select run, ckpt, {metric} as m from checkpoints where sweep = '{name}'")
         grid = np.full((configs[name]["n_runs"], configs[name]["n_ckpts"]), np.nan)
         grid[np.asarray(table["run"]), np.asarray(table["ckpt"])] = np.asarray(table["m"], dtype=np.float64)
         values.append(grid[train_ids])
-    n_ckpts = {b.shape[1] for b in blocks}
-    if len(n_ckpts) != 1:
-        raise StoreError("sweeps with different checkpoints per run cannot be trained together yet")
-    params = np.concatenate(blocks)
     metric_values = np.concatenate(values)
+    n_train = sum(len(t) for t in train_lists)
+    nbytes = n_train * n_ckpts.pop() * max(n_params) * 4
     lineage = {"sweeps": sweep_names, "problem": problem.name, "metric": metric, "catalog_digest": digest.hexdigest(),
-               "heldout_runs": heldout, "training_runs": int(len(params))}
-    return TrainingData(problem.name, metric, params, metric_values, lineage, float(np.nanmin(metric_values)))
+               "heldout_runs": heldout, "training_runs": int(n_train)}
+    best = float(problems.best_of(problem, metric, metric_values))
+    if nbytes > budget:
+        return TrainingData(problem.name, metric, None, metric_values, lineage, best,
+                            read_runs=run_reader(store, sweep_names, train_lists))
+    params = np.concatenate([sweeps.read_blocks(store, name, ids) for name, ids in zip(sweep_names, train_lists)])
+    return TrainingData(problem.name, metric, params, metric_values, lineage, best)
+
+
+def run_reader(store: Store, sweep_names: list[str], train_lists: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``read(idx)``: blocks ``[len(idx), C, P]`` of training-set positions ``idx`` (the concatenation of
+    every sweep's training runs, in order), read as whole run-chunks from the store."""
+    offsets = np.cumsum([0] + [len(t) for t in train_lists])
+
+    def read(idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        parts, order = [], []
+        for k, name in enumerate(sweep_names):
+            mine = np.flatnonzero((idx >= offsets[k]) & (idx < offsets[k + 1]))
+            if len(mine):
+                parts.append(sweeps.read_blocks(store, name, train_lists[k][idx[mine] - offsets[k]]))
+                order.append(mine)
+        out = np.concatenate(parts)
+        result = np.empty_like(out)
+        result[np.concatenate(order)] = out
+        return result
+
+    return read
 
 
 def model_exists(store: Store, model: str) -> bool:

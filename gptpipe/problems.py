@@ -42,6 +42,7 @@ class MLPClassifier:
     metrics = ("train_loss", "train_error", "test_loss", "test_error")
     prompt_metrics = ("test_loss", "test_error")
     primary = "test_loss"
+    higher_is_better: tuple[str, ...] = ()  # metrics where larger is better (see ``sign``/``best_of``)
 
     def __init__(self, name: str, d_in: int, hidden: int, classes: int, default_data: str, data_sources: tuple[str, ...]):
         self.name = name
@@ -147,10 +148,31 @@ class MLPClassifier:
         w2 = torch.gather(w2, 2, perm.unsqueeze(1).expand_as(w2))
         return torch.cat([w1.reshape(n, -1), b1, w2.reshape(n, -1), b2], dim=1)
 
+# the paper's other two problems (defined in their own modules; they use Layer and cross_entropy above)
+from gptpipe.cnn import ConvClassifier  # noqa: E402
+from gptpipe.rl import CartPolePolicy  # noqa: E402
+
 PROBLEMS = {
     "digits_mlp": MLPClassifier("digits_mlp", 64, 10, 10, default_data="digits", data_sources=("digits",)),
     "mnist_mlp": MLPClassifier("mnist_mlp", 784, 10, 10, default_data="mnist5k", data_sources=("mnist5k", "mnist", "fashion_mnist")),
+    "cifar_cnn": ConvClassifier("cifar_cnn"),
+    "cartpole": CartPolePolicy("cartpole"),
 }
+
+
+def sign(problem, metric: str) -> int:
+    """+1 where lower values of ``metric`` are better (losses, errors), -1 where higher are (``return``).
+    ``sign * value`` is therefore always "lower is better": the best of an array is ``min(sign * v) * sign``."""
+    return -1 if metric in getattr(problem, "higher_is_better", ()) else 1
+
+
+def best_of(problem, metric: str, values) -> float:
+    """The best value of ``metric`` in ``values`` (NaNs ignored): the minimum, or the maximum for a
+    higher-is-better metric."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.nanmax(v) if sign(problem, metric) < 0 else np.nanmin(v))
 
 
 class ProblemError(Exception):

@@ -126,10 +126,10 @@ def diversity_plot(diversity: dict, rows: dict, metric: str) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
     net, sample, step = np.asarray(rows["network"]), np.asarray(rows["sample"]), np.asarray(rows["step"])
     req, ach = np.asarray(rows["requested"]), np.asarray(rows["achieved"])
-    best = req.min()
+    best = diversity["requested"]
     pairwise, moved = [], []
     for i, n in enumerate(diversity["nets"]):
-        m = (net == n) & (step == 1) & (req == best)
+        m = (net == n) & (step == 1) & np.isclose(req, best, rtol=1e-6)
         a.scatter(np.full(m.sum(), i), ach[m], s=14)
         samples = np.concatenate([diversity["first"][i][None], diversity["extra"][i]])
         d = np.linalg.norm(samples[:, None] - samples[None], axis=-1)
@@ -168,6 +168,57 @@ def landscape_plot(landscape: dict, diversity: dict, metric: str) -> bytes:
     ax.set_xlabel("principal direction 1")
     ax.set_ylabel("principal direction 2")
     ax.set_title(f"{metric} landscape: starts (x) and G.pt samples (o)")
+    return _png(fig)
+
+
+def first_layer_images(layers, theta) -> np.ndarray | None:
+    """The first layer's weights of each network as images, where they are image-like; else None.
+
+    ``layers``: ``[(name, shape), ...]`` in flat order (a problem's ``layers`` or ``[name, shape]`` pairs);
+    ``theta [F, P]``. A linear layer ``[units, d]`` on square images (d = s², s >= 5: digits 8×8, MNIST
+    28×28) gives ``[F, units, s, s]`` (each hidden unit's input weights); a convolution
+    ``[out, 3, kh, kw]`` gives RGB filters ``[F, out, kh, kw, 3]`` and ``[out, 1, kh, kw]`` grey ones."""
+    name, shape = (layers[0].name, tuple(layers[0].shape)) if hasattr(layers[0], "name") else (layers[0][0], tuple(layers[0][1]))
+    theta = np.asarray(theta, dtype=np.float32)
+    n = int(np.prod(shape))
+    w = theta[:, :n].reshape(len(theta), *shape)
+    if len(shape) == 2:
+        side = int(round(np.sqrt(shape[1])))
+        if side >= 5 and side * side == shape[1]:
+            return w.reshape(len(theta), shape[0], side, side)
+        return None
+    if len(shape) == 4 and shape[1] == 3:
+        return np.moveaxis(w, 2, -1)  # [F, out, kh, kw, 3]
+    if len(shape) == 4 and shape[1] == 1:
+        return w[:, :, 0]
+    return None
+
+
+def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_units: int = 16) -> bytes:
+    """Rows: frames of a latent walk (noise slerped between two draws, same start and prompt); columns:
+    the first layer's units drawn as images; each unit keeps one colour scale across frames."""
+    plt = _plt()
+    F, U = images.shape[:2]
+    U = min(U, max_units)
+    rgb = images.ndim == 5
+    fig, axes = plt.subplots(F, U, figsize=(0.75 * U + 1.2, 0.75 * F + 0.6), squeeze=False)
+    for u in range(U):
+        unit = images[:, u]
+        lo, hi = float(unit.min()), float(unit.max())
+        vmax = max(abs(lo), abs(hi), 1e-8)
+        for f in range(F):
+            ax = axes[f, u]
+            if rgb:
+                ax.imshow((unit[f] - lo) / max(hi - lo, 1e-8), interpolation="nearest")
+            else:
+                ax.imshow(unit[f], cmap="seismic", vmin=-vmax, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if u == 0:
+                ax.set_ylabel(f"{values[f]:.3g}", fontsize=7, rotation=0, ha="right", va="center")
+            if f == 0:
+                ax.set_title(f"unit {u}", fontsize=6)
+    fig.suptitle(f"Latent walk: first-layer weights per frame (row label: achieved {metric})", fontsize=8)
     return _png(fig)
 
 
@@ -210,7 +261,7 @@ def markdown(summary: dict) -> str:
     ]
     for metric in sorted({k[len("one_step_best_prompt_"): -len("_mean")] for k in summary if k.startswith("one_step_best_prompt_") and k.endswith("_mean")}):
         lines.append(f"| {metric} | {summary[f'start_{metric}_mean']:.4g} | {summary[f'one_step_best_prompt_{metric}_mean']:.4g} | "
-                     f"{summary[f'one_step_best_prompt_{metric}_min']:.4g} | {summary[f'sgd_1_epoch_{metric}_mean']:.4g} | "
+                     f"{summary[f'one_step_best_prompt_{metric}_best']:.4g} | {summary[f'sgd_1_epoch_{metric}_mean']:.4g} | "
                      f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} |")
     lines += [
         "",
@@ -244,6 +295,11 @@ def markdown(summary: dict) -> str:
         "",
         "![memorisation](nearest_neighbour.png)",
         "",
+        *([f"## Latent walk", "",
+           f"One fresh init prompted with the best value; the initial noise slerped between two draws in "
+           f"{summary['latent_walk_frames']} frames, each sampled deterministically (DDIM, {summary['latent_walk_steps']} steps). "
+           f"Achieved {m} along the walk: {', '.join(f'{v:.3g}' for v in summary['latent_walk_values'])}.", "",
+           "![latent walk](latent_walk.png)", ""] if summary.get("latent_walk_frames") else []),
         "## Lineage",
         "",
         f"Model `{summary['model']}` at step {summary['model_step']} (training {summary.get('train_wall_s')} s); sweeps "
@@ -269,7 +325,7 @@ def _steps(n) -> str:
 
 
 def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baselines: pa.Table, landscape: dict,
-          diversity: dict, nn: dict) -> None:
+          diversity: dict, nn: dict, walk: dict | None = None) -> None:
     rows = results.to_pydict()
     put = lambda data, name: store.write_bytes(data, "evals", eval_name, name)
     put(alignment_plot(rows, summary), "alignment.png")
@@ -282,6 +338,8 @@ def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baseli
         put(diversity_plot(diversity, rows, summary["metric"]), "diversity.png")
         put(landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else summary["metric"]), "landscape.png")
     put(nn_plot(nn), "nearest_neighbour.png")
+    if walk is not None and walk.get("images") is not None:
+        put(latent_walk_plot(walk["images"], walk["values"], summary["metric"]), "latent_walk.png")
     store.write_bytes(markdown(summary).encode(), "evals", eval_name, "report.md")
 
 

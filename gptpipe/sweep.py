@@ -25,6 +25,11 @@ class SweepConfigError(ValueError):
     pass
 
 
+# The recipe of a problem that names no other (``problem.recipe`` overrides any of these).
+DEFAULT_RECIPE = dict(epochs=25, lr_min=0.01, lr_max=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                      batch_size=128, schedule="cosine")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """Everything that determines a sweep's checkpoints. Frozen into ``config.json`` at first collect."""
@@ -32,17 +37,19 @@ class SweepConfig:
     problem: str
     runs: int
     data: str = ""  # data source; "" = the problem's default
-    epochs: int = 25
+    # The training recipe (epochs, lr_min ... schedule): None = the problem's default (``problem.recipe``
+    # over ``DEFAULT_RECIPE``); the resolved values are what ``to_dict`` and config.json record.
+    epochs: int | None = None
     checkpoints: int = 40  # per run: the init, evenly spaced iterations, the final weights
     shard_size: int = 64
     seed: int = 0
-    lr_min: float = 0.01
-    lr_max: float = 0.3  # each run's lr is log-uniform in [lr_min, lr_max]
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"
+    lr_min: float | None = None
+    lr_max: float | None = None  # each run's lr is log-uniform in [lr_min, lr_max]
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    schedule: str | None = None
 
     def __post_init__(self):
         try:
@@ -51,6 +58,10 @@ class SweepConfig:
             raise SweepConfigError(str(e)) from None
         if not self.data:
             object.__setattr__(self, "data", problem.default_data)
+        recipe = {**DEFAULT_RECIPE, **getattr(problem, "recipe", {})}
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.data not in problem.data_sources:
             raise SweepConfigError(f"problem {self.problem} takes data from {', '.join(problem.data_sources)}, not {self.data!r}")
         for name in ("runs", "epochs", "shard_size", "batch_size"):
@@ -74,11 +85,15 @@ class SweepConfig:
         return asdict(self)
 
 
-def steps_per_epoch(config: SweepConfig, n_train: int) -> int:
+def steps_per_epoch(config: SweepConfig, n_train: int | None) -> int:
+    """Optimiser steps per epoch; a problem without a data set (``n_train`` None, e.g. cartpole) counts
+    one step per epoch = one iteration of its own trainer."""
+    if n_train is None:
+        return 1
     return math.ceil(n_train / config.batch_size)
 
 
-def checkpoint_steps(config: SweepConfig, n_train: int) -> np.ndarray:
+def checkpoint_steps(config: SweepConfig, n_train: int | None) -> np.ndarray:
     """The optimiser steps after which a checkpoint is taken (0 = the init)."""
     total = config.epochs * steps_per_epoch(config, n_train)
     steps = np.unique(np.round(np.linspace(0, total, config.checkpoints)).astype(np.int64))
@@ -126,8 +141,10 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     """Train the given runs of a sweep as one batched computation and score every checkpoint.
     ``init [K, P]`` replaces the runs' seeded initial weights (evaluation baselines start from given
     networks); data order and learning rates still come from the runs' seeds."""
-    t0 = time.perf_counter()
     problem = problems.get(config.problem)
+    if hasattr(problem, "train_runs"):  # a problem with its own trainer (cartpole: PPO, gptpipe/rl.py)
+        return problem.train_runs(config, runs, dataset, init)
+    t0 = time.perf_counter()
     runs = list(runs)
     K, n_train = len(runs), len(dataset.x_train)
     seeds, lrs = zip(*[run_seed(config.seed, r) for r in runs])
@@ -167,6 +184,7 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
             for m, v in scores.items():
                 metrics[m][keep.numpy(), c] = v[keep].double().numpy()
 
+    augment = getattr(problem, "augment", None)
     c = 0
     if ckpt_steps[0] == 0:
         take_checkpoint(0)
@@ -176,7 +194,10 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
         order = torch.stack([torch.randperm(n_train, generator=g) for g in generators])  # [K, N]
         for b in range(per_epoch):
             idx = order[:, b * config.batch_size : (b + 1) * config.batch_size]
-            loss = problem.loss(theta, dataset.x_train[idx], dataset.y_train[idx]).sum()
+            x = dataset.x_train[idx]
+            if augment is not None:  # each network's own random augmentation, drawn from its generator
+                x = augment(x, generators)
+            loss = problem.loss(theta, x, dataset.y_train[idx]).sum()
             (grad,) = torch.autograd.grad(loss, theta)
             with torch.no_grad():
                 # torch.optim.SGD(momentum, dampening=0, weight_decay, nesterov), one lr per network

@@ -7,6 +7,14 @@ Both checkpoints of a pair get the same random hidden-unit permutation (the netw
 unchanged, so this is free data). Optimisation: AdamW, linear warm-up then cosine decay, gradient
 clipping, an exponential moving average (EMA) of the weights for sampling.
 
+Pairs come from ``params`` held in memory (small sweeps) or from a ``StreamingPairs`` source that
+reads groups of whole runs from the store in a background thread (big sweeps; see ``gptpipe.pairs``).
+
+Several processes (``torchrun``, see ``gptpipe.distributed`` and docs/multi-gpu.md): when a process
+group is initialised, the model is wrapped in DistributedDataParallel, ``batch_size`` is the global
+batch (split evenly across ranks), every rank draws its own pairs (seed + rank), gradients are averaged
+across ranks, and all ranks keep identical weights, EMA included; only rank 0 should save.
+
 Saving: ``Trainer.state_dict_bytes()`` is one safetensors blob (raw weights, EMA weights, AdamW moments,
 random-generator state, both configs as JSON metadata); ``Trainer.from_bytes`` resumes from it and
 ``load_model`` turns it into a sampler-ready model.
@@ -25,9 +33,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from gptpipe import distributed
 from gptpipe import problems as problems_mod
 from gptpipe.diffusion import Diffusion
 from gptpipe.gpt import UNIT_TOKENS, Gpt, GptConfig, Normalizer
+from gptpipe.pairs import StreamingPairs, gather_pairs, sample_pair_indices, valid_counts
 
 FORMAT = "gptpipe.gpt/1"
 PAIRINGS = ("uniform", "init", "mixed")
@@ -76,8 +86,11 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" = CUDA when present (under torchrun: this process's LOCAL_RANK GPU), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.active():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -89,19 +102,29 @@ def use_bf16(config: TrainConfig, gpt_config: GptConfig, device: torch.device) -
     return device.type == "cuda" or gpt_config.width >= 256
 
 
-def _valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-    """Checkpoints usable per run: the leading ones with finite parameters and metric."""
-    ok = torch.isfinite(params).all(-1) & torch.isfinite(metric)
-    return torch.cumprod(ok.int(), dim=1).sum(1)
+_valid_counts = valid_counts  # (old name)
 
 
 class Trainer:
     """Trains one G.pt. ``problem``: a problem object (or its name); ``params [R, C, P]``, ``metric [R, C]``
-    (numpy or torch); ``state``: what ``state_dict_bytes`` saved, unpacked (use ``Trainer.from_bytes``)."""
+    (numpy or torch); ``state``: what ``state_dict_bytes`` saved, unpacked (use ``Trainer.from_bytes``).
 
-    def __init__(self, problem, params, metric, config: TrainConfig | None = None, state: dict | None = None):
+    ``stream``: a ``StreamingPairs`` source instead of ``params``/``metric`` (pass ``None`` for both);
+    the normalisation is then fitted on a fixed sample of its runs (``StreamingPairs.fit_sample``)."""
+
+    def __init__(self, problem, params, metric, config: TrainConfig | None = None, state: dict | None = None,
+                 stream: StreamingPairs | None = None):
         self.problem = problems_mod.get(problem) if isinstance(problem, str) else problem
         self.config = config = config or TrainConfig()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if config.batch_size % self.world:
+            raise ValueError(f"batch size {config.batch_size} does not split evenly across {self.world} processes")
+        self.local_batch = config.batch_size // self.world
+        self.stream = stream
+        if stream is not None:
+            if stream.batch_size != self.local_batch:
+                raise ValueError(f"the pair stream yields batches of {stream.batch_size}, this process needs {self.local_batch}")
+            params, metric = stream.fit_sample(seed=config.seed)  # identical on every rank
         params = torch.as_tensor(np.asarray(params), dtype=torch.float32)
         metric = torch.as_tensor(np.asarray(metric), dtype=torch.float32)
         if params.ndim != 3 or metric.shape != params.shape[:2]:
@@ -114,7 +137,8 @@ class Trainer:
             raise ValueError("no run has two usable checkpoints")
         self.params, self.metric, self.n_valid = params[keep], metric[keep], n_valid[keep]
         self.device = resolve_device(config.device)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        # every rank its own pairs, noise and timesteps (rank 0 = the single-process stream)
+        self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * self.rank)
 
         if state is None:
             torch.manual_seed(config.seed)
@@ -134,6 +158,12 @@ class Trainer:
         self.ema = Gpt(self.gpt_config).to(self.device)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
+        self.train_model = self.model  # what the loss is computed with: the model, or its DDP wrapper
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
         self.diffusion = Diffusion(self.gpt_config.timesteps)
         self.normalizer = Normalizer(self.gpt_config, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and n != "pos_emb"]
@@ -159,35 +189,24 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------------
     def sample_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(run, i, j)`` index tensors ``[n]`` with i < j < n_valid[run]."""
-        g, c = generator or self.generator, self.config
-        run = torch.randint(0, len(self.params), (n,), generator=g)
-        last = (self.n_valid[run] - 1).float()  # >= 1
-        # the paper: a spacing uniform in 1..last, then a start uniform among those that fit
-        spacing = 1 + (torch.rand(n, generator=g) * last).long()
-        i = (torch.rand(n, generator=g) * (last + 1 - spacing)).long()
-        if c.pairing != "uniform":
-            from_init = torch.rand(n, generator=g) < (1.0 if c.pairing == "init" else c.init_frac)
-            i = torch.where(from_init, torch.zeros_like(i), i)
-            j_init = 1 + (torch.rand(n, generator=g) * last).long()
-            j = torch.where(from_init, j_init, i + spacing)
-        else:
-            j = i + spacing
-        return run, i, j
+        """``(run, i, j)`` index tensors ``[n]`` with i < j < n_valid[run] (runs held in memory)."""
+        return sample_pair_indices(self.n_valid, n, generator or self.generator, self.config.pairing, self.config.init_frac)
 
-    def batch(self, n: int) -> dict[str, torch.Tensor]:
-        run, i, j = self.sample_pairs(n)
-        theta_i, theta_j = self.params[run, i], self.params[run, j]
-        if self.config.permute and hasattr(self.problem, "permute"):
-            perm = self.problem.sample_permutation(n, self.generator)
-            theta_i = self.problem.permute(theta_i, perm=perm)
-            theta_j = self.problem.permute(theta_j, perm=perm)
+    def batch(self, n: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """A training batch of ``n`` pairs (default: this process's share of ``batch_size``), with its
+        diffusion timesteps and noise, on the training device. From the stream when there is one."""
+        g, c = generator or self.generator, self.config
+        n = n or self.local_batch
+        if self.stream is not None and generator is None and n == self.stream.batch_size:
+            pairs = self.stream.next()
+        else:
+            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, c.permute)
         d = self.device
         return {
-            "theta_i": theta_i.to(d), "theta_j": theta_j.to(d),
-            "metric_i": self.metric[run, i].to(d), "metric_j": self.metric[run, j].to(d),
-            "t": self.diffusion.sample_t(n, self.generator, self.config.t_high_frac).to(d),
-            "noise": torch.randn(n, self.problem.n_params, generator=self.generator).to(d),
+            "theta_i": pairs["theta_i"].to(d), "theta_j": pairs["theta_j"].to(d),
+            "metric_i": pairs["metric_i"].to(d), "metric_j": pairs["metric_j"].to(d),
+            "t": self.diffusion.sample_t(n, g, c.t_high_frac).to(d),
+            "noise": torch.randn(n, self.problem.n_params, generator=g).to(d),
         }
 
     def loss_on(self, model: Gpt, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -198,26 +217,41 @@ class Trainer:
             return self.diffusion.loss(denoise, x0, b["t"], b["noise"]).mean()
 
     # --- optimisation -------------------------------------------------------------------------
+    def optimize(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimiser step on ``batch`` (this process's share); returns the batch loss (under DDP the
+        mean over all ranks' batches, i.e. the loss of the global batch)."""
+        self.train_model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        loss = self.loss_on(self.train_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP: gradients averaged across ranks here
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        loss = loss.detach()
+        if self.world > 1:
+            loss = loss.clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.world
+        return loss.item()
+
     def step_many(self, n: int) -> list[float]:
         """``n`` optimiser steps; returns their losses."""
-        self.model.train()
         out = []
         t0 = time.perf_counter()
         for _ in range(n):
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(self.step)
-            loss = self.loss_on(self.model, self.batch(self.config.batch_size))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            self.optimizer.step()
-            self._update_ema()
-            self.step += 1
-            out.append(loss.item())
+            out.append(self.optimize(self.batch()))
         self.wall_s += time.perf_counter() - t0
         self.losses.extend(out)
         return out
+
+    def close(self):
+        """Stop the pair stream's background thread (if any)."""
+        if self.stream is not None:
+            self.stream.close()
 
     @torch.no_grad()
     def _update_ema(self):
@@ -245,6 +279,7 @@ class Trainer:
         other.params = torch.as_tensor(np.asarray(params), dtype=torch.float32)
         other.metric = torch.as_tensor(np.asarray(metric), dtype=torch.float32)
         other.n_valid = _valid_counts(other.params, other.metric)
+        other.stream = None
         other.generator = torch.Generator().manual_seed(seed)
         self.ema.eval()
         return float(other.loss_on(self.ema, other.batch(n)))
@@ -268,11 +303,13 @@ class Trainer:
         return st_save(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, problem, params, metric, blob: bytes, config: TrainConfig | None = None) -> "Trainer":
+    def from_bytes(cls, problem, params, metric, blob: bytes, config: TrainConfig | None = None,
+                   stream: StreamingPairs | None = None) -> "Trainer":
         """Resume training from ``state_dict_bytes()``. ``config`` may change e.g. ``steps`` or ``device``;
-        by default the saved one is used."""
+        by default the saved one is used. (From a stream, resuming continues with fresh groups: exact
+        replay is guaranteed for in-memory data only.)"""
         state = unpack(blob)
-        return cls(problem, params, metric, config or TrainConfig.from_dict(state["train_config"]), state=state)
+        return cls(problem, params, metric, config or TrainConfig.from_dict(state["train_config"]), state=state, stream=stream)
 
     def _load_state(self, state: dict):
         t = state["tensors"]
@@ -286,7 +323,9 @@ class Trainer:
                 opt_state.setdefault(int(idx), {})[name] = v
         opt["state"] = opt_state
         self.optimizer.load_state_dict(opt)
-        self.generator.set_state(t["rng"])
+        self.generator.set_state(t["rng"])  # rank 0's stream
+        if self.rank > 0:  # other ranks: their own streams again, and new ones after every resume
+            self.generator.manual_seed(self.config.seed + 1_000_003 * self.rank + 7_919 * int(state["step"]))
         self.step = state["step"]
         self.losses = list(state["losses"])
         self.wall_s = state["wall_s"]

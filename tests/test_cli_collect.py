@@ -113,3 +113,15 @@ def test_collect_flow_records_artifacts(prefect_api, tmp_path):
 
     artifacts = asyncio.run(read())
     assert artifacts and "Sweep `art`" in artifacts[0].data
+
+
+def test_collect_cartpole_through_the_cli(cli, tmp_path):
+    """The RL problem goes through the same command and catalog, with its own recipe defaults."""
+    store = str(tmp_path / "s")
+    cli("collect", "--store", store, "--sweep", "cp", "--problem", "cartpole", "--runs", "2", "--epochs", "3",
+        "--checkpoints", "3", check=True)
+    rows = json.loads(cli("catalog", "--store", store, "--format", "json",
+                          "select run, ckpt, \"return\" from checkpoints order by run, ckpt", check=True).stdout)
+    assert len(rows) == 6 and all(0 < r["return"] <= 500 for r in rows)
+    config = json.loads((tmp_path / "s" / "sweeps" / "cp" / "config.json").read_text())
+    assert config["recipe"]["lr_max"] < 0.3  # PPO's learning rates, not SGD's

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_collect_with_local_dask_runner(cli, s3_store_url, s3_server):
     proc = cli("collect", "--store", s3_store_url, "--sweep", "dl", "--problem", "digits_mlp", "--runs", "32",
-               "--shard-size", "8", "--epochs", "4", "--checkpoints", "4", "--runner", "dask", "--workers", "2",
+               "--shard-size", "8", "--epochs", "2", "--checkpoints", "4", "--runner", "dask", "--workers", "2",
                check=True, timeout=240)
     assert "runs=32" in proc.stdout and "diverged=0" in proc.stdout
     assert s3_server.secret_key not in proc.stdout + proc.stderr
@@ -34,7 +34,7 @@ def test_collect_on_a_running_dask_cluster(cli, s3_store_url, s3_server):
         assert address.startswith("tcp://127.0.0.1:")
         client.wait_for_workers(2, timeout=60)
         proc = cli("collect", "--store", s3_store_url, "--sweep", "dc", "--problem", "digits_mlp", "--runs", "32",
-                   "--shard-size", "8", "--epochs", "4", "--checkpoints", "4", "--runner", "dask",
+                   "--shard-size", "8", "--epochs", "2", "--checkpoints", "4", "--runner", "dask",
                    "--dask-address", address, check=True, timeout=240)
         # the shards ran in the cluster's worker processes, not in the CLI's
         ran_here = client.run(lambda: "gptpipe.collect" in sys.modules)
@@ -43,8 +43,3 @@ def test_collect_on_a_running_dask_cluster(cli, s3_store_url, s3_server):
     assert s3_server.secret_key not in proc.stdout + proc.stderr
     check_exactly_once(open_store(s3_store_url), "dc", 32)
 
-    # re-running on the same sweep finds every shard committed and changes nothing
-    again = cli("collect", "--store", s3_store_url, "--sweep", "dc", "--problem", "digits_mlp", "--runs", "32",
-                "--shard-size", "8", "--epochs", "4", "--checkpoints", "4", check=True)
-    assert "runs=32" in again.stdout
-    check_exactly_once(open_store(s3_store_url), "dc", 32)

@@ -112,6 +112,15 @@ def _client():
     return get_client(sync_client=True)
 
 
+def _logs(flow_run_id: str) -> str:
+    """The flow run's log lines on the server (for failure messages)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with _client() as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return "\n".join(f"{log.level} {log.message}" for log in logs)[-6000:]
+
+
 def _run(deployment: str, parameters: dict) -> str:
     from prefect.deployments import run_deployment
 
@@ -142,16 +151,18 @@ def test_worker_killed_mid_collection_then_retry_is_exactly_once(deployed, prefe
     worker = Worker(deployed, tmp_path / "worker1.log", PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS="2")
     try:
         run_id = _run("collect/collect", {"store": str(store_dir), "sweep": "dk", "problem": "digits_mlp", "runs": n_runs,
-                                          "shard_size": shard, "epochs": 20, "checkpoints": ckpts})
+                                          "shard_size": shard, "epochs": 10, "checkpoints": ckpts})
         deadline = time.time() + 120
         committed: set[int] = set()
-        while time.time() < deadline and len(committed) < 2:
+        state = "SCHEDULED"
+        while time.time() < deadline and len(committed) < 2 and state not in TERMINAL:
             assert worker.proc.poll() is None, worker.tail()
             if (store_dir / "catalog").exists():
                 committed = catalog.committed_shards(open_store(str(store_dir)), "dk")
-            time.sleep(0.05)
-        with _client() as client:
-            assert client.read_flow_run(run_id).state.type.value == "RUNNING"
+            with _client() as client:
+                state = client.read_flow_run(run_id).state.type.value
+            time.sleep(0.1)
+        assert state == "RUNNING" and len(committed) >= 2, f"{state}, {len(committed)} shards:\n{_logs(run_id)}\n{worker.tail()}"
         worker.crash()
     finally:
         worker.stop()
@@ -170,7 +181,7 @@ def test_worker_killed_mid_collection_then_retry_is_exactly_once(deployed, prefe
         run = _wait(run_id, worker)
     finally:
         worker.stop()
-    assert run.state.type.value == "COMPLETED", worker.tail()
+    assert run.state.type.value == "COMPLETED", f"{_logs(run_id)}\n{worker.tail()}"
     assert run.deployment_id is not None and run.run_count >= 2
 
     store = open_store(str(store_dir))
@@ -205,7 +216,7 @@ def test_scheduled_evaluate_deployment_reports_newest_model(deployed, prefect_ap
         run = _wait(run_id, worker)
     finally:
         worker.stop()
-    assert run.state.type.value == "COMPLETED", worker.tail()
+    assert run.state.type.value == "COMPLETED", f"{_logs(run_id)}\n{worker.tail()}"
     st = open_store(store)
     evals = st.ls("evals")
     names = [e for e in evals if e.startswith("g1-")]

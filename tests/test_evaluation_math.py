@@ -63,3 +63,60 @@ def test_sample_is_batched_consistently(untrained):
     a = evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 1, torch.Generator().manual_seed(0), batch_size=3)
     b = evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 1, torch.Generator().manual_seed(0), batch_size=100)
     torch.testing.assert_close(a, start) and torch.testing.assert_close(b, start)
+
+
+@pytest.fixture(scope="module")
+def random_denoiser():
+    """A G.pt whose output depends on its input noise (the decoder is not zero)."""
+    layers = [[layer.name, list(layer.shape)] for layer in DIGITS.layers]
+    torch.manual_seed(0)
+    model = gpt.Gpt(gpt.GptConfig(layers=layers, width=32, depth=1, heads=2, num_frequencies=8, target="delta")).eval()
+    with torch.no_grad():
+        model.decode.weight.normal_(0, 0.05)
+    return model, Diffusion(1000)
+
+
+def test_sample_with_explicit_noise_is_deterministic(random_denoiser):
+    model, diffusion = random_denoiser
+    start, m = torch.randn(4, DIGITS.n_params), torch.full((4,), 2.0)
+    x_T = torch.randn(4, DIGITS.n_params, generator=torch.Generator().manual_seed(1))
+    a = evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, torch.Generator().manual_seed(2), x_T=x_T, batch_size=3)
+    b = evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, torch.Generator().manual_seed(3), x_T=x_T)
+    c = evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(b, c)
+    with pytest.raises(ValueError):
+        evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, x_T=x_T[:2])
+
+
+def test_slerp_and_latent_walk(random_denoiser):
+    model, diffusion = random_denoiser
+    z0, z1 = torch.randn(760), torch.randn(760)
+    path = evaluation.slerp(z0, z1, torch.linspace(0, 1, 5))
+    torch.testing.assert_close(path[0], z0) and torch.testing.assert_close(path[-1], z1)
+    assert path.norm(dim=1).min() > 0.9 * min(z0.norm(), z1.norm())  # no shortcut through the middle
+    start = DIGITS.init([torch.Generator().manual_seed(0)])[0]
+    frames, noise = evaluation.latent_walk(model, diffusion, start, 2.0, 0.5, 6, torch.Generator().manual_seed(4), steps=3)
+    again, _ = evaluation.latent_walk(model, diffusion, start, 2.0, 0.5, 6, torch.Generator().manual_seed(4), steps=3)
+    assert frames.shape == (6, DIGITS.n_params) and torch.equal(frames, again)
+    # the ends are plain deterministic samples from the two noises; the path moves gradually
+    end = evaluation.sample(model, diffusion, start[None], [2.0], [0.5], "ddim", 3, x_T=noise[-1:])
+    torch.testing.assert_close(frames[-1:], end)
+    steps = (frames[1:] - frames[:-1]).norm(dim=1)
+    assert steps.max() < (frames[-1] - frames[0]).norm()
+
+
+def test_first_layer_images_and_walk_plot():
+    from gptpipe import report
+
+    theta = torch.randn(3, DIGITS.n_params).numpy()
+    images = report.first_layer_images(DIGITS.layers, theta)
+    assert images.shape == (3, 10, 8, 8)
+    np.testing.assert_array_equal(images[1, 2].ravel(), theta[1, 2 * 64 : 3 * 64])  # unit 2's incoming weights
+    mnist = problems.get("mnist_mlp")
+    assert report.first_layer_images(mnist.layers, np.zeros((2, mnist.n_params))).shape == (2, 10, 28, 28)
+    cifar = problems.get("cifar_cnn")
+    assert report.first_layer_images(cifar.layers, np.zeros((2, cifar.n_params))).shape == (2, 16, 3, 3, 3)
+    assert report.first_layer_images([["w", [32, 4]]], np.zeros((2, 128))) is None  # a policy's 4 inputs: not an image
+    png = report.latent_walk_plot(images, np.array([0.5, 0.4, 0.3]), "test_loss")
+    assert png[:4] == b"\x89PNG"

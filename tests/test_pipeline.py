@@ -70,8 +70,10 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     assert summary["r2_heldout_run"] == pytest.approx(prompt_alignment_r2(req, ach))
     report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
     assert f"| prompt alignment R² | {summary['r2_heldout_run']:.3f} |" in report
-    for png in ("alignment.png", "curves.png", "one_step_test_loss.png"):
+    for png in ("alignment.png", "curves.png", "one_step_test_loss.png", "latent_walk.png"):
         assert store.fs.cat_file(store.path("evals", "e1", png))[:4] == b"\x89PNG"
+    assert "![latent walk](latent_walk.png)" in report and summary["latent_walk_frames"] == 8
+    assert summary["latent_walk_s"] < 5
     assert "e1" in store.fs.cat_file(store.path("evals", "index.md")).decode()
     # baselines are in the catalog too, and the report's SGD numbers come from them
     base = catalog.query(store, "select optimiser, epochs, steps, avg(test_loss) as m from baselines "

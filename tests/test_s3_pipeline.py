@@ -114,9 +114,9 @@ def test_s3_restart_mid_collection_retries_finish_it(prefect_api, tmp_path, monk
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
         url = server.url("r")
-        n_runs = 120
+        n_runs = 80
         args = [str(BIN / "gptpipe"), "collect", "--store", url, "--sweep", "rs", "--problem", "digits_mlp",
-                "--runs", str(n_runs), "--shard-size", "10", "--epochs", "20", "--checkpoints", "5", "--workers", "2"]
+                "--runs", str(n_runs), "--shard-size", "10", "--epochs", "10", "--checkpoints", "5", "--workers", "2"]
         proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:

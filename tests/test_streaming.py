@@ -1,0 +1,95 @@
+"""Training pairs streamed from the store for training sets bigger than the memory budget."""
+
+import numpy as np
+import pytest
+import torch
+
+from gptpipe import collect, model_store, problems
+from gptpipe.sweep import SweepConfig
+from gptpipe.training import TrainConfig, Trainer
+from storage import sweeps
+from storage.store import open_store
+
+DIGITS = problems.get("digits_mlp")
+MICRO = dict(width=32, depth=1, heads=2, num_frequencies=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("stream") / "store")
+    config = SweepConfig(problem="digits_mlp", runs=40, shard_size=20, epochs=2, checkpoints=5)
+    for shard in collect.prepare(url, "s", config, None):
+        collect.collect_shard(open_store(url), "s", shard)
+    return open_store(url)
+
+
+def test_small_sweeps_stay_in_memory(store):
+    data = model_store.load_training_data(store, ["s"])
+    assert not data.streamed and data.params.shape == (36, 5, DIGITS.n_params)
+
+
+def test_tiny_budget_streams_pairs_from_training_runs_only(store):
+    data = model_store.load_training_data(store, ["s"], budget=1000)
+    assert data.streamed and data.params is None and data.metric_values.shape == (36, 5)
+    held = set(data.lineage["heldout_runs"]["s"])
+    train_ids = np.setdiff1d(np.arange(40), sorted(held))
+    assert len(held) == 4 and len(train_ids) == 36
+    everything = sweeps.read_blocks(store, "s", np.arange(40))  # [40, C, P] to check against
+    stream = data.stream(16, pairing="mixed", permute=False, seed=3, group_runs=8, spans=2, batches_per_group=3)
+    seen_groups = set()
+    with stream:
+        for _ in range(12):
+            b = stream.next()
+            assert (b["i"] < b["j"]).all() and (b["j"] < 5).all()
+            run_ids = train_ids[b["run"].numpy()]  # training-set positions -> run numbers
+            assert not held & set(run_ids.tolist())
+            assert set(b["run"].tolist()) <= set(b["group_runs"].tolist()) and len(b["group_runs"]) <= 8
+            seen_groups.add(tuple(b["group_runs"].tolist()))
+            # the pair is checkpoints i and j of one and the same stored run, with that run's metrics
+            np.testing.assert_array_equal(b["theta_i"].numpy(), everything[run_ids, b["i"].numpy()])
+            np.testing.assert_array_equal(b["theta_j"].numpy(), everything[run_ids, b["j"].numpy()])
+            np.testing.assert_array_equal(b["metric_i"].numpy(), data.metric_values[b["run"].numpy(), b["i"].numpy()].astype(np.float32))
+    assert len(seen_groups) >= 3  # several groups were read, many batches from each
+    assert stream.thread is None  # closed
+
+
+def test_trainer_trains_from_a_stream(store):
+    data = model_store.load_training_data(store, ["s"], budget=1000)
+    cfg = TrainConfig(model=MICRO, steps=6, batch_size=16, warmup=2, seed=0)
+    stream = data.stream(16, cfg.pairing, cfg.init_frac, cfg.permute, seed=0, group_runs=8, spans=2, batches_per_group=2)
+    trainer = Trainer(DIGITS, None, data.metric_values, cfg, stream=stream)
+    try:
+        losses = trainer.train()
+    finally:
+        trainer.close()
+    assert trainer.step == 6 and all(np.isfinite(losses)) and stream.groups_read >= 2
+    assert len(trainer.gpt_config.param_scale) == 4  # normalisation fitted on a sample of the stream
+
+
+def test_stream_surfaces_read_errors():
+    def broken(idx):
+        raise OSError("store unreachable")
+
+    from gptpipe.pairs import StreamingPairs
+
+    s = StreamingPairs(DIGITS, broken, np.zeros((4, 3)), 8)
+    with pytest.raises(RuntimeError, match="store unreachable"):
+        s.next()
+    s.close()
+
+
+def test_run_training_streams_over_budget_and_saves(store):
+    from flows.train import run_training
+
+    data = model_store.load_training_data(store, ["s"], budget=0)
+    summary = run_training(data, store.url, "streamed", steps=4, save_every=2, batch_size=16)
+    assert summary["streamed"] and summary["step"] == 4
+    assert model_store.read_lineage(store, "streamed")["step"] == 4
