@@ -71,10 +71,8 @@ def test_pipeline_on_s3_through_the_cli(cli, s3_store_url, s3_server):
     run("train", "--store", s3_store_url, "--sweep", "s3d", "--model", "g", "--steps", "4", "--batch-size", "16")
     out = run("evaluate", "--store", s3_store_url, "--eval", "e1", "--networks", "4", "--prompts", "3", "--recursive", "2")
     assert f"{s3_store_url}/evals/e1/report.md" in out.stdout
-    out = run("catalog", "--store", s3_store_url, "--format", "json", "select count(*) as n from evaluations where eval = 'e1'")
-    assert json.loads(out.stdout)[0]["n"] >= 4 * 3
-
     store = open_store(s3_store_url)
+    assert catalog.query(store, "select count(*) as n from evaluations where eval = 'e1'").to_pylist()[0]["n"] >= 4 * 3
     check_exactly_once(store, "s3d", 24)
     report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
     index = store.fs.cat_file(store.path("evals", "index.md")).decode()
