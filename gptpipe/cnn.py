@@ -32,17 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptpipe import data as datasets
-from gptpipe.problems import Layer, cross_entropy
+from gptpipe.problems import Classifier, Layer, cross_entropy
 
 SIDE, PAD = 32, 4
 
 
-class ConvClassifier:
-    metrics = ("train_loss", "train_error", "test_loss", "test_error")
-    prompt_metrics = ("test_loss", "test_error")
-    primary = "test_loss"
-    higher_is_better: tuple[str, ...] = ()
+class ConvClassifier(Classifier):
     # G.pt's CIFAR-10 recipe: SGD Nesterov 0.9, weight decay 5e-4, batch 128, cosine, 50 epochs
     # (the per-run lr range is the sweep's, around the paper's 0.1)
     recipe = dict(epochs=50, lr_min=0.01, lr_max=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -67,26 +62,12 @@ class ConvClassifier:
         self.n_params = sum(layer.numel for layer in self.layers)
         self.n_units = (self.c1, self.c2)  # the two hidden layers' channels, what ``permute`` shuffles
 
-    # --- layout -------------------------------------------------------------------------------
-    def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        out, start = [], 0
-        for layer in self.layers:
-            out.append(theta[:, start : start + layer.numel].reshape(theta.shape[0], *layer.shape))
-            start += layer.numel
-        return out
-
     def module(self) -> nn.Module:
         return nn.Sequential(
             nn.Conv2d(3, self.c1, 3, stride=2, padding=1, bias=False), nn.ReLU(),
             nn.Conv2d(self.c1, self.c2, 3, stride=1, padding=1, bias=False), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.c2, self.classes),
         )
-
-    def state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {layer.name: p[0].clone() for layer, p in zip(self.layers, self.unflatten(vector.reshape(1, -1)))}
-
-    def load_data(self, source: str, root: str | None = None) -> datasets.Dataset:
-        return datasets.load(source, root)
 
     # --- init ---------------------------------------------------------------------------------
     def init(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -167,11 +148,6 @@ class ConvClassifier:
             losses.append((loss_sum / len(y)).float())
             errors.append((wrong / len(y)).float())
         return {"loss": torch.cat(losses), "error": torch.cat(errors)}
-
-    def score(self, theta: torch.Tensor, data: datasets.Dataset) -> dict[str, torch.Tensor]:
-        train = self.evaluate(theta, data.x_train, data.y_train)
-        test = self.evaluate(theta, data.x_test, data.y_test)
-        return {"train_loss": train["loss"], "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"]}
 
     # --- symmetry -----------------------------------------------------------------------------
     def sample_permutation(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

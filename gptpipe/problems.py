@@ -32,17 +32,42 @@ class Layer:
         return math.prod(self.shape)
 
 
-class MLPClassifier:
-    """Linear(d_in, hidden), ReLU, Linear(hidden, classes): the paper's MNIST network and its 8x8 twin.
+class Classifier:
+    """What every image classifier problem shares: its catalog metrics, the flat layout and scoring.
 
     ``metrics`` are the catalog columns of every checkpoint; ``primary`` is what G.pt is prompted with
-    by default (lower is better for all of them).
+    by default (lower is better for all of them). Subclasses give ``layers``, ``evaluate`` and the rest.
     """
 
     metrics = ("train_loss", "train_error", "test_loss", "test_error")
     prompt_metrics = ("test_loss", "test_error")
     primary = "test_loss"
     higher_is_better: tuple[str, ...] = ()  # metrics where larger is better (see ``sign``/``best_of``)
+    layers: tuple["Layer", ...] = ()
+
+    def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``theta [K, P]`` as ``[K, *shape]`` per layer (gradients flow back to theta)."""
+        out, start = [], 0
+        for layer in self.layers:
+            out.append(theta[:, start : start + layer.numel].reshape(theta.shape[0], *layer.shape))
+            start += layer.numel
+        return out
+
+    def state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {layer.name: p[0].clone() for layer, p in zip(self.layers, self.unflatten(vector.reshape(1, -1)))}
+
+    def load_data(self, source: str, root: str | None = None) -> datasets.Dataset:
+        return datasets.load(source, root)
+
+    def score(self, theta: torch.Tensor, data: datasets.Dataset) -> dict[str, torch.Tensor]:
+        """Every catalog metric of each vector: train/test loss and error."""
+        train = self.evaluate(theta, data.x_train, data.y_train)
+        test = self.evaluate(theta, data.x_test, data.y_test)
+        return {"train_loss": train["loss"], "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"]}
+
+
+class MLPClassifier(Classifier):
+    """Linear(d_in, hidden), ReLU, Linear(hidden, classes): the paper's MNIST network and its 8x8 twin."""
 
     def __init__(self, name: str, d_in: int, hidden: int, classes: int, default_data: str, data_sources: tuple[str, ...]):
         self.name = name
@@ -60,24 +85,9 @@ class MLPClassifier:
         # (W2). ``permute`` shuffles exactly these; G.pt can give each unit one token (gpt.Tokenizer).
         self.unit_axes = ((0, 0), (1, 0), (2, 1))
 
-    # --- layout -------------------------------------------------------------------------------
-    def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``theta [K, P]`` as ``[K, *shape]`` per layer (gradients flow back to theta)."""
-        out, start = [], 0
-        for layer in self.layers:
-            out.append(theta[:, start : start + layer.numel].reshape(theta.shape[0], *layer.shape))
-            start += layer.numel
-        return out
-
     def module(self) -> nn.Module:
         """The same network as an ordinary ``nn.Module`` (for one parameter vector)."""
         return nn.Sequential(nn.Linear(self.d_in, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.classes))
-
-    def state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {layer.name: p[0].clone() for layer, p in zip(self.layers, self.unflatten(vector.reshape(1, -1)))}
-
-    def load_data(self, source: str, root: str | None = None) -> datasets.Dataset:
-        return datasets.load(source, root)
 
     # --- init ---------------------------------------------------------------------------------
     def init(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -119,12 +129,6 @@ class MLPClassifier:
             losses.append(cross_entropy(z, y.expand(n, -1)).mean(1))
             errors.append((z.argmax(-1) != y).float().mean(1))
         return {"loss": torch.cat(losses), "error": torch.cat(errors)}
-
-    def score(self, theta: torch.Tensor, data: datasets.Dataset) -> dict[str, torch.Tensor]:
-        """Every catalog metric of each vector: train/test loss and error."""
-        train = self.evaluate(theta, data.x_train, data.y_train)
-        test = self.evaluate(theta, data.x_test, data.y_test)
-        return {"train_loss": train["loss"], "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"]}
 
     # --- symmetry -----------------------------------------------------------------------------
     def sample_permutation(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,15 +14,6 @@ MNIST = problems.get("mnist_mlp")
 MICRO = dict(width=32, depth=1, heads=2, num_frequencies=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscription when the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def layers_of(problem):
     return [[layer.name, list(layer.shape)] for layer in problem.layers]
 

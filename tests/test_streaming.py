@@ -1,7 +1,6 @@
 """Training pairs streamed from the store for training sets bigger than the memory budget."""
 
 import numpy as np
-import pytest
 import torch
 
 from gptpipe import collect, model_store, problems
@@ -12,14 +11,6 @@ from storage.store import open_store
 
 DIGITS = problems.get("digits_mlp")
 MICRO = dict(width=32, depth=1, heads=2, num_frequencies=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
