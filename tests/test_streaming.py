@@ -1,6 +1,7 @@
 """Training pairs streamed from the store for training sets bigger than the memory budget."""
 
 import numpy as np
+import pytest
 import torch
 
 from gptpipe import collect, model_store, problems
