@@ -428,6 +428,3 @@ class Normalizer:
         delta_scale = rms(segs(d))
         return param_scale, delta_scale
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
