@@ -267,13 +267,18 @@ def markdown(summary: dict) -> str:
         "",
         f"![one step](one_step_{m}.png)",
         "",
-        "SGD baselines start from the same networks with the sweep's recipe at the learning rate of its best run.",
+        "The baselines start from the same networks with the sweep's recipe at the learning rate of its best run.",
         "",
-        f"![optimisers](optimisers_{m}.png)",
-        "",
-        f"Steps to match G.pt's one update: SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
-        f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).",
-        "",
+    ]
+    if f"sgd_curve_{m}_mean" in summary:  # optimiser curves need a differentiable training loss (not RL)
+        lines += [
+            f"![optimisers](optimisers_{m}.png)",
+            "",
+            f"Steps to match G.pt's one update: SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
+            f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).",
+            "",
+        ]
+    lines += [
         "## Diversity",
         "",
         f"{summary['diversity_samples']} samples for each of {summary['diversity_networks']} fresh inits at the best prompt.",
@@ -333,7 +338,8 @@ def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baseli
     for metric in dict.fromkeys(("test_loss", "test_error", summary["metric"])):
         if f"start_{metric}_mean" in summary:
             put(one_step_plot(summary, metric), f"one_step_{metric}.png")
-            put(optimiser_plot(summary, metric), f"optimisers_{metric}.png")
+            if f"sgd_curve_{metric}_mean" in summary:
+                put(optimiser_plot(summary, metric), f"optimisers_{metric}.png")
     if len(diversity["nets"]):
         put(diversity_plot(diversity, rows, summary["metric"]), "diversity.png")
         put(landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else summary["metric"]), "landscape.png")

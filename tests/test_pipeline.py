@@ -106,3 +106,22 @@ def test_catalog_sees_evaluations_json(small_store, cli):
                "select source, count(*) as n from evaluations where step = 1 group by source order by source", check=True)
     counts = {r["source"]: r["n"] for r in json.loads(proc.stdout)}
     assert set(counts) >= {"heldout_run", "fresh_init"}
+
+
+def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
+    """cartpole (metric `return`, higher is better, no differentiable loss): collect, train, evaluate."""
+    from flows.collect import collect_flow
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+
+    url = str(tmp_path / "store")
+    collect_flow(store=url, sweep="cp", problem="cartpole", runs=8, shard_size=8, epochs=3, checkpoints=4)
+    train_flow(store=url, sweeps=["cp"], model="g", steps=2, batch_size=16)
+    summary = evaluate_flow(store=url, model="g", eval="e", networks=2, prompts=3, recursive=2)
+    store = open_store(url)
+    assert summary["metric"] == "return" and summary["best_in_sweeps"] == max(
+        r["best_return"] for r in catalog.query(store, "select best_return from runs").to_pylist())
+    rows = catalog.query(store, "select requested, achieved from evaluations where step = 1 and sample = 0").to_pylist()
+    assert len(rows) == 2 * 3 and all(0 < r["achieved"] <= 500 for r in rows)
+    report = store.fs.cat_file(store.path("evals", "e", "report.md")).decode()
+    assert "one_step_return.png" in report and "optimisers_" not in report
