@@ -73,6 +73,11 @@ V["units+lr3e-3"] = variant(V["units"], lr=3e-3)
 V["units+t_high1"] = variant(V["units"], t_high_frac=1.0)
 V["best"] = variant(V["units"], batch_size=128, lr=3e-3)
 V["best+t_high1"] = variant(V["best"], t_high_frac=1.0)
+# Classifier-free guidance: train 10% of pairs without their target, sample with guidance scales > 1.
+V["best+cfg"] = variant(V["best"], target_dropout=0.1)
+# Capacity: the fused unit token carries 2 x 75 numbers through a 128-wide stream.
+V["best+w256"] = variant(V["best"], model=dict(width=256))
+V["best+d4"] = variant(V["best"], model=dict(depth=4))
 
 
 def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarray]:
@@ -88,11 +93,12 @@ def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarr
 
 def evaluate(model, diffusion, problem, ds, starts: dict[str, torch.Tensor], best: float, samplers, n_prompts=20, seed=0):
     out = {}
-    for name, (sampler, steps) in samplers.items():
+    for name, (sampler, steps, *guidance) in samplers.items():
         row = {}
         for source, theta in starts.items():
             g = torch.Generator().manual_seed(seed)
-            r = evaluation.prompt_networks(model, diffusion, problem, ds, theta, best, n_prompts, "test_loss", sampler, steps, g)
+            r = evaluation.prompt_networks(model, diffusion, problem, ds, theta, best, n_prompts, "test_loss", sampler, steps, g,
+                                          guidance=guidance[0] if guidance else 1.0)
             row[source] = {
                 "r2": r.r2,
                 "pearson": r.pearson,
@@ -150,6 +156,8 @@ def main():
     fresh = problem.init([torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**31, (32,), generator=g)])
     starts = {"heldout_run": torch.as_tensor(d["params"][held_idx[:32], 0]), "fresh_init": fresh}
     samplers = {"ddim1": ("ddim", 1), "ddim10": ("ddim", 10), "mean8": ("mean", 8)}
+    if cfg.target_dropout > 0:
+        samplers.update({f"ddim10_w{w:g}": ("ddim", 10, w) for w in (1.5, 2.0, 3.0, 5.0)})
     t1 = time.perf_counter()
     results = {"ema": evaluate(*trainer.sampler_model(True)[:2], problem, ds, starts, best, samplers)}
     results["raw"] = evaluate(*trainer.sampler_model(False)[:2], problem, ds, starts, best, {"ddim1": ("ddim", 1)})
@@ -169,8 +177,8 @@ def main():
     print(json.dumps({"variant": args.variant, "steps": trainer.step, "train_min": row["train_min"], "val_loss": round(val, 4),
                       **{f"r2_{k}": round(v["r2"], 3) for k, v in e.items()},
                       "r2_raw_ddim1": round(results["raw"]["ddim1"]["r2"], 3),
-                      "err_fresh_best_ddim1": round(e["ddim1"]["fresh_init"]["best_prompt_error"], 3),
-                      "err_fresh_best_mean8": round(e["mean8"]["fresh_init"]["best_prompt_error"], 3)}))
+                      **{f"err_fresh_best_{k}": round(v["fresh_init"]["best_prompt_error"], 3) for k, v in e.items()},
+                      }))
 
 
 if __name__ == "__main__":

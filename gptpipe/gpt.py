@@ -291,6 +291,10 @@ class Gpt(nn.Module):
         self.ln_in = nn.LayerNorm(D)
         self.embed_scalar = FrequencyEmbedding(c.num_frequencies, c.max_freq_log2)
         E = self.embed_scalar.dim
+        # Learned stand-ins for the target metric and the difference embeddings when the target is
+        # dropped: trained with ``TrainConfig.target_dropout``, they give the unconditional prediction
+        # that classifier-free guidance extrapolates away from.
+        self.null_target = nn.Parameter(torch.zeros(2, E))
         if c.conditioning == "tokens":
             self.scalar_tokens = nn.ModuleList(nn.Linear(E, D) for _ in range(4))
             pos.append(n_pos + torch.arange(4))
@@ -319,13 +323,19 @@ class Gpt(nn.Module):
             nn.init.zeros_(self.final_modulation.weight)
             nn.init.zeros_(self.final_modulation.bias)
 
-    def scalars(self, t, start_metric, target_metric) -> list[torch.Tensor]:
-        """The four conditioning scalars, each embedded: ``[B, E]`` x 4."""
+    def scalars(self, t, start_metric, target_metric, keep_target=None) -> list[torch.Tensor]:
+        """The four conditioning scalars, each embedded: ``[B, E]`` x 4. Where ``keep_target [B]`` is
+        False the target and difference embeddings are replaced by the learned null ones."""
         t = t.float() / self.config.timesteps
         s, g = start_metric.float(), target_metric.float()
-        return [self.embed_scalar(v) for v in (t, s, g, g - s)]
+        emb = [self.embed_scalar(v) for v in (t, s, g, g - s)]
+        if keep_target is not None:
+            keep = keep_target.reshape(-1, 1)
+            emb[2] = torch.where(keep, emb[2], self.null_target[0])
+            emb[3] = torch.where(keep, emb[3], self.null_target[1])
+        return emb
 
-    def forward(self, x_t, start, t, start_metric, target_metric) -> torch.Tensor:
+    def forward(self, x_t, start, t, start_metric, target_metric, keep_target=None) -> torch.Tensor:
         tok = self.tokenizer
         xs, ss = tok.to_tokens(x_t), tok.to_tokens(start)
         if self.config.fuse_inputs:
@@ -333,7 +343,7 @@ class Gpt(nn.Module):
         else:
             h = torch.cat([self.encode_x(xs), self.encode_start(ss)], dim=1)
         h = self.ln_in(h)
-        emb = self.scalars(t, start_metric, target_metric)
+        emb = self.scalars(t, start_metric, target_metric, keep_target)
         cond = None
         if self.config.conditioning == "tokens":
             h = torch.cat([h, torch.stack([proj(e) for proj, e in zip(self.scalar_tokens, emb)], dim=1)], dim=1)
