@@ -1,6 +1,7 @@
 """G.pt ablations on digits_mlp: train one variant for a fixed wall-time budget, then prompt it.
 
     /work/main/.venv/bin/python bench/gpt_ablations.py --variant NAME [--minutes 6] [--threads 1]
+    ... --store DIR --sweep NAME   # learn from a sweep collected with `gptpipe collect` (e.g. mnist_mlp)
 
 Data: a 512-run digits_mlp sweep (25 epochs, 40 checkpoints, seed 0), cached under /tmp; the last 64
 runs are held out. Evaluation: 32 held-out runs' initial checkpoints + 32 fresh random inits, each
@@ -73,11 +74,12 @@ V["units+lr3e-3"] = variant(V["units"], lr=3e-3)
 V["units+t_high1"] = variant(V["units"], t_high_frac=1.0)
 V["best"] = variant(V["units"], batch_size=128, lr=3e-3)
 V["best+t_high1"] = variant(V["best"], t_high_frac=1.0)
-# Classifier-free guidance: train 10% of pairs without their target, sample with guidance scales > 1.
-V["best+cfg"] = variant(V["best"], target_dropout=0.1)
 # Capacity: the fused unit token carries 2 x 75 numbers through a 128-wide stream.
 V["best+w256"] = variant(V["best"], model=dict(width=256))
 V["best+d4"] = variant(V["best"], model=dict(depth=4))
+V["best+init0.8"] = variant(V["best"], init_frac=0.8)
+# v-prediction (EDM-style preconditioning): x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v, loss on v.
+V["best+v"] = variant(V["best"], model=dict(prediction="v"))
 
 
 def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarray]:
@@ -91,14 +93,30 @@ def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarr
     return {k: z[k] for k in z.files}
 
 
+def store_data(url: str, sweep_name: str):
+    """Training and held-out runs of a sweep in a store, split as ``gptpipe train`` splits them."""
+    from gptpipe import model_store
+    from storage import sweeps as sweeps_mod
+    from storage.store import open_store
+
+    st = open_store(url)
+    d = model_store.load_training_data(st, [sweep_name], None, 0, budget=2**40)
+    problem = problems.get(d.problem)
+    held_runs = d.lineage["heldout_runs"][sweep_name]
+    held_params = sweeps_mod.read_blocks(st, sweep_name, held_runs)
+    ds = problem.load_data(sweeps_mod.read_config(st, sweep_name)["recipe"]["data"])
+    flat = torch.as_tensor(held_params.reshape(-1, problem.n_params))
+    held_metric = problem.score(flat, ds)[d.metric].numpy().reshape(held_params.shape[:2])
+    return problem, ds, d.params, d.metric_values, held_params, held_metric
+
+
 def evaluate(model, diffusion, problem, ds, starts: dict[str, torch.Tensor], best: float, samplers, n_prompts=20, seed=0):
     out = {}
-    for name, (sampler, steps, *guidance) in samplers.items():
+    for name, (sampler, steps) in samplers.items():
         row = {}
         for source, theta in starts.items():
             g = torch.Generator().manual_seed(seed)
-            r = evaluation.prompt_networks(model, diffusion, problem, ds, theta, best, n_prompts, "test_loss", sampler, steps, g,
-                                          guidance=guidance[0] if guidance else 1.0)
+            r = evaluation.prompt_networks(model, diffusion, problem, ds, theta, best, n_prompts, "test_loss", sampler, steps, g)
             row[source] = {
                 "r2": r.r2,
                 "pearson": r.pearson,
@@ -120,18 +138,23 @@ def main():
     ap.add_argument("--runs", type=int, default=512)
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--store", help="learn from a sweep in this store instead (e.g. mnist_mlp); with --sweep")
+    ap.add_argument("--sweep", help="the sweep in --store; its recorded held-out runs are the held-out set")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpt_ablations.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    problem = problems.get("digits_mlp")
-    ds = data.load("digits")
-    d = get_data(args.runs)
-    ok = np.isfinite(d["test_loss"]).all(1)
-    train_idx = np.flatnonzero(ok[: args.runs - args.heldout])
-    held_idx = np.flatnonzero(ok[args.runs - args.heldout :]) + args.runs - args.heldout
-    params, metric = d["params"][train_idx], d["test_loss"][train_idx]
-    best = float(metric.min())
+    if args.store:
+        problem, ds, params, metric, held_params, held_metric = store_data(args.store, args.sweep)
+    else:
+        problem, ds = problems.get("digits_mlp"), data.load("digits")
+        d = get_data(args.runs)
+        ok = np.isfinite(d["test_loss"]).all(1)
+        train_idx = np.flatnonzero(ok[: args.runs - args.heldout])
+        held_idx = np.flatnonzero(ok[args.runs - args.heldout :]) + args.runs - args.heldout
+        params, metric = d["params"][train_idx], d["test_loss"][train_idx]
+        held_params, held_metric = d["params"][held_idx], d["test_loss"][held_idx]
+    best = float(np.nanmin(metric))
 
     spec = V[args.variant]
     cfg = TrainConfig(**{**spec, "model": dict(spec["model"]), "seed": args.seed, "steps": max(args.steps, 10)})
@@ -151,24 +174,24 @@ def main():
         print(f"step {trainer.step}/{cfg.steps} loss {np.mean(trainer.losses[-100:]):.4f} {time.perf_counter() - t0:.0f}s", flush=True)
     train_s = time.perf_counter() - t0
 
-    val = trainer.validation_loss(d["params"][held_idx], d["test_loss"][held_idx])
+    val = trainer.validation_loss(held_params, held_metric)
     g = torch.Generator().manual_seed(10_000 + args.seed)
     fresh = problem.init([torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**31, (32,), generator=g)])
-    starts = {"heldout_run": torch.as_tensor(d["params"][held_idx[:32], 0]), "fresh_init": fresh}
+    starts = {"heldout_run": torch.as_tensor(held_params[:32, 0]), "fresh_init": fresh}
     samplers = {"ddim1": ("ddim", 1), "ddim10": ("ddim", 10), "mean8": ("mean", 8)}
-    if cfg.target_dropout > 0:
-        samplers.update({f"ddim10_w{w:g}": ("ddim", 10, w) for w in (1.5, 2.0, 3.0, 5.0)})
     t1 = time.perf_counter()
     results = {"ema": evaluate(*trainer.sampler_model(True)[:2], problem, ds, starts, best, samplers)}
     results["raw"] = evaluate(*trainer.sampler_model(False)[:2], problem, ds, starts, best, {"ddim1": ("ddim", 1)})
     eval_s = time.perf_counter() - t1
     row = {
         "variant": args.variant, "seed": args.seed, "threads": args.threads, "runs": args.runs,
+        "problem": problem.name, "sweep": args.sweep,
         "steps": trainer.step, "train_min": round(train_s / 60, 2), "eval_s": round(eval_s, 1),
         "final_loss": float(np.mean(trainer.losses[-100:])), "val_loss": val, "best_seen": best,
         "config": cfg.to_dict(), "results": results,
         "command": f"/work/main/.venv/bin/python bench/gpt_ablations.py --variant {args.variant} --minutes {args.minutes:g} --threads {args.threads}"
-                   + (f" --steps {args.steps}" if args.steps else "") + (f" --runs {args.runs}" if args.runs != 512 else ""),
+                   + (f" --steps {args.steps}" if args.steps else "") + (f" --runs {args.runs}" if args.runs != 512 else "")
+                   + (f" --store {args.store} --sweep {args.sweep}" if args.store else ""),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as f:

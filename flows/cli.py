@@ -237,7 +237,6 @@ def evaluate(
     recursive: int = typer.Option(5, help="G.pt updates in the recursive-prompting protocol"),
     sampler: str = typer.Option("", help="ddim or ddpm (default: the model's)"),
     sample_steps: int = typer.Option(0, help="Sampler steps (default: the model's)"),
-    guidance: float = typer.Option(0.0, help="Classifier-free guidance scale, 1 = none (default: the model's)"),
     seed: int = typer.Option(0),
     data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
 ):
@@ -251,13 +250,9 @@ def evaluate(
             raise StoreError("--networks and --prompts must be at least 2")
         if sampler not in ("", "ddim", "ddpm"):
             raise StoreError(f"unknown sampler {sampler!r} (ddim or ddpm)")
-        if guidance < 0:
-            raise StoreError(f"--guidance must be positive, got {guidance}")
         st = open_store(url)
         model = model or model_store.newest_model(st)
-        trained = model_store.read_lineage(st, model).get("train_config", {})
-        if guidance not in (0.0, 1.0) and not trained.get("target_dropout", 0.0):
-            raise StoreError(f"model {model!r} was trained without target dropout, so it cannot be guided; use --guidance 1")
+        model_store.read_lineage(st, model)
         if eval:
             from storage import sweeps as sweeps_mod
 
@@ -268,7 +263,7 @@ def evaluate(
 
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, networks=networks, prompts=prompts,
-                                    recursive=recursive, sampler=sampler, sample_steps=sample_steps, guidance=guidance, seed=seed,
+                                    recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
                                     data_root=data_root)
     _print_summary(url, summary)
 
@@ -299,7 +294,7 @@ def demo(store: Optional[str] = StoreOpt):
             store=url, format="table")
     train(sweep=["demo"], model="demo", store=url, preset="tiny", steps=3000, metric=None, batch_size=None,
           device="auto", save_every=500, memory_budget=None)
-    evaluate(model="demo", store=url, eval=None, networks=32, prompts=20, recursive=5, sampler="", sample_steps=0, guidance=0.0, seed=0,
+    evaluate(model="demo", store=url, eval=None, networks=32, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0,
              data_root=None)
 
 

@@ -13,7 +13,7 @@ from storage.store import default_store_url, open_store
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(store: str | None = None, model: str | None = None, eval: str | None = None, networks: int = 32, prompts: int = 20,
-                  recursive: int = 5, sampler: str = "", sample_steps: int = 0, guidance: float = 0.0, seed: int = 0,
+                  recursive: int = 5, sampler: str = "", sample_steps: int = 0, seed: int = 0,
                   data_root: str | None = None) -> dict:
     """Evaluate ``model`` (default: the newest in the store) into ``evals/<eval>`` (default: a new
     timestamped name), so a scheduled run never overwrites an earlier one. ``store`` defaults to
@@ -23,7 +23,7 @@ def evaluate_flow(store: str | None = None, model: str | None = None, eval: str 
     model = model or model_store.newest_model(st)
     eval = eval or f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     summary = eval_store.run(st, eval_store.EvalRequest(model=model, eval=eval, networks=networks, prompts=prompts,
-                                                       recursive=recursive, sampler=sampler, sample_steps=sample_steps, guidance=guidance, seed=seed,
+                                                       recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
                                                        data_root=data_root))
     report = st.read_json("evals", eval, "summary.json")  # what the store holds, not what we think it holds
     create_markdown_artifact(key="eval-report", description=f"evaluation {eval}",

@@ -42,7 +42,6 @@ class EvalRequest:
     data_root: str | None = None  # where mnist/fashion_mnist/cifar10 files are (the embedded sources need none)
     sampler: str = ""  # "" = the model's default
     sample_steps: int = 0  # 0 = the model's default
-    guidance: float = 0.0  # classifier-free guidance scale; 0 = the model's default (1 = none)
     seed: int = 0
     walk_frames: int = 8  # frames of the latent walk in the report (0: none)
 
@@ -108,27 +107,23 @@ def run(store: Store, req: EvalRequest) -> dict:
     train_config = lineage.get("train_config", {})
     sampler = req.sampler or train_config.get("sampler", "ddim")
     steps = req.sample_steps or train_config.get("sample_steps", 1)
-    guidance = req.guidance or train_config.get("guidance", 1.0)
-    if guidance != 1.0 and not train_config.get("target_dropout", 0.0):
-        raise ValueError(f"model {req.model!r} was trained without target dropout, so it has no unconditional "
-                         f"prediction to guide with; use guidance 1")
     g = torch.Generator().manual_seed(req.seed)
     sample = lambda start_params, start_metric, target: evaluation.sample(model, diffusion, start_params, start_metric, target,
-                                                                          sampler, steps, g, guidance=guidance)
+                                                                          sampler, steps, g)
     timings = {}
 
     # 1. one-step prompting over a range of requested values (sample 0 of every (network, prompt))
     t = time.perf_counter()
     start, sources = start_networks(store, lineage, problem, req.networks, req.seed)
     prompted = evaluation.prompt_networks(model, diffusion, problem, dataset, start, best, req.prompts, metric=metric,
-                                          sampler=sampler, steps=steps, generator=g, guidance=guidance)
+                                          sampler=sampler, steps=steps, generator=g)
     fresh = np.array([s == "fresh_init" for s in sources])
     top = 0  # prompts run from the best value (index 0) towards the start value
     # 2. recursive prompting (fresh inits, always the best value): update 1 is the grid's sample at the
     #    best prompt; updates 2..K feed each output back in as the next start
     recursive = evaluation.recursive_prompting(model, diffusion, problem, dataset, prompted.params[fresh, top],
                                                np.full(int(fresh.sum()), best), k=max(0, req.recursive - 1), metric=metric,
-                                               sampler=sampler, steps=steps, generator=g, guidance=guidance) if req.recursive > 1 else None
+                                               sampler=sampler, steps=steps, generator=g) if req.recursive > 1 else None
     # 3. diversity: more samples for the same (network, best prompt)
     div_nets = np.flatnonzero(fresh)[: req.diversity_networks]
     extra = req.diversity_samples - 1
@@ -208,7 +203,7 @@ def run(store: Store, req: EvalRequest) -> dict:
     summary = headline(req, lineage, prompted, recursive, recipe_baseline, sources, metric, best)
     one_step = summary[f"one_step_best_prompt_{metric}_mean"]
     summary.update({
-        "sampler": sampler, "sample_steps": steps, "guidance": guidance, "best_lr": best_lr, "adam_lr": ADAM_LR,
+        "sampler": sampler, "sample_steps": steps, "best_lr": best_lr, "adam_lr": ADAM_LR,
         "optimiser_steps": list(baselines.EVAL_STEPS),
         **{f"{name}_curve_{m}_mean": [float(x) for x in v.mean(1)] for name, c in curves.items() for m, v in c.items()},
         **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[metric].mean(1), baselines.EVAL_STEPS, one_step, higher)

@@ -25,34 +25,14 @@ def prompts(best: float, start_metric, n_prompts: int, top_frac: float = 0.9) ->
     return best + w * (top_frac * start - best)
 
 
-def guided(model: Gpt, start, start_metric, target, guidance: float = 1.0):
-    """The denoiser ``(x_t, t) -> x0_hat`` for fixed (start, prompt) rows. ``guidance`` w != 1 is
-    classifier-free guidance: ``uncond + w (cond - uncond)``, where ``uncond`` is the prediction with the
-    target metric replaced by the model's null embedding; w > 1 pushes the sample further toward what
-    distinguishes the requested metric. Both predictions come from one batched model call."""
-    if guidance == 1.0:
-        return lambda x_t, t: model(x_t, start, t, start_metric, target)
-    n = len(start)
-    keep = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).to(start.device)
-    two = lambda v: torch.cat([v, v])
-
-    def denoise(x_t, t):
-        cond, uncond = model(two(x_t), two(start), two(t), two(start_metric), two(target), keep).chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    return denoise
-
-
 @torch.no_grad()
 def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target, sampler: str = "ddim", steps: int | None = 1,
-           generator: torch.Generator | None = None, batch_size: int = 2048, x_T: torch.Tensor | None = None,
-           guidance: float = 1.0) -> torch.Tensor:
+           generator: torch.Generator | None = None, batch_size: int = 2048, x_T: torch.Tensor | None = None) -> torch.Tensor:
     """New parameters ``[N, P]`` (raw, de-normalised) for N (start, prompt) problems, in batches.
 
     ``start_params [N, P]`` raw parameters; ``start_metric [N]`` what they achieve; ``target [N]`` the
     requested metric. Sampler names and ``steps`` as in ``Diffusion.sample``. ``x_T [N, P]``: explicit
-    initial noise (in the diffusion variable's normalised units) instead of drawing it from ``generator``.
-    ``guidance``: classifier-free guidance scale (see ``guided``)."""
+    initial noise (in the diffusion variable's normalised units) instead of drawing it from ``generator``."""
     device = next(model.parameters()).device
     norm = Normalizer(model.config, device)
     start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
@@ -63,7 +43,7 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
     for a in range(0, len(start_params), batch_size):
         s = norm.normalize(start_params[a : a + batch_size].to(device))
         m0, m1 = start_metric[a : a + batch_size].to(device), target[a : a + batch_size].to(device)
-        denoise = guided(model, s, m0, m1, guidance)
+        denoise = diffusion.denoiser(lambda x_t, t: model(x_t, s, t, m0, m1), model.config.prediction)
         noise = None if x_T is None else torch.as_tensor(x_T)[a : a + batch_size]
         x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device, x_T=noise)
         out.append(norm.denormalize(norm.params(x0, s)).cpu())
@@ -135,15 +115,14 @@ class PromptResult:
 
 def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, best: float, n_prompts: int = 20,
                     metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
-                    generator: torch.Generator | None = None, top_frac: float = 0.9, guidance: float = 1.0) -> PromptResult:
+                    generator: torch.Generator | None = None, top_frac: float = 0.9) -> PromptResult:
     """Prompt N starting networks with ``n_prompts`` values each and measure what the samples achieve."""
     start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
     N = len(start_params)
     start_metric = problem.score(start_params, dataset)[metric].float()
     requested = prompts(best, start_metric, n_prompts, top_frac)  # [N, P]
     rep = lambda x: x.repeat_interleave(n_prompts, dim=0)
-    theta = sample(model, diffusion, rep(start_params), rep(start_metric), requested.reshape(-1), sampler, steps, generator,
-                   guidance=guidance)
+    theta = sample(model, diffusion, rep(start_params), rep(start_metric), requested.reshape(-1), sampler, steps, generator)
     scores = problem.score(theta, dataset)
     achieved = {k: v.double().numpy().reshape(N, n_prompts) for k, v in scores.items()}
     req = requested.double().numpy()
@@ -160,7 +139,7 @@ def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_pa
 
 def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, target, k: int = 5,
                         metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
-                        generator: torch.Generator | None = None, guidance: float = 1.0) -> dict:
+                        generator: torch.Generator | None = None) -> dict:
     """Feed G.pt's output back as the next start, ``k`` times, always asking for ``target [N]``.
 
     Returns ``params [k, N, n_params]`` and, for every metric of the problem, ``[k, N]`` (row s = after
@@ -170,7 +149,7 @@ def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, star
     current = problem.score(theta, dataset)
     out = {"start": current[metric].double().numpy(), "params": []}
     for _ in range(k):
-        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator, guidance=guidance)
+        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator)
         current = problem.score(theta, dataset)
         out["params"].append(theta.numpy())
         for name, v in current.items():

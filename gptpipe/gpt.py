@@ -61,6 +61,7 @@ class GptConfig:
     conditioning: str = "tokens"  # "tokens" (the paper: scalars are extra tokens) or "adaln" (DiT)
     fuse_inputs: bool = False  # True: one token holds both x_t's and start's chunk (half the tokens)
     target: str = "params"  # diffusion variable: "params" (theta_j, the paper) or "delta" (theta_j - theta_i, rescaled)
+    prediction: str = "x0"  # what the network outputs: "x0" (the paper) or "v" (see diffusion.Diffusion.denoiser; "delta" only)
     units: list = field(default_factory=list)  # [[layer, axis], ...]: one shared-type token per hidden unit (see Tokenizer)
     timesteps: int = 1000
     preset: str = ""
@@ -75,6 +76,10 @@ class GptConfig:
             raise ValueError(f"conditioning must be 'tokens' or 'adaln', not {self.conditioning!r}")
         if self.target not in ("params", "delta"):
             raise ValueError(f"target must be 'params' or 'delta', not {self.target!r}")
+        if self.prediction not in ("x0", "v"):
+            raise ValueError(f"prediction must be 'x0' or 'v', not {self.prediction!r}")
+        if self.prediction == "v" and self.target != "delta":
+            raise ValueError("prediction 'v' needs target 'delta' (the 'params' target adds start to the output)")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
@@ -291,10 +296,6 @@ class Gpt(nn.Module):
         self.ln_in = nn.LayerNorm(D)
         self.embed_scalar = FrequencyEmbedding(c.num_frequencies, c.max_freq_log2)
         E = self.embed_scalar.dim
-        # Learned stand-ins for the target metric and the difference embeddings when the target is
-        # dropped: trained with ``TrainConfig.target_dropout``, they give the unconditional prediction
-        # that classifier-free guidance extrapolates away from.
-        self.null_target = nn.Parameter(torch.zeros(2, E))
         if c.conditioning == "tokens":
             self.scalar_tokens = nn.ModuleList(nn.Linear(E, D) for _ in range(4))
             pos.append(n_pos + torch.arange(4))
@@ -323,19 +324,13 @@ class Gpt(nn.Module):
             nn.init.zeros_(self.final_modulation.weight)
             nn.init.zeros_(self.final_modulation.bias)
 
-    def scalars(self, t, start_metric, target_metric, keep_target=None) -> list[torch.Tensor]:
-        """The four conditioning scalars, each embedded: ``[B, E]`` x 4. Where ``keep_target [B]`` is
-        False the target and difference embeddings are replaced by the learned null ones."""
+    def scalars(self, t, start_metric, target_metric) -> list[torch.Tensor]:
+        """The four conditioning scalars, each embedded: ``[B, E]`` x 4."""
         t = t.float() / self.config.timesteps
         s, g = start_metric.float(), target_metric.float()
-        emb = [self.embed_scalar(v) for v in (t, s, g, g - s)]
-        if keep_target is not None:
-            keep = keep_target.reshape(-1, 1)
-            emb[2] = torch.where(keep, emb[2], self.null_target[0])
-            emb[3] = torch.where(keep, emb[3], self.null_target[1])
-        return emb
+        return [self.embed_scalar(v) for v in (t, s, g, g - s)]
 
-    def forward(self, x_t, start, t, start_metric, target_metric, keep_target=None) -> torch.Tensor:
+    def forward(self, x_t, start, t, start_metric, target_metric) -> torch.Tensor:
         tok = self.tokenizer
         xs, ss = tok.to_tokens(x_t), tok.to_tokens(start)
         if self.config.fuse_inputs:
@@ -343,7 +338,7 @@ class Gpt(nn.Module):
         else:
             h = torch.cat([self.encode_x(xs), self.encode_start(ss)], dim=1)
         h = self.ln_in(h)
-        emb = self.scalars(t, start_metric, target_metric, keep_target)
+        emb = self.scalars(t, start_metric, target_metric)
         cond = None
         if self.config.conditioning == "tokens":
             h = torch.cat([h, torch.stack([proj(e) for proj, e in zip(self.scalar_tokens, emb)], dim=1)], dim=1)

@@ -241,7 +241,7 @@ def markdown(summary: dict) -> str:
         "",
         f"Problem `{summary['problem']}`, prompted metric `{m}`; sweeps {', '.join(summary['sweeps'])} "
         f"(catalog digest `{summary['catalog_digest'][:12]}`); model step {summary['model_step']}; "
-        f"sampler {summary['sampler']} with {summary['sample_steps']} step(s), guidance {summary.get('guidance', 1.0):g}; code {summary['code_version']}; "
+        f"sampler {summary['sampler']} with {summary['sample_steps']} step(s); code {summary['code_version']}; "
         f"{summary['networks']} start networks × {summary['prompts']} prompts from the best value in the sweeps "
         f"({summary['best_in_sweeps']:.4g}) to 0.9 × each start value; {summary['eval_wall_s']} s.",
         "",

@@ -67,10 +67,8 @@ class TrainConfig:
     permute: bool = True
     unit_tokens: bool | None = None  # one shared-type token per hidden unit (problems with ``unit_axes``); None = the preset's choice
     t_high_frac: float = 0.5  # fraction of training timesteps drawn from the top tenth of the schedule
-    target_dropout: float = 0.0  # fraction of pairs trained without their target metric (enables guidance)
     sampler: str = "ddim"  # defaults for evaluation
     sample_steps: int = 10
-    guidance: float = 1.0  # classifier-free guidance scale for evaluation (1 = none; needs target_dropout > 0)
 
     def __post_init__(self):
         if self.pairing not in PAIRINGS:
@@ -209,16 +207,15 @@ class Trainer:
             "metric_i": pairs["metric_i"].to(d), "metric_j": pairs["metric_j"].to(d),
             "t": self.diffusion.sample_t(n, g, c.t_high_frac).to(d),
             "noise": torch.randn(n, self.problem.n_params, generator=g).to(d),
-            # drawn only when used, so that runs without dropout keep their random stream
-            "keep_target": (torch.rand(n, generator=g) >= c.target_dropout).to(d) if c.target_dropout > 0 else None,
         }
 
     def loss_on(self, model: Gpt, b: dict[str, torch.Tensor]) -> torch.Tensor:
         start = self.normalizer.normalize(b["theta_i"])
         x0 = self.normalizer.x0(self.normalizer.normalize(b["theta_j"]), start)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            denoise = lambda x_t, t: model(x_t, start, t, b["metric_i"], b["metric_j"], b["keep_target"])
-            return self.diffusion.loss(denoise, x0, b["t"], b["noise"]).mean()
+            prediction = self.gpt_config.prediction
+            denoise = self.diffusion.denoiser(lambda x_t, t: model(x_t, start, t, b["metric_i"], b["metric_j"]), prediction)
+            return self.diffusion.loss(denoise, x0, b["t"], b["noise"], prediction).mean()
 
     # --- optimisation -------------------------------------------------------------------------
     def optimize(self, batch: dict[str, torch.Tensor]) -> float:
@@ -369,7 +366,6 @@ def load_model(blob: bytes, use_ema: bool = True, device: str = "cpu") -> tuple[
     model = Gpt(config)
     prefix = "ema." if use_ema else "model."
     weights = {k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)}
-    weights.setdefault("null_target", model.null_target.detach().clone())  # models saved before guidance existed
     model.load_state_dict(weights)
     model.to(resolve_device(device)).eval()
     return model, Diffusion(config.timesteps), config

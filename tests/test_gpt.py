@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from safetensors.torch import save
-
 from gptpipe import evaluation, gpt, problems
-from gptpipe import training as training_mod
 from gptpipe.training import Trainer, TrainConfig, load_model
 
 DIGITS = problems.get("digits_mlp")
@@ -71,6 +68,7 @@ def test_permutation_preserves_function_and_pairs_share_it():
     # the same perm moves both checkpoints alike: their difference is permuted the same way
     torch.testing.assert_close(DIGITS.permute(later, perm=perm) - DIGITS.permute(theta, perm=perm),
                                DIGITS.permute(later - theta, perm=perm))
+
 
 
 def test_trainer_permutes_both_checkpoints_of_a_pair_jointly():
@@ -174,41 +172,3 @@ def test_save_load_and_resume(small_sweep):
         b = evaluation.sample(own, own_diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
 
-
-def test_classifier_free_guidance_combines_conditional_and_null_predictions(small_sweep):
-    """Training with target dropout learns a null target; guidance w is uncond + w (cond - uncond)."""
-    params, metric = small_sweep
-    model_cfg = dict(MICRO, fuse_inputs=True, conditioning="adaln", target="delta")
-    cfg = TrainConfig(model=model_cfg, unit_tokens=True, steps=30, batch_size=32, warmup=5, target_dropout=0.5, seed=0)
-    tr = Trainer(DIGITS, params, metric, cfg)
-    assert torch.count_nonzero(tr.model.null_target) == 0
-    tr.step_many(30)
-    assert torch.count_nonzero(tr.model.null_target) > 0  # the dropped pairs trained it
-    model, _, _ = tr.sampler_model()
-    n = 4
-    x_t, start, t = torch.randn(n, DIGITS.n_params), torch.randn(n, DIGITS.n_params), torch.full((n,), 500)
-    m0, m1 = metric[:n, 0], metric[:n, -1]
-    with torch.no_grad():
-        cond = model(x_t, start, t, m0, m1)
-        dropped = torch.zeros(n, dtype=torch.bool)
-        uncond = model(x_t, start, t, m0, m1, dropped)
-        # without its target the prediction does not depend on the target
-        torch.testing.assert_close(model(x_t, start, t, m0, m1 + 1.0, dropped), uncond)
-        assert not torch.allclose(cond, uncond)
-        torch.testing.assert_close(evaluation.guided(model, start, m0, m1, 1.0)(x_t, t), cond)
-        torch.testing.assert_close(evaluation.guided(model, start, m0, m1, 2.5)(x_t, t), uncond + 2.5 * (cond - uncond),
-                                   rtol=1e-4, atol=1e-5)
-
-
-def test_models_saved_before_guidance_still_load(small_sweep):
-    params, metric = small_sweep
-    tr = Trainer(DIGITS, params, metric, TrainConfig(model=MICRO, steps=5, batch_size=16, warmup=2))
-    tr.step_many(5)
-    state = training_mod.unpack(tr.state_dict_bytes())
-    old = {k: v for k, v in state["tensors"].items() if not k.endswith("null_target")}
-    meta = training_mod._metadata(tr.state_dict_bytes())
-    model, diffusion, _ = load_model(save(old, metadata=meta))
-    assert torch.count_nonzero(model.null_target) == 0
-    start = params[:2, 0]
-    a = evaluation.sample(model, diffusion, start, metric[:2, 0], metric[:2, -1], "ddim", 2, torch.Generator().manual_seed(0))
-    assert torch.isfinite(a).all()
