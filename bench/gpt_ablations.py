@@ -78,8 +78,6 @@ V["best+t_high1"] = variant(V["best"], t_high_frac=1.0)
 V["best+w256"] = variant(V["best"], model=dict(width=256))
 V["best+d4"] = variant(V["best"], model=dict(depth=4))
 V["best+init0.8"] = variant(V["best"], init_frac=0.8)
-# v-prediction (EDM-style preconditioning): x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v, loss on v.
-V["best+v"] = variant(V["best"], model=dict(prediction="v"))
 
 
 def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarray]:

@@ -4,13 +4,6 @@ Forward process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with ``abar_t 
 and betas linear in [1e-4, 0.02] over 1,000 steps (t = 0 .. 999). The model is a *denoiser*
 ``denoise(x_t, t) -> x0_hat``; its training loss is the mean squared error to the clean x0.
 
-What the network outputs (``denoiser``): ``x0`` directly (the paper), or ``v = sqrt(abar) eps -
-sqrt(1 - abar) x0`` (Salimans & Ho 2022), from which ``x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v``. The
-second is EDM's preconditioning for a unit-variance variable: near t = 0 the estimate passes ``x_t``
-through and the network only supplies a small correction, so a network whose tokens are wider than its
-width (mnist_mlp's hidden-unit tokens) does not have to squeeze the whole vector through itself. Its
-loss is the MSE of v, i.e. the x0 error weighted by ``1 / (1 - abar)``.
-
 Samplers (all batched: ``shape = [N, P]`` holds N independent (network, prompt) problems):
 
 - ``ddpm``: ancestral sampling, ``x_{t-1} ~ q(x_{t-1} | x_t, x0_hat)`` (the paper's sampler). With
@@ -32,7 +25,6 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [N, P], t [N]) -> x0_hat [N, P]
 SAMPLERS = ("ddpm", "ddim", "mean")
-PREDICTIONS = ("x0", "v")
 
 
 class Diffusion:
@@ -60,27 +52,10 @@ class Diffusion:
             t = torch.where(high, top, t)
         return t
 
-    def denoiser(self, network: Denoiser, prediction: str = "x0") -> Denoiser:
-        """The x0 estimate ``(x_t, t) -> x0_hat`` from a network that outputs ``prediction`` (see above)."""
-        if prediction == "x0":
-            return network
-        if prediction != "v":
-            raise ValueError(f"unknown prediction {prediction!r} (choose from {', '.join(PREDICTIONS)})")
-
-        def from_v(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            ab = self._coef(self.alpha_bar, t, x_t)
-            return ab.sqrt() * x_t - (1.0 - ab).sqrt() * network(x_t, t).float()
-
-        return from_v
-
-    def loss(self, denoise: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str = "x0") -> torch.Tensor:
-        """Per-example mean squared error ``[N]`` of the network's own output: of x0_hat for ``x0``, of v
-        (= the x0 error over ``1 - abar``) for ``v``."""
+    def loss(self, denoise: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-example mean squared error of the x0 prediction, ``[N]``."""
         x0_hat = denoise(self.q_sample(x0, t, noise), t)
-        err = (x0_hat.float() - x0.float()).pow(2).mean(dim=1)
-        if prediction == "v":
-            err = err / self._coef(1.0 - self.alpha_bar, t, err.unsqueeze(-1)).squeeze(-1)
-        return err
+        return (x0_hat.float() - x0.float()).pow(2).mean(dim=1)
 
     # --- sampling -----------------------------------------------------------------------------
     def spaced(self, steps: int) -> list[int]:

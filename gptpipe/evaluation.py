@@ -43,7 +43,7 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
     for a in range(0, len(start_params), batch_size):
         s = norm.normalize(start_params[a : a + batch_size].to(device))
         m0, m1 = start_metric[a : a + batch_size].to(device), target[a : a + batch_size].to(device)
-        denoise = diffusion.denoiser(lambda x_t, t: model(x_t, s, t, m0, m1), model.config.prediction)
+        denoise = lambda x_t, t: model(x_t, s, t, m0, m1)
         noise = None if x_T is None else torch.as_tensor(x_T)[a : a + batch_size]
         x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device, x_T=noise)
         out.append(norm.denormalize(norm.params(x0, s)).cpu())

@@ -61,7 +61,6 @@ class GptConfig:
     conditioning: str = "tokens"  # "tokens" (the paper: scalars are extra tokens) or "adaln" (DiT)
     fuse_inputs: bool = False  # True: one token holds both x_t's and start's chunk (half the tokens)
     target: str = "params"  # diffusion variable: "params" (theta_j, the paper) or "delta" (theta_j - theta_i, rescaled)
-    prediction: str = "x0"  # what the network outputs: "x0" (the paper) or "v" (see diffusion.Diffusion.denoiser; "delta" only)
     units: list = field(default_factory=list)  # [[layer, axis], ...]: one shared-type token per hidden unit (see Tokenizer)
     timesteps: int = 1000
     preset: str = ""
@@ -76,10 +75,6 @@ class GptConfig:
             raise ValueError(f"conditioning must be 'tokens' or 'adaln', not {self.conditioning!r}")
         if self.target not in ("params", "delta"):
             raise ValueError(f"target must be 'params' or 'delta', not {self.target!r}")
-        if self.prediction not in ("x0", "v"):
-            raise ValueError(f"prediction must be 'x0' or 'v', not {self.prediction!r}")
-        if self.prediction == "v" and self.target != "delta":
-            raise ValueError("prediction 'v' needs target 'delta' (the 'params' target adds start to the output)")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 

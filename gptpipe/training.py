@@ -213,9 +213,8 @@ class Trainer:
         start = self.normalizer.normalize(b["theta_i"])
         x0 = self.normalizer.x0(self.normalizer.normalize(b["theta_j"]), start)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            prediction = self.gpt_config.prediction
-            denoise = self.diffusion.denoiser(lambda x_t, t: model(x_t, start, t, b["metric_i"], b["metric_j"]), prediction)
-            return self.diffusion.loss(denoise, x0, b["t"], b["noise"], prediction).mean()
+            denoise = lambda x_t, t: model(x_t, start, t, b["metric_i"], b["metric_j"])
+            return self.diffusion.loss(denoise, x0, b["t"], b["noise"]).mean()
 
     # --- optimisation -------------------------------------------------------------------------
     def optimize(self, batch: dict[str, torch.Tensor]) -> float:
@@ -365,7 +364,6 @@ def load_model(blob: bytes, use_ema: bool = True, device: str = "cpu") -> tuple[
     config = GptConfig.from_dict(state["gpt_config"])
     model = Gpt(config)
     prefix = "ema." if use_ema else "model."
-    weights = {k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
+    model.load_state_dict({k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)})
     model.to(resolve_device(device)).eval()
     return model, Diffusion(config.timesteps), config

@@ -70,7 +70,6 @@ def test_permutation_preserves_function_and_pairs_share_it():
                                DIGITS.permute(later - theta, perm=perm))
 
 
-
 def test_trainer_permutes_both_checkpoints_of_a_pair_jointly():
     # checkpoint c of run r = base_r + c * (a per-run random vector): theta_j - theta_i = (j - i) * v_r.
     # A joint permutation keeps (theta_j - theta_i) / (j - i) equal to the permuted theta_1 - theta_0.
@@ -171,4 +170,3 @@ def test_save_load_and_resume(small_sweep):
         a = evaluation.sample(model, diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
         b = evaluation.sample(own, own_diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
-
