@@ -77,6 +77,12 @@ V["best+t_high1"] = variant(V["best"], t_high_frac=1.0)
 # Capacity: the fused unit token carries 2 x 75 numbers through a 128-wide stream.
 V["best+w256"] = variant(V["best"], model=dict(width=256))
 V["best+d4"] = variant(V["best"], model=dict(depth=4))
+V["best+d6"] = variant(V["best"], model=dict(depth=6))
+V["best+d8"] = variant(V["best"], model=dict(depth=8))
+V["best+d6+bf16"] = variant(V["best+d6"], autocast="bf16")
+V["best+d8+bf16"] = variant(V["best+d8"], autocast="bf16")
+V["tiny+lr1.5e-3"] = variant(V["best+d8+bf16"], lr=1.5e-3)
+V["tiny+lr6e-3"] = variant(V["best+d8+bf16"], lr=6e-3)
 V["best+init0.8"] = variant(V["best"], init_frac=0.8)
 
 
@@ -182,7 +188,8 @@ def main():
     results["raw"] = evaluate(*trainer.sampler_model(False)[:2], problem, ds, starts, best, {"ddim1": ("ddim", 1)})
     eval_s = time.perf_counter() - t1
     row = {
-        "variant": args.variant, "seed": args.seed, "threads": args.threads, "runs": args.runs,
+        "variant": args.variant, "seed": args.seed, "threads": args.threads,
+        "runs": len(params) + len(held_params) if args.store else args.runs,
         "problem": problem.name, "sweep": args.sweep,
         "steps": trainer.step, "train_min": round(train_s / 60, 2), "eval_s": round(eval_s, 1),
         "final_loss": float(np.mean(trainer.losses[-100:])), "val_loss": val, "best_seen": best,

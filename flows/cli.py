@@ -286,15 +286,16 @@ def demo(store: Optional[str] = StoreOpt):
     """The whole pipeline on the embedded default (digits_mlp, local store): collect, train, evaluate."""
     url = store or default_store_url()
     typer.echo(f"store: {url}")
-    collect(sweep="demo", problem="digits_mlp", runs=4096, store=url, data="", data_root=None, shard_size=64,
+    name = "demo-8192"  # sweep and model name: a new one whenever the demo's settings change, so old stores keep working
+    collect(sweep=name, problem="digits_mlp", runs=8192, store=url, data="", data_root=None, shard_size=64,
             epochs=None, checkpoints=40, seed=0, lr_min=None, lr_max=None, runner="thread", workers=None, dask_address=None)
     typer.echo("best test loss per learning-rate bucket:")
     catalog(sql="select round(log10(lr), 1) as log10_lr, count(*) as runs, min(best_test_loss) as best_test_loss, "
-                "avg(final_test_error) as mean_final_test_error from runs where sweep = 'demo' group by 1 order by 1",
+                f"avg(final_test_error) as mean_final_test_error from runs where sweep = '{name}' group by 1 order by 1",
             store=url, format="table")
-    train(sweep=["demo"], model="demo", store=url, preset="tiny", steps=3000, metric=None, batch_size=None,
+    train(sweep=[name], model=name, store=url, preset="tiny", steps=2500, metric=None, batch_size=None,
           device="auto", save_every=500, memory_budget=None)
-    evaluate(model="demo", store=url, eval=None, networks=32, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0,
+    evaluate(model=name, store=url, eval=None, networks=64, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0,
              data_root=None)
 
 

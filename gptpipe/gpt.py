@@ -33,7 +33,7 @@ from torch import nn
 
 PRESETS: dict[str, dict] = {
     # The CPU demo. Its settings are the winners of bench/gpt_ablations.py (docs/gpt-ablations.md).
-    "tiny": dict(width=128, depth=2, heads=4, max_chunk=1000, num_frequencies=32, max_freq_log2=6.0,
+    "tiny": dict(width=128, depth=8, heads=4, max_chunk=1000, num_frequencies=32, max_freq_log2=6.0,
                  conditioning="adaln", fuse_inputs=True, target="delta"),
     "small": dict(width=384, depth=6, heads=6, max_chunk=1000, num_frequencies=64, max_freq_log2=8.0,
                   conditioning="adaln", fuse_inputs=True, target="delta"),
