@@ -1,6 +1,7 @@
 """G.pt benchmarks (never run by the tests). Every ratio is against a baseline measured in the same run.
 
     .venv/bin/python bench/gpt.py precision   # training steps/s, fp32 vs bf16 autocast, tiny and small presets
+    .venv/bin/python bench/gpt.py attention   # training steps/s, written-out attention vs F.scaled_dot_product_attention
     .venv/bin/python bench/gpt.py loader      # pair loader samples/s (streamed from a store, and in memory) vs training's consumption
     .venv/bin/python bench/gpt.py sampler     # evaluation cost per (network, prompt) and R²: batched DDIM-10 / DDIM-1 vs 1,000-step DDPM
 
@@ -96,6 +97,41 @@ def bench_precision(args) -> None:
                            auto_choice="bf16" if use_bf16(TrainConfig(preset=preset), tr.gpt_config, tr.device) else "fp32",
                            model_params=sum(p.numel() for p in tr.model.parameters())))
     table(rows, ["preset", "width", "depth", "tokens", "batch", "model_params", "fp32_steps_per_s", "bf16_steps_per_s", "bf16_speedup"])
+
+
+def sdpa_attention(self, x: torch.Tensor) -> torch.Tensor:
+    """``Block.attention`` through PyTorch's fused kernel (the library alternative to the written-out form)."""
+    B, T, D = x.shape
+    q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+def bench_attention(args) -> None:
+    from gptpipe.gpt import Block
+
+    problem = problems.get("digits_mlp")
+    d, train_idx, _ = training_set()
+    params, metric = d["params"][train_idx], d["test_loss"][train_idx]
+    written_out = Block.attention
+    rows = []
+    for preset, steps in (("tiny", args.steps_tiny), ("small", args.steps_small)):
+        tr = Trainer(problem, params, metric, TrainConfig(preset=preset, device="cpu"))
+        tr.step_many(3)  # warm-up
+        rates = {"written_out": [], "sdpa": []}
+        try:
+            for _ in range(args.rounds):  # alternate, so load from other processes hits both alike
+                for name, fn in (("written_out", written_out), ("sdpa", sdpa_attention)):
+                    Block.attention = fn
+                    rates[name].append(steps_per_s(tr, steps))
+        finally:
+            Block.attention = written_out
+        ours, sdpa = max(rates["written_out"]), max(rates["sdpa"])
+        rows.append(record("gpt_attention", preset=preset, width=tr.gpt_config.width, depth=tr.gpt_config.depth,
+                           tokens=tr.model.n_param_tokens, batch=tr.config.batch_size, threads=args.threads, bf16=tr.bf16,
+                           written_out_steps_per_s=round(ours, 2), sdpa_steps_per_s=round(sdpa, 2),
+                           speedup=round(ours / sdpa, 2)))
+    table(rows, ["preset", "width", "depth", "tokens", "bf16", "written_out_steps_per_s", "sdpa_steps_per_s", "speedup"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +293,10 @@ def main() -> None:
     a.add_argument("--steps-tiny", type=int, default=20)
     a.add_argument("--steps-small", type=int, default=5)
     a.add_argument("--rounds", type=int, default=3)
+    at = sub.add_parser("attention")
+    at.add_argument("--steps-tiny", type=int, default=20)
+    at.add_argument("--steps-small", type=int, default=5)
+    at.add_argument("--rounds", type=int, default=4)
     b = sub.add_parser("loader")
     b.add_argument("--batches", type=int, default=200)
     b.add_argument("--train-steps", type=int, default=20)
@@ -269,7 +309,7 @@ def main() -> None:
     c.add_argument("--ddpm-networks", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"precision": bench_precision, "loader": bench_loader, "sampler": bench_sampler}[args.what](args)
+    {"precision": bench_precision, "attention": bench_attention, "loader": bench_loader, "sampler": bench_sampler}[args.what](args)
 
 
 if __name__ == "__main__":

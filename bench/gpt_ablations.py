@@ -84,6 +84,7 @@ V["best+d8+bf16"] = variant(V["best+d8"], autocast="bf16")
 V["tiny+lr1.5e-3"] = variant(V["best+d8+bf16"], lr=1.5e-3)
 V["tiny+lr6e-3"] = variant(V["best+d8+bf16"], lr=6e-3)
 V["best+init0.8"] = variant(V["best"], init_frac=0.8)
+V["tiny+d12"] = variant(V["best+d8+bf16"], model=dict(depth=12))
 
 
 def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarray]:

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # ------------------------------------------------------------------------------------------------
@@ -249,8 +248,11 @@ class Block(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # no mask: every token sees every token
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        # Written out rather than F.scaled_dot_product_attention: G.pt's sequences are short (11-70
+        # tokens), where the fused CPU kernel is slower (bench/gpt.py attention). No mask: every token
+        # sees every token.
+        weights = (q @ k.transpose(-2, -1) * (D // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(B, T, D))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         if self.modulation is None:

@@ -36,6 +36,14 @@ def test_tokenize_detokenize_is_identity(problem, max_chunk):
         assert size <= max_chunk and bounds[li] <= start and start + size <= bounds[li + 1]
 
 
+def test_written_out_attention_matches_torch_sdpa():
+    block = gpt.Block(width=32, heads=4, mlp_ratio=4, adaln=False)
+    x = torch.randn(5, 11, 32)
+    q, k, v = block.qkv(x).view(5, 11, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    reference = block.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(5, 11, 32))
+    torch.testing.assert_close(block.attention(x), reference)
+
+
 def test_unit_tokens_follow_the_permutation_symmetry():
     """Permuting hidden units permutes the unit tokens, and the unit-token model's output with them."""
     tok = gpt.Tokenizer([list(layer.shape) for layer in DIGITS.layers], 1000, DIGITS.unit_axes)
