@@ -295,7 +295,7 @@ def demo(store: Optional[str] = StoreOpt):
             store=url, format="table")
     train(sweep=[name], model=name, store=url, preset="tiny", steps=2500, metric=None, batch_size=None,
           device="auto", save_every=500, memory_budget=None)
-    evaluate(model=name, store=url, eval=None, networks=64, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0,
+    evaluate(model=name, store=url, eval=None, networks=128, prompts=20, recursive=5, sampler="", sample_steps=0, seed=0,
              data_root=None)
 
 

@@ -44,21 +44,17 @@ def test_written_out_attention_matches_torch_sdpa():
     torch.testing.assert_close(block.attention(x), reference)
 
 
-@pytest.mark.parametrize("max_chunk, pieces", [(1000, 1), (32, 3)])  # a unit holds 64 + 1 + 10 = 75 values
-def test_unit_tokens_follow_the_permutation_symmetry(max_chunk, pieces):
-    """Permuting hidden units permutes the unit tokens (each unit's pieces together), and the
-    unit-token model's output with them."""
-    tok = gpt.Tokenizer([list(layer.shape) for layer in DIGITS.layers], max_chunk, DIGITS.unit_axes)
-    assert tok.n_tokens == DIGITS.hidden * pieces + 1  # ten units + the output bias
-    assert tok.chunk_len <= max_chunk
+def test_unit_tokens_follow_the_permutation_symmetry():
+    """Permuting hidden units permutes the unit tokens, and the unit-token model's output with them."""
+    tok = gpt.Tokenizer([list(layer.shape) for layer in DIGITS.layers], 1000, DIGITS.unit_axes)
+    assert tok.n_tokens == DIGITS.hidden + 1  # ten units + the output bias
     x = torch.randn(2, DIGITS.n_params)
     perm = DIGITS.sample_permutation(2, torch.Generator().manual_seed(0))
-    units = lambda tokens: tokens[:, : DIGITS.hidden * pieces].unflatten(1, (DIGITS.hidden, pieces))
-    a, b = units(tok.to_tokens(x)), units(tok.to_tokens(DIGITS.permute(x, perm=perm)))
+    a, b = tok.to_tokens(x), tok.to_tokens(DIGITS.permute(x, perm=perm))
     for k in range(2):
-        assert torch.equal(b[k], a[k, perm[k]])
+        assert torch.equal(b[k, : DIGITS.hidden], a[k, perm[k]])
     cfg = gpt.GptConfig(layers=layers_of(DIGITS), units=[list(u) for u in DIGITS.unit_axes], conditioning="adaln",
-                        fuse_inputs=True, max_chunk=max_chunk, **MICRO)
+                        fuse_inputs=True, **MICRO)
     model = gpt.Gpt(cfg)
     torch.nn.init.normal_(model.decode.weight, std=0.02)
     start, t, m = torch.randn(2, DIGITS.n_params), torch.tensor([10, 900]), torch.tensor([2.0, 1.0])
