@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gpt.py precision   # training steps/s, fp32 vs bf16 autocast, tiny and small presets
     .venv/bin/python bench/gpt.py attention   # training steps/s, written-out attention vs F.scaled_dot_product_attention
+    .venv/bin/python bench/gpt.py denoising --store S --model M   # a stored model's loss per noise level
     .venv/bin/python bench/gpt.py loader      # pair loader samples/s (streamed from a store, and in memory) vs training's consumption
     .venv/bin/python bench/gpt.py sampler     # evaluation cost per (network, prompt) and R²: batched DDIM-10 / DDIM-1 vs 1,000-step DDPM
 
@@ -132,6 +133,32 @@ def bench_attention(args) -> None:
                            written_out_steps_per_s=round(ours, 2), sdpa_steps_per_s=round(sdpa, 2),
                            speedup=round(ours / sdpa, 2)))
     table(rows, ["preset", "width", "depth", "tokens", "bf16", "written_out_steps_per_s", "sdpa_steps_per_s", "speedup"])
+
+
+def bench_denoising(args) -> None:
+    """Diffusion loss of a stored model per timestep range, on 1,024 of its training pairs (EMA weights):
+    low t shows whether the model can pass its input through at all, high t how much of the update it
+    predicts from the start parameters and the two metrics (``x0_variance`` = predicting no update)."""
+    from gptpipe import model_store
+    from storage.store import open_store
+
+    store = open_store(args.store)
+    lineage = model_store.read_lineage(store, args.model)
+    data = model_store.load_training_data(store, lineage["sweeps"], lineage["metric"], seed=lineage["train_config"]["seed"])
+    tr = Trainer.from_bytes(data.problem, data.params, data.metric_values, model_store.read_state(store, args.model))
+    g = torch.Generator().manual_seed(5)
+    b = tr.batch(1024, g)
+    start = tr.normalizer.normalize(b["theta_i"])
+    x0 = tr.normalizer.x0(tr.normalizer.normalize(b["theta_j"]), start)
+    ema = tr.ema.eval()
+    row = {"model": args.model, "sweeps": ",".join(lineage["sweeps"]), "x0_variance": round(float(x0.pow(2).mean()), 3)}
+    for lo, hi in ((0, 10), (10, 100), (100, 300), (300, 600), (600, 900), (900, 1000)):
+        t = torch.randint(lo, hi, (len(x0),), generator=g)
+        with torch.no_grad():
+            loss = tr.diffusion.loss(lambda x_t, tt: ema(x_t, start, tt, b["metric_i"], b["metric_j"]), x0, t, b["noise"])
+        row[f"t{lo}-{hi}"] = round(float(loss.mean()), 3)
+    record("gpt_denoising", **row)
+    table([row], list(row))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +324,9 @@ def main() -> None:
     at.add_argument("--steps-tiny", type=int, default=20)
     at.add_argument("--steps-small", type=int, default=5)
     at.add_argument("--rounds", type=int, default=4)
+    dn = sub.add_parser("denoising")
+    dn.add_argument("--store", required=True)
+    dn.add_argument("--model", required=True)
     b = sub.add_parser("loader")
     b.add_argument("--batches", type=int, default=200)
     b.add_argument("--train-steps", type=int, default=20)
@@ -309,7 +339,7 @@ def main() -> None:
     c.add_argument("--ddpm-networks", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"precision": bench_precision, "attention": bench_attention, "loader": bench_loader, "sampler": bench_sampler}[args.what](args)
+    {"precision": bench_precision, "attention": bench_attention, "denoising": bench_denoising, "loader": bench_loader, "sampler": bench_sampler}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ in-process (no server needed; set PREFECT_API_URL to record runs on a real one).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from contextlib import contextmanager
@@ -21,6 +22,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="G.pt as a pi
 store_app = typer.Typer(no_args_is_help=True, help="Object storage for development.")
 app.add_typer(store_app, name="store")
 console = Console(stderr=True)
+
+@app.callback()
+def _exit_cleanly_on_sigterm() -> None:
+    """``kill``, a scheduler's timeout or a container stop send SIGTERM, which by default ends Python
+    without running ``atexit``: the temporary Prefect server a command started would live on, orphaned.
+    Turned into a normal exit, the server is stopped; an interrupted sweep resumes as after any crash."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")
 

@@ -95,6 +95,30 @@ def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
         assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
 
 
+def test_sigterm_stops_the_temporary_prefect_server(tmp_path):
+    """With no server configured a command starts its own; SIGTERM (kill, a timeout, a container stop)
+    must not leave it running."""
+    import psutil
+
+    args = [str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", "t", "--problem", "digits_mlp",
+            "--runs", "400", "--shard-size", "20", "--epochs", "25", "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    deadline = time.time() + 120
+    while server is None and time.time() < deadline and proc.poll() is None:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        server = next((c for c in children if "uvicorn" in " ".join(c.cmdline())), None)
+        time.sleep(0.2)
+    assert server is not None, "no temporary Prefect server was started"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs([server], timeout=20)
+    assert not alive, "the temporary Prefect server outlived its command"
+
+
 def test_collect_flow_records_artifacts(prefect_api, tmp_path):
     import asyncio
 
