@@ -148,15 +148,12 @@ def bench_denoising(args) -> None:
     tr = Trainer.from_bytes(data.problem, data.params, data.metric_values, model_store.read_state(store, args.model))
     g = torch.Generator().manual_seed(5)
     b = tr.batch(1024, g)
-    start = tr.normalizer.normalize(b["theta_i"])
-    x0 = tr.normalizer.x0(tr.normalizer.normalize(b["theta_j"]), start)
-    ema = tr.ema.eval()
+    x0 = tr.normalizer.x0(tr.normalizer.normalize(b["theta_j"]), tr.normalizer.normalize(b["theta_i"]))
     row = {"model": args.model, "sweeps": ",".join(lineage["sweeps"]), "x0_variance": round(float(x0.pow(2).mean()), 3)}
     for lo, hi in ((0, 10), (10, 100), (100, 300), (300, 600), (600, 900), (900, 1000)):
-        t = torch.randint(lo, hi, (len(x0),), generator=g)
+        b["t"] = torch.randint(lo, hi, (len(x0),), generator=g)
         with torch.no_grad():
-            loss = tr.diffusion.loss(lambda x_t, tt: ema(x_t, start, tt, b["metric_i"], b["metric_j"]), x0, t, b["noise"])
-        row[f"t{lo}-{hi}"] = round(float(loss.mean()), 3)
+            row[f"t{lo}-{hi}"] = round(float(tr.loss_on(tr.ema.eval(), b)), 3)
     record("gpt_denoising", **row)
     table([row], list(row))
 

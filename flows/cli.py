@@ -23,6 +23,7 @@ store_app = typer.Typer(no_args_is_help=True, help="Object storage for developme
 app.add_typer(store_app, name="store")
 console = Console(stderr=True)
 
+
 @app.callback()
 def _exit_cleanly_on_sigterm() -> None:
     """``kill``, a scheduler's timeout or a container stop send SIGTERM, which by default ends Python
