@@ -105,11 +105,17 @@ def test_sigterm_stops_the_temporary_prefect_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def command_line(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # a short-lived helper that exited (or is a zombie) while we looked
+            return ""
+
     server = None
     deadline = time.time() + 120
     while server is None and time.time() < deadline and proc.poll() is None:
         children = psutil.Process(proc.pid).children(recursive=True)
-        server = next((c for c in children if "uvicorn" in " ".join(c.cmdline())), None)
+        server = next((c for c in children if "uvicorn" in command_line(c)), None)
         time.sleep(0.2)
     assert server is not None, "no temporary Prefect server was started"
     time.sleep(2)
