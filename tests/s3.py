@@ -2,9 +2,9 @@
 
 Import them into a conftest (``from tests.s3 import s3_server, s3_store_url``) or a test module.
 
-* ``s3_server`` (session): one ``weed server`` (S3, filer, master, volume) on free loopback ports in a temporary folder, with
-  random credentials and one bucket; stopped at the end of the session. Tests that need it are
-  skipped, with the reason, when the ``weed`` binary is not installed.
+* ``s3_server`` (session): one ``weed server`` (S3, filer, master, volume) on free loopback ports in a
+  temporary folder, with random credentials and one bucket; stopped at the end of the session. Tests
+  that need it are skipped, with the reason, when the ``weed`` binary is not installed.
 * ``s3_env`` (function): the server's ``AWS_*`` variables set in ``os.environ`` through monkeypatch
   (other AWS settings that could redirect the client are removed for the test).
 * ``s3_store_url`` (function): ``s3://<bucket>/<unique prefix>``, with ``s3_env`` in force.

@@ -105,6 +105,7 @@ def test_sigterm_stops_the_temporary_prefect_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def command_line(p: psutil.Process) -> str:
         try:
             return " ".join(p.cmdline())
