@@ -195,7 +195,7 @@ def bench_loader(args) -> None:
 
     # the loader alone, streamed from the store through its background thread
     def stream_rate(**opts) -> tuple[float, float]:
-        s = StreamingPairs(problem, read, metric, B, cfg.pairing, cfg.init_frac, cfg.permute, seed=1, **opts)
+        s = StreamingPairs(problem, read, metric, B, cfg.pairing, cfg.init_frac, cfg.symmetry, seed=1, **opts)
         with s:
             s.next()
             t = time.perf_counter()
@@ -210,10 +210,10 @@ def bench_loader(args) -> None:
     nv, g = valid_counts(p_t, m_t), torch.Generator().manual_seed(0)
     t = time.perf_counter()
     for _ in range(args.batches):
-        gather_pairs(problem, p_t, m_t, nv, B, g, cfg.pairing, cfg.init_frac, cfg.permute)
+        gather_pairs(problem, p_t, m_t, nv, B, g, cfg.pairing, cfg.init_frac, cfg.symmetry)
     memory_sps = args.batches * B / (time.perf_counter() - t)
     # end to end: training steps/s fed by the stream vs in memory (a stalled loader would show here)
-    s = StreamingPairs(problem, read, metric, B, cfg.pairing, cfg.init_frac, cfg.permute, seed=2,
+    s = StreamingPairs(problem, read, metric, B, cfg.pairing, cfg.init_frac, cfg.symmetry, seed=2,
                        group_runs=args.group_runs, batches_per_group=args.batches_per_group)
     tr_s = Trainer(problem, None, metric, cfg, stream=s)
     tr_s.step_many(3)

@@ -12,7 +12,8 @@ from typing import Callable
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from gptpipe import distributed, model_store
+from gptpipe import distributed, model_store, problems
+from gptpipe.pairs import resolve_symmetry
 from gptpipe.training import TrainConfig, Trainer
 from storage.store import StoreError, default_store_url, open_store
 
@@ -33,12 +34,13 @@ def run_training(data: model_store.TrainingData, store: str, model: str, preset:
         config.steps = steps
     if batch_size:
         config.batch_size = batch_size
+    config.symmetry = resolve_symmetry(problems.get(data.problem), config.symmetry)  # the lineage names what was used
     lineage = {**data.lineage, "train_config": config.to_dict(), "best": data.best}
     main = distributed.is_main()
     stream = None
     if data.streamed:  # the training set is bigger than the memory budget: stream groups of runs
         world = distributed.world_size()
-        stream = data.stream(config.batch_size // max(1, world), config.pairing, config.init_frac, config.permute,
+        stream = data.stream(config.batch_size // max(1, world), config.pairing, config.init_frac, config.symmetry,
                              seed=seed + 1_000_003 * distributed.rank() + 17)
         if main:
             print(f"streaming pairs from {data.lineage['training_runs']} training runs (more than the memory budget)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gptpipe import problems
 from gptpipe.diffusion import Diffusion
 from gptpipe.gpt import Gpt, Normalizer
 
@@ -23,6 +24,18 @@ def prompts(best: float, start_metric, n_prompts: int, top_frac: float = 0.9) ->
     start = torch.as_tensor(np.asarray(start_metric), dtype=torch.float32).reshape(-1, 1)
     w = torch.linspace(0.0, 1.0, n_prompts).reshape(1, -1)
     return best + w * (top_frac * start - best)
+
+
+def canonical_index(model: Gpt, start: torch.Tensor) -> torch.Tensor | None:
+    """For a model trained on canonically ordered pairs (``GptConfig.canonical``): the flat index
+    ``[N, P]`` with ``start.gather(1, index)`` = each start in its canonical unit order; None for other
+    models. ``torch.empty_like(x).scatter_(1, index, x)`` puts generated parameters back in the start's
+    own order (the same function either way; the caller gets the order it gave)."""
+    if not model.config.canonical:
+        return None
+    problem = problems.get(model.config.canonical)
+    positions = torch.arange(start.shape[1], dtype=torch.float64).expand(len(start), -1)
+    return problem.permute(positions, perm=problem.canonical_permutation(start)).long()
 
 
 @torch.no_grad()
@@ -39,6 +52,9 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
     start_metric = torch.as_tensor(np.asarray(start_metric), dtype=torch.float32).reshape(-1)
     target = torch.as_tensor(np.asarray(target), dtype=torch.float32).reshape(-1)
     model.eval()
+    order = canonical_index(model, start_params)
+    if order is not None:
+        start_params = start_params.gather(1, order)
     out = []
     for a in range(0, len(start_params), batch_size):
         s = norm.normalize(start_params[a : a + batch_size].to(device))
@@ -47,7 +63,8 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
         noise = None if x_T is None else torch.as_tensor(x_T)[a : a + batch_size]
         x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device, x_T=noise)
         out.append(norm.denormalize(norm.params(x0, s)).cpu())
-    return torch.cat(out)
+    out = torch.cat(out)
+    return out if order is None else torch.empty_like(out).scatter_(1, order, out)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ class GptConfig:
     fuse_inputs: bool = False  # True: one token holds both x_t's and start's chunk (half the tokens)
     target: str = "params"  # diffusion variable: "params" (theta_j, the paper) or "delta" (theta_j - theta_i, rescaled)
     units: list = field(default_factory=list)  # [[layer, axis], ...]: one shared-type token per hidden unit (see Tokenizer)
+    canonical: str = ""  # a problem name: starts are put in its canonical unit order before sampling (symmetry "canonical")
     timesteps: int = 1000
     preset: str = ""
     # parameter normalisation, fitted on the training data (``Normalizer.fit``): one number per layer

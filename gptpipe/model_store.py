@@ -51,14 +51,14 @@ class TrainingData:
     def streamed(self) -> bool:
         return self.params is None
 
-    def stream(self, batch_size: int, pairing: str = "mixed", init_frac: float = 0.5, permute: bool = True, seed: int = 0,
+    def stream(self, batch_size: int, pairing: str = "mixed", init_frac: float = 0.5, symmetry: str = "auto", seed: int = 0,
                **options):
         """A ``StreamingPairs`` source over these training runs (``options``: group_runs, spans, ...)."""
         from gptpipe.pairs import StreamingPairs
 
         read = self.read_runs or (lambda idx: self.params[idx])
         return StreamingPairs(problems.get(self.problem), read, self.metric_values, batch_size, pairing, init_frac,
-                              permute, seed=seed, **options)
+                              symmetry, seed=seed, **options)
 
 
 def code_version() -> str:
@@ -214,6 +214,8 @@ def lineage_matches(old: dict, new: dict) -> list[str]:
     """Keys that differ between a saved model's lineage and a new request to train it further."""
     def comparable(lineage: dict) -> dict:
         train = {k: v for k, v in (lineage.get("train_config") or {}).items() if k not in ("steps", "device")}
+        if "permute" in train:  # saved before "symmetry" replaced the permute flag
+            train["symmetry"] = "permute" if train.pop("permute") else "none"
         return {**{k: lineage.get(k) for k in ("sweeps", "problem", "metric", "catalog_digest")}, "train_config": train}
 
     a, b = comparable(old), comparable(new)

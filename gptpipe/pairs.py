@@ -7,7 +7,7 @@ A training example is a pair of checkpoints (start i, target j), i < j, of one r
 - **streaming** (``StreamingPairs``): for sweeps too big for memory (the paper trains on ~100k runs).
   A background thread reads a random *group* of whole run-chunks from the store (random row reads from
   object storage are slow; whole chunks are fast), draws many batches of pairs inside that group
-  (``batches_per_group``; reading costs far more than drawing, see ``bench/gpt.py loader``), applies the permutation augmentation there, and hands finished batches to
+  (``batches_per_group``; reading costs far more than drawing, see ``bench/gpt.py loader``), reorders hidden units there (``symmetry``), and hands finished batches to
   the training loop through a bounded queue. Only the group in flight and the queued batches are in
   memory. A group is a few random contiguous spans of training runs, so each span is one slice read
   whose chunks the store fetches concurrently (runs are i.i.d., their order carries no information).
@@ -52,14 +52,40 @@ def sample_pair_indices(n_valid: torch.Tensor, n: int, generator: torch.Generato
     return run, i, j
 
 
+SYMMETRIES = ("auto", "permute", "canonical", "none")
+
+
+def resolve_symmetry(problem, symmetry: str) -> str:
+    """How training handles the hidden units' permutation symmetry:
+
+    - "permute" (the paper): both checkpoints of a pair get the same random reordering of their units,
+      so G.pt learns from every ordering;
+    - "canonical": both are put in the canonical order of the start (``problem.canonical_permutation``),
+      so G.pt only ever sees one ordering, and units in the same position do similar jobs across runs;
+    - "none": pairs as stored.
+
+    "auto" is "canonical" for problems that define a canonical order (cartpole), else "permute"."""
+    if symmetry not in SYMMETRIES:
+        raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, not {symmetry!r}")
+    if symmetry == "auto":
+        symmetry = "canonical" if hasattr(problem, "canonical_permutation") else "permute"
+    if symmetry == "canonical" and not hasattr(problem, "canonical_permutation"):
+        raise ValueError(f"problem {problem.name} has no canonical order of its units; use symmetry 'permute' or 'none'")
+    if symmetry == "permute" and not hasattr(problem, "permute"):
+        return "none"
+    return symmetry
+
+
 def gather_pairs(problem, params: torch.Tensor, metric: torch.Tensor, n_valid: torch.Tensor, n: int,
-                 generator: torch.Generator, pairing: str, init_frac: float, permute: bool) -> dict[str, torch.Tensor]:
-    """One batch of raw pairs from ``params [R, C, P]``: theta_i, theta_j (jointly permuted), metric_i,
-    metric_j, and the indices they came from (``run`` into ``params``, ``i``, ``j``)."""
+                 generator: torch.Generator, pairing: str, init_frac: float, symmetry: str) -> dict[str, torch.Tensor]:
+    """One batch of raw pairs from ``params [R, C, P]``: theta_i, theta_j (reordered jointly as
+    ``symmetry`` says, see ``resolve_symmetry``), metric_i, metric_j, and the indices they came from
+    (``run`` into ``params``, ``i``, ``j``)."""
     run, i, j = sample_pair_indices(n_valid, n, generator, pairing, init_frac)
     theta_i, theta_j = params[run, i], params[run, j]
-    if permute and hasattr(problem, "permute"):
-        perm = problem.sample_permutation(n, generator)
+    symmetry = resolve_symmetry(problem, symmetry)
+    if symmetry != "none":
+        perm = problem.sample_permutation(n, generator) if symmetry == "permute" else problem.canonical_permutation(theta_i)
         theta_i = problem.permute(theta_i, perm=perm)
         theta_j = problem.permute(theta_j, perm=perm)
     return {"theta_i": theta_i, "theta_j": theta_j, "metric_i": metric[run, i], "metric_j": metric[run, j],
@@ -78,7 +104,7 @@ class StreamingPairs:
     the group the batch came from, for tests). Use as a context manager or call ``close()``."""
 
     def __init__(self, problem, read_runs: Callable[[np.ndarray], np.ndarray], metric, batch_size: int,
-                 pairing: str = "mixed", init_frac: float = 0.5, permute: bool = True, group_runs: int = 512,
+                 pairing: str = "mixed", init_frac: float = 0.5, symmetry: str = "auto", group_runs: int = 512,
                  spans: int = 16, batches_per_group: int = 64, prefetch: int = 32, seed: int = 0,
                  group_bytes: int = 256 * 2**20):
         self.problem = problem
@@ -88,7 +114,8 @@ class StreamingPairs:
         if self.n_runs < 1:
             raise ValueError("no training runs to stream from")
         self.batch_size = batch_size
-        self.pairing, self.init_frac, self.permute = pairing, init_frac, permute
+        self.pairing, self.init_frac = pairing, init_frac
+        self.symmetry = resolve_symmetry(problem, symmetry)
         self.group_bytes = group_bytes
         self.group_runs = min(group_runs, self.n_runs)  # capped by group_bytes once a run's size is known
         self.spans = max(1, min(spans, self.group_runs))
@@ -159,7 +186,7 @@ class StreamingPairs:
                     continue
                 for _ in range(self.batches_per_group):
                     b = gather_pairs(self.problem, params, metric, n_valid, self.batch_size, self.generator,
-                                     self.pairing, self.init_frac, self.permute)
+                                     self.pairing, self.init_frac, self.symmetry)
                     b["run"] = torch.from_numpy(idx)[b["run"]]  # training-set positions
                     b["group_runs"] = idx
                     if not self._put(b):

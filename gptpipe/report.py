@@ -356,12 +356,18 @@ def write_index(store: Store) -> str:
         if store.exists("evals", name, "summary.json") and store.exists("evals", name, "results.parquet"):
             summaries.append(store.read_json("evals", name, "summary.json"))
     summaries.sort(key=lambda s: s.get("created_at", ""), reverse=True)
-    lines = ["# Evaluations", "", "| eval | created | model | step | R² held-out | R² fresh | 1-step test error | SGD 1 epoch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Evaluations", "", "Each row in its model's own metric: the start networks' mean, then after one G.pt update "
+             "prompted with the sweep's best value, then after one epoch of the sweep's recipe.", "",
+             "| eval | created | model | step | metric | R² held-out | R² fresh | start | G.pt 1 step | recipe 1 epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for s in summaries:
+        m = s.get("metric", "test_loss")
+        shown = "test_error" if "one_step_best_prompt_test_error_mean" in s else m  # classifiers: error reads best
         lines.append(f"| [{s['eval']}]({s['eval']}/report.md) | {s.get('created_at', '')[:16]} | {s['model']} | {s.get('model_step')} | "
-                     f"{s.get('r2_heldout_run', float('nan')):.3f} | {s.get('r2_fresh_init', float('nan')):.3f} | "
-                     f"{s.get('one_step_best_prompt_test_error_mean', float('nan')):.3f} | {s.get('sgd_1_epoch_test_error_mean', float('nan')):.3f} |")
+                     f"{shown} | {s.get('r2_heldout_run', nan):.3f} | {s.get('r2_fresh_init', nan):.3f} | "
+                     f"{s.get(f'start_{shown}_mean', nan):.3f} | {s.get(f'one_step_best_prompt_{shown}_mean', nan):.3f} | "
+                     f"{s.get(f'sgd_1_epoch_{shown}_mean', nan):.3f} |")
     text = "\n".join(lines) + "\n"
     store.write_bytes(text.encode(), "evals", "index.md")
     return text

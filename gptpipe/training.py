@@ -37,7 +37,7 @@ from gptpipe import distributed
 from gptpipe import problems as problems_mod
 from gptpipe.diffusion import Diffusion
 from gptpipe.gpt import UNIT_TOKENS, Gpt, GptConfig, Normalizer
-from gptpipe.pairs import StreamingPairs, gather_pairs, sample_pair_indices, valid_counts
+from gptpipe.pairs import SYMMETRIES, StreamingPairs, gather_pairs, resolve_symmetry, sample_pair_indices, valid_counts
 
 FORMAT = "gptpipe.gpt/1"
 PAIRINGS = ("uniform", "init", "mixed")
@@ -64,7 +64,7 @@ class TrainConfig:
     normalization: str = "layer"  # per-layer scales, or "global" (one scale)
     pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0)
     init_frac: float = 0.5
-    permute: bool = True
+    symmetry: str = "auto"  # hidden-unit order of training pairs: "permute", "canonical", "none" (pairs.resolve_symmetry)
     unit_tokens: bool | None = None  # one shared-type token per hidden unit (problems with ``unit_axes``); None = the preset's choice
     t_high_frac: float = 0.5  # fraction of training timesteps drawn from the top tenth of the schedule
     sampler: str = "ddim"  # defaults for evaluation
@@ -73,6 +73,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, not {self.pairing!r}")
+        if self.symmetry not in SYMMETRIES:
+            raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, not {self.symmetry!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, not {self.autocast!r}")
 
@@ -82,6 +84,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        if "permute" in d and "symmetry" not in d:  # models saved before symmetry replaced the permute flag
+            d = {**d, "symmetry": "permute" if d["permute"] else "none"}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -151,6 +155,8 @@ class Trainer:
             units = UNIT_TOKENS.get(config.preset, False) if config.unit_tokens is None else config.unit_tokens
             if units and getattr(self.problem, "unit_axes", None) and "units" not in model:
                 model["units"] = [list(u) for u in self.problem.unit_axes]
+            if resolve_symmetry(self.problem, config.symmetry) == "canonical":
+                model["canonical"] = self.problem.name  # the sampler puts starts in this problem's canonical order
             self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
                                                     delta_scale=delta_scale, **model)
         else:
@@ -201,7 +207,7 @@ class Trainer:
         if self.stream is not None and generator is None and n == self.stream.batch_size:
             pairs = self.stream.next()
         else:
-            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, c.permute)
+            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, c.symmetry)
         d = self.device
         return {
             "theta_i": pairs["theta_i"].to(d), "theta_j": pairs["theta_j"].to(d),

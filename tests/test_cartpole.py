@@ -49,6 +49,24 @@ def test_permutation_preserves_the_function(problem):
     torch.testing.assert_close(problem.score(permuted)["return"], problem.score(theta)["return"])
 
 
+def test_canonical_order_is_one_per_function(problem):
+    """Every reordering of a policy's hidden units has the same canonical form, which computes the same
+    function and lists each layer's units by the angle of their (pole angle, angular velocity) weights."""
+    theta = policies(problem, 4) + 0.1 * torch.randn(4, problem.n_params, generator=torch.Generator().manual_seed(5))
+    canonical = problem.permute(theta, perm=problem.canonical_permutation(theta))
+    shuffled = problem.permute(theta, perm=problem.sample_permutation(4, torch.Generator().manual_seed(1)))
+    assert not torch.equal(shuffled, theta)
+    torch.testing.assert_close(problem.permute(shuffled, perm=problem.canonical_permutation(shuffled)), canonical)
+    obs = torch.randn(4, 11, 4)
+    torch.testing.assert_close(problem.policy_logits(canonical, obs), problem.policy_logits(theta, obs), rtol=1e-4, atol=1e-5)
+    w1, _, w2, _, _, _ = problem.unflatten(canonical)
+    for w in (w1, w2 @ w1):
+        angle = torch.atan2(w[..., 3], w[..., 2])
+        assert bool((angle.diff(dim=1) >= 0).all())
+    # a canonical policy is its own canonical form
+    assert torch.equal(problem.canonical_permutation(canonical), torch.arange(32).repeat(4, 2))
+
+
 def plain_return(problem, vector: torch.Tensor) -> float:
     """One policy, one ordinary gymnasium env per fixed evaluation episode."""
     import gymnasium as gym

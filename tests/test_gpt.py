@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gptpipe import evaluation, gpt, problems
+from gptpipe.pairs import gather_pairs
 from gptpipe.training import Trainer, TrainConfig, load_model
 
 DIGITS = problems.get("digits_mlp")
@@ -99,6 +100,59 @@ def test_trainer_permutes_both_checkpoints_of_a_pair_jointly():
     # and the pairs really are permuted (not left as stored)
     stored = params.reshape(R * C, -1)
     assert any(not any(torch.allclose(ti, row) for row in stored) for ti in b["theta_i"][:8])
+
+
+def test_symmetry_of_training_pairs():
+    """"auto": cartpole's pairs come in the canonical order of their start (both checkpoints moved alike)
+    and its model samples in that order; digits' pairs are randomly permuted; "none" leaves pairs as stored."""
+    cartpole = problems.get("cartpole")
+    R, C = 4, 3
+    g = torch.Generator().manual_seed(2)
+    base = cartpole.init([torch.Generator().manual_seed(s) for s in range(R)]).unsqueeze(1)
+    v = 0.05 * torch.randn(R, 1, cartpole.n_params, generator=g)
+    params = base + torch.arange(C).view(1, C, 1) * v
+    metric = torch.linspace(20, 200, C).repeat(R, 1)
+    tr = Trainer(cartpole, params, metric, TrainConfig(model=MICRO, pairing="uniform", batch_size=16))
+    assert tr.gpt_config.canonical == "cartpole"
+    b = tr.batch(16)
+    identity = torch.arange(32).repeat(16, 2)
+    assert torch.equal(cartpole.canonical_permutation(b["theta_i"]), identity)
+    valid = torch.full((R,), C)
+    b = gather_pairs(cartpole, params, metric, valid, 16, torch.Generator().manual_seed(0), "uniform", 0.5, "auto")
+    perm = cartpole.canonical_permutation(params[b["run"], b["i"]])
+    torch.testing.assert_close(b["theta_i"], cartpole.permute(params[b["run"], b["i"]], perm=perm))
+    torch.testing.assert_close(b["theta_j"], cartpole.permute(params[b["run"], b["j"]], perm=perm))
+    b = gather_pairs(cartpole, params, metric, valid, 16, torch.Generator().manual_seed(0), "uniform", 0.5, "none")
+    torch.testing.assert_close(b["theta_i"], params[b["run"], b["i"]])
+    stored = Trainer(cartpole, params, metric, TrainConfig(model=MICRO, batch_size=16, symmetry="none"))
+    assert stored.gpt_config.canonical == ""
+    digits = Trainer(DIGITS, torch.randn(2, 3, DIGITS.n_params), torch.rand(2, 3), TrainConfig(model=MICRO, batch_size=8))
+    assert digits.gpt_config.canonical == ""
+    with pytest.raises(ValueError, match="no canonical order"):
+        Trainer(DIGITS, torch.randn(2, 3, DIGITS.n_params), torch.rand(2, 3), TrainConfig(model=MICRO, symmetry="canonical"))
+    with pytest.raises(ValueError, match="symmetry must be one of"):
+        TrainConfig(symmetry="sorted")
+    # models saved with the old permute flag keep their meaning
+    assert TrainConfig.from_dict({"permute": False}).symmetry == "none"
+    assert TrainConfig.from_dict({"permute": True}).symmetry == "permute"
+
+
+def test_canonical_model_samples_from_the_canonical_start_and_answers_in_the_starts_order():
+    cartpole = problems.get("cartpole")
+    cfg = gpt.GptConfig(layers=layers_of(cartpole), canonical="cartpole", max_chunk=128, **MICRO)
+    model = gpt.Gpt(cfg)  # untrained: predicts "no change"
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
+    start = cartpole.init([torch.Generator().manual_seed(s) for s in range(3)])
+    start = start + 0.1 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
+    from gptpipe.diffusion import Diffusion
+
+    out = evaluation.sample(model, Diffusion(), start, torch.full((3,), 50.0), torch.full((3,), 500.0), "ddim", 2,
+                            torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, start, rtol=1e-5, atol=1e-6)  # back in the order it was given
+    canonical = cartpole.permute(start, perm=cartpole.canonical_permutation(start))
+    assert not torch.allclose(canonical, start)
+    torch.testing.assert_close(seen[0], canonical)  # what the model read (param_scale 1: normalised = raw)
 
 
 @pytest.mark.parametrize("conditioning", ["tokens", "adaln"])

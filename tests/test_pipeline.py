@@ -125,3 +125,9 @@ def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
     assert len(rows) == 2 * 3 and all(0 < r["achieved"] <= 500 for r in rows)
     report = store.fs.cat_file(store.path("evals", "e", "report.md")).decode()
     assert "one_step_return.png" in report and "optimisers_" not in report
+    # the store-wide index shows the evaluation in its own metric (returns between 0 and 500, not NaN)
+    row = next(line for line in store.fs.cat_file(store.path("evals", "index.md")).decode().splitlines() if line.startswith("| [e]"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "return"
+    start, one_step = float(cells[7]), float(cells[8])
+    assert start == pytest.approx(summary["start_return_mean"], abs=1e-3) and 0 < one_step <= 500

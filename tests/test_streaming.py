@@ -35,7 +35,7 @@ def test_tiny_budget_streams_pairs_from_training_runs_only(store):
     train_ids = np.setdiff1d(np.arange(40), sorted(held))
     assert len(held) == 4 and len(train_ids) == 36
     everything = sweeps.read_blocks(store, "s", np.arange(40))  # [40, C, P] to check against
-    stream = data.stream(16, pairing="mixed", permute=False, seed=3, group_runs=8, spans=2, batches_per_group=3)
+    stream = data.stream(16, pairing="mixed", symmetry="none", seed=3, group_runs=8, spans=2, batches_per_group=3)
     seen_groups = set()
     with stream:
         for _ in range(12):
@@ -56,7 +56,7 @@ def test_tiny_budget_streams_pairs_from_training_runs_only(store):
 def test_trainer_trains_from_a_stream(store):
     data = model_store.load_training_data(store, ["s"], budget=1000)
     cfg = TrainConfig(model=MICRO, steps=6, batch_size=16, warmup=2, seed=0)
-    stream = data.stream(16, cfg.pairing, cfg.init_frac, cfg.permute, seed=0, group_runs=8, spans=2, batches_per_group=2)
+    stream = data.stream(16, cfg.pairing, cfg.init_frac, cfg.symmetry, seed=0, group_runs=8, spans=2, batches_per_group=2)
     trainer = Trainer(DIGITS, None, data.metric_values, cfg, stream=stream)
     try:
         losses = trainer.train()
