@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gptpipe import problems
+from gptpipe.training import TrainConfig
 from storage import catalog, sweeps
 from storage.store import Store, StoreError
 
@@ -212,10 +213,9 @@ def loss_plot(losses: list[float], title: str) -> bytes:
 
 def lineage_matches(old: dict, new: dict) -> list[str]:
     """Keys that differ between a saved model's lineage and a new request to train it further."""
-    def comparable(lineage: dict) -> dict:
-        train = {k: v for k, v in (lineage.get("train_config") or {}).items() if k not in ("steps", "device")}
-        if "permute" in train:  # saved before "symmetry" replaced the permute flag
-            train["symmetry"] = "permute" if train.pop("permute") else "none"
+    def comparable(lineage: dict) -> dict:  # read through today's TrainConfig, so older lineages' keys map onto it
+        train = TrainConfig.from_dict(lineage.get("train_config") or {}).to_dict()
+        train = {k: v for k, v in train.items() if k not in ("steps", "device")}
         return {**{k: lineage.get(k) for k in ("sweeps", "problem", "metric", "catalog_digest")}, "train_config": train}
 
     a, b = comparable(old), comparable(new)

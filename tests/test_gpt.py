@@ -132,9 +132,15 @@ def test_symmetry_of_training_pairs():
         Trainer(DIGITS, torch.randn(2, 3, DIGITS.n_params), torch.rand(2, 3), TrainConfig(model=MICRO, symmetry="canonical"))
     with pytest.raises(ValueError, match="symmetry must be one of"):
         TrainConfig(symmetry="sorted")
-    # models saved with the old permute flag keep their meaning
+    # models saved with the old permute flag keep their meaning, and can still be resumed
     assert TrainConfig.from_dict({"permute": False}).symmetry == "none"
     assert TrainConfig.from_dict({"permute": True}).symmetry == "permute"
+    from gptpipe.model_store import lineage_matches
+
+    saved = {"sweeps": ["s"], "problem": "digits_mlp", "train_config": {**TrainConfig().to_dict(), "permute": True}}
+    del saved["train_config"]["symmetry"]
+    assert lineage_matches(saved, {**saved, "train_config": TrainConfig(symmetry="permute").to_dict()}) == []
+    assert lineage_matches(saved, {**saved, "train_config": TrainConfig(symmetry="canonical").to_dict()}) == ["train_config"]
 
 
 def test_canonical_model_samples_from_the_canonical_start_and_answers_in_the_starts_order():
