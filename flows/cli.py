@@ -286,7 +286,7 @@ def _print_summary(url: str, s: dict) -> None:
     for metric in dict.fromkeys((m, "test_error")):
         if f"one_step_best_prompt_{metric}_mean" in s:
             typer.echo(f"  {metric}, fresh inits: start {s[f'start_{metric}_mean']:.4g} -> G.pt one step {s[f'one_step_best_prompt_{metric}_mean']:.4g} "
-                       f"(best {s[f'one_step_best_prompt_{metric}_best']:.4g}); SGD 1 epoch {s[f'sgd_1_epoch_{metric}_mean']:.4g}, "
+                       f"(best {s[f'one_step_best_prompt_{metric}_best']:.4g}); the sweep's recipe: 1 epoch {s[f'sgd_1_epoch_{metric}_mean']:.4g}, "
                        f"25 epochs {s[f'sgd_25_epochs_{metric}_mean']:.4g}")
     typer.echo(f"  report: {url}/evals/{s['eval']}/report.md")
 

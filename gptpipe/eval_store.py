@@ -61,14 +61,10 @@ def start_networks(store: Store, lineage: dict, problem, n: int, seed: int) -> t
     return np.concatenate(starts).astype(np.float32), sources
 
 
-def sgd_baseline(store: Store, lineage: dict, start: np.ndarray, dataset) -> dict[int, dict[str, np.ndarray]]:
-    """The start networks trained with the sweep's recipe at the learning rate of its best run, scored
-    after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
-    sweep = lineage["sweeps"][0]
-    recipe = sweeps.read_config(store, sweep)["recipe"]
-    metric = lineage["metric"]
-    problem = problems.get(lineage["problem"])
-    best_lr = best_run_lr(store, sweep, metric, problems.sign(problem, metric) < 0)
+def sgd_baseline(store: Store, lineage: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
+    """The start networks trained with the sweep's recipe at ``best_lr`` (the learning rate of its best
+    run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
+    recipe = sweeps.read_config(store, lineage["sweeps"][0])["recipe"]
     config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "lr_min": best_lr, "lr_max": best_lr})
     result = train_runs(config, range(len(start)), dataset, init=torch.from_numpy(start))
     return {e: {m: v[:, e] for m, v in result.metrics.items()} for e in (0, 1, 25)}
@@ -134,9 +130,9 @@ def run(store: Store, req: EvalRequest) -> dict:
 
     # 4. baselines from the same start networks: the sweep's recipe, and SGD/Adam curves
     t = time.perf_counter()
-    recipe_baseline = sgd_baseline(store, lineage, start, dataset)
     higher = problems.sign(problem, metric) < 0
     best_lr = best_run_lr(store, sweep, metric, higher)
+    recipe_baseline = sgd_baseline(store, lineage, start, dataset, best_lr)
     # optimiser curves need a differentiable training loss; an RL problem has none to hand to SGD/Adam
     curves = {name: baselines.optimiser_curves(problem, dataset, start[fresh], name, lr, seed=req.seed)
               for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))} if hasattr(problem, "loss") else {}
@@ -236,8 +232,11 @@ def run(store: Store, req: EvalRequest) -> dict:
 
 
 def best_run_lr(store: Store, sweep: str, metric: str, higher_is_better: bool = False) -> float:
+    """The learning rate of the sweep's best run: best ``metric`` reached, ties (many CartPole runs reach
+    500) broken by the final value, then by the lowest run number, so every evaluation picks the same."""
+    order = "desc" if higher_is_better else "asc"
     return catalog.query(store, f"select lr from runs where sweep = '{sweep}' and status = 'ok' "
-                                f"order by best_{metric} {'desc' if higher_is_better else 'asc'} limit 1")["lr"][0].as_py()
+                                f"order by best_{metric} {order}, final_{metric} {order}, run limit 1")["lr"][0].as_py()
 
 
 def _rows(req, problem, sources, prompted, recursive, fresh, best, div_nets, div_params, div_scores):

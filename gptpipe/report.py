@@ -77,10 +77,11 @@ def curves_plot(rows: dict, summary: dict, n: int = 6) -> bytes:
 
 
 def one_step_plot(summary: dict, metric: str) -> bytes:
-    """Fresh random inits: the start, one G.pt update, SGD after 1 and 25 epochs, recursive updates."""
+    """Fresh random inits: the start, one G.pt update, the sweep's recipe (SGD; PPO for cartpole, where an
+    epoch is a PPO iteration) after 1 and 25 epochs, recursive updates."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
-    labels = ["start", "G.pt 1 step", "SGD 1 epoch", "SGD 25 epochs"]
+    labels = ["start", "G.pt 1 step", "recipe 1 epoch", "recipe 25 epochs"]
     values = [summary[f"start_{metric}_mean"], summary[f"one_step_best_prompt_{metric}_mean"],
               summary[f"sgd_1_epoch_{metric}_mean"], summary[f"sgd_25_epochs_{metric}_mean"]]
     a.bar(labels, values, color=["grey", "tab:orange", "tab:blue", "tab:blue"])
@@ -91,7 +92,7 @@ def one_step_plot(summary: dict, metric: str) -> bytes:
     a.tick_params(axis="x", labelsize=8)
     rec = summary[f"recursive_{metric}_mean"]
     b.plot(range(1, len(rec) + 1), rec, marker="o", color="tab:orange", label="G.pt, prompted with the best value")
-    b.axhline(summary[f"sgd_25_epochs_{metric}_mean"], color="tab:blue", ls="--", label="SGD 25 epochs")
+    b.axhline(summary[f"sgd_25_epochs_{metric}_mean"], color="tab:blue", ls="--", label="recipe 25 epochs")
     b.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     b.set_xlabel("G.pt updates")
     b.set_ylabel(f"mean {metric}")
@@ -256,7 +257,10 @@ def markdown(summary: dict) -> str:
         "",
         "## One update from a random init (fresh inits, prompted with the best value)",
         "",
-        "| metric | start | G.pt 1 step (mean) | G.pt 1 step (best) | SGD 1 epoch | SGD 25 epochs |",
+        "The recipe columns train the same start networks with the sweep's own recipe at its best run's learning "
+        "rate (SGD; PPO for cartpole, where an epoch is a PPO iteration).",
+        "",
+        "| metric | start | G.pt 1 step (mean) | G.pt 1 step (best) | recipe 1 epoch | recipe 25 epochs |",
         "|---|---|---|---|---|---|",
     ]
     for metric in sorted({k[len("one_step_best_prompt_"): -len("_mean")] for k in summary if k.startswith("one_step_best_prompt_") and k.endswith("_mean")}):
