@@ -120,3 +120,21 @@ def test_first_layer_images_and_walk_plot():
     assert report.first_layer_images([["w", [32, 4]]], np.zeros((2, 128))) is None  # a policy's 4 inputs: not an image
     png = report.latent_walk_plot(images, np.array([0.5, 0.4, 0.3]), "test_loss")
     assert png[:4] == b"\x89PNG"
+
+
+def test_best_run_lr_breaks_ties_the_same_way_every_time(tmp_path):
+    """Many CartPole runs reach the top return 500: the recipe baseline's learning rate must not depend on
+    the order DuckDB happens to read them in."""
+    import pyarrow as pa
+
+    from gptpipe.eval_store import best_run_lr
+    from storage import catalog
+    from storage.store import open_store
+
+    store = open_store(str(tmp_path / "store"), create=True)
+    rows = {"run": [0, 1, 2, 3, 4], "status": ["ok", "ok", "ok", "ok", "diverged"], "lr": [0.1, 0.2, 0.3, 0.4, 0.5],
+            "best_return": [500.0, 500.0, 480.0, 500.0, 500.0], "final_return": [450.0, 500.0, 480.0, 500.0, 500.0]}
+    for shard, idx in enumerate(([3, 4], [0, 1, 2])):  # the tied runs sit in different files
+        catalog.write_shard(store, "runs", "s", shard, pa.table({k: [v[i] for i in idx] for k, v in rows.items()}))
+    assert best_run_lr(store, "s", "return", higher_is_better=True) == 0.2  # 500 at the end, lowest run number
+    assert best_run_lr(store, "s", "return", higher_is_better=False) == 0.3
