@@ -7,8 +7,9 @@ A training example is a pair of checkpoints (start i, target j), i < j, of one r
 - **streaming** (``StreamingPairs``): for sweeps too big for memory (the paper trains on ~100k runs).
   A background thread reads a random *group* of whole run-chunks from the store (random row reads from
   object storage are slow; whole chunks are fast), draws many batches of pairs inside that group
-  (``batches_per_group``; reading costs far more than drawing, see ``bench/gpt.py loader``), reorders hidden units there (``symmetry``), and hands finished batches to
-  the training loop through a bounded queue. Only the group in flight and the queued batches are in
+  (``batches_per_group``; reading costs far more than drawing, see ``bench/gpt.py loader``), reorders
+  their hidden units there (``symmetry``), and hands finished batches to the training loop through a
+  bounded queue. Only the group in flight and the queued batches are in
   memory. A group is a few random contiguous spans of training runs, so each span is one slice read
   whose chunks the store fetches concurrently (runs are i.i.d., their order carries no information).
 
