@@ -61,10 +61,9 @@ def start_networks(store: Store, lineage: dict, problem, n: int, seed: int) -> t
     return np.concatenate(starts).astype(np.float32), sources
 
 
-def sgd_baseline(store: Store, lineage: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
-    """The start networks trained with the sweep's recipe at ``best_lr`` (the learning rate of its best
-    run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
-    recipe = sweeps.read_config(store, lineage["sweeps"][0])["recipe"]
+def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
+    """The start networks trained with the sweep's ``recipe`` at ``best_lr`` (the learning rate of its
+    best run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
     config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "lr_min": best_lr, "lr_max": best_lr})
     result = train_runs(config, range(len(start)), dataset, init=torch.from_numpy(start))
     return {e: {m: v[:, e] for m, v in result.metrics.items()} for e in (0, 1, 25)}
@@ -132,7 +131,7 @@ def run(store: Store, req: EvalRequest) -> dict:
     t = time.perf_counter()
     higher = problems.sign(problem, metric) < 0
     best_lr = best_run_lr(store, sweep, metric, higher)
-    recipe_baseline = sgd_baseline(store, lineage, start, dataset, best_lr)
+    recipe_baseline = sgd_baseline(recipe, start, dataset, best_lr)
     # optimiser curves need a differentiable training loss; an RL problem has none to hand to SGD/Adam
     curves = {name: baselines.optimiser_curves(problem, dataset, start[fresh], name, lr, seed=req.seed)
               for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))} if hasattr(problem, "loss") else {}

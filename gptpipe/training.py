@@ -141,6 +141,7 @@ class Trainer:
         if not bool(keep.any()):
             raise ValueError("no run has two usable checkpoints")
         self.params, self.metric, self.n_valid = params[keep], metric[keep], n_valid[keep]
+        self.symmetry = resolve_symmetry(self.problem, config.symmetry)  # "auto" decided once, for pairs and model
         self.device = resolve_device(config.device)
         # every rank its own pairs, noise and timesteps (rank 0 = the single-process stream)
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * self.rank)
@@ -155,7 +156,7 @@ class Trainer:
             units = UNIT_TOKENS.get(config.preset, False) if config.unit_tokens is None else config.unit_tokens
             if units and getattr(self.problem, "unit_axes", None) and "units" not in model:
                 model["units"] = [list(u) for u in self.problem.unit_axes]
-            if resolve_symmetry(self.problem, config.symmetry) == "canonical":
+            if self.symmetry == "canonical":
                 model["canonical"] = self.problem.name  # the sampler puts starts in this problem's canonical order
             self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
                                                     delta_scale=delta_scale, **model)
@@ -207,7 +208,7 @@ class Trainer:
         if self.stream is not None and generator is None and n == self.stream.batch_size:
             pairs = self.stream.next()
         else:
-            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, c.symmetry)
+            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, self.symmetry)
         d = self.device
         return {
             "theta_i": pairs["theta_i"].to(d), "theta_j": pairs["theta_j"].to(d),
