@@ -34,6 +34,8 @@ def collect_flow(
     seed: int = 0,
     lr_min: float | None = None,
     lr_max: float | None = None,
+    data_order: str = "per_run",
+    checkpoint_spacing: str = "linear",
     torch_threads: int = 1,
 ) -> dict:
     """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``. Re-running with the same
@@ -41,7 +43,8 @@ def collect_flow(
     the flow runs (a deployment's worker)."""
     store = store or default_store_url()
     config = SweepConfig(problem=problem, runs=runs, data=data, epochs=epochs, checkpoints=checkpoints,
-                         shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max)
+                         shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max, data_order=data_order,
+                         checkpoint_spacing=checkpoint_spacing)
     todo = collect.prepare(store, sweep, config, data_root)
     st = open_store(store)
     print(f"sweep {sweep}: {config.n_shards - len(todo)} of {config.n_shards} shards already committed, {len(todo)} to do")

@@ -64,7 +64,8 @@ def start_networks(store: Store, lineage: dict, problem, n: int, seed: int) -> t
 def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
     """The start networks trained with the sweep's ``recipe`` at ``best_lr`` (the learning rate of its
     best run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
-    config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "lr_min": best_lr, "lr_max": best_lr})
+    config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "checkpoint_spacing": "linear",
+                            "lr_min": best_lr, "lr_max": best_lr})
     result = train_runs(config, range(len(start)), dataset, init=torch.from_numpy(start))
     return {e: {m: v[:, e] for m, v in result.metrics.items()} for e in (0, 1, 25)}
 

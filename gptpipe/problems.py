@@ -106,14 +106,22 @@ class MLPClassifier(Classifier):
 
     # --- compute ------------------------------------------------------------------------------
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Network k applied to its own batch: ``theta [K, P]``, ``x [K, B, d_in]`` -> ``[K, B, classes]``."""
+        """Network k applied to its own batch, ``x [K, B, d_in]``, or all K to one shared batch,
+        ``x [B, d_in]`` (one matmul for every first layer) -> ``[K, B, classes]``."""
         w1, b1, w2, b2 = self.unflatten(theta)
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).relu_()
+        if x.dim() == 2:
+            K = theta.shape[0]
+            h = (x @ w1.reshape(K * self.hidden, self.d_in).T).view(len(x), K, self.hidden).transpose(0, 1)
+            h = (h + b1.unsqueeze(1)).relu()
+        else:
+            h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)).relu_()
         return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-network mean cross-entropy ``[K]`` of each network on its own batch ``y [K, B]``."""
-        return cross_entropy(self.logits(theta, x), y).mean(1)
+        """Per-network mean cross-entropy ``[K]`` on their own batches (``y [K, B]``) or one shared
+        batch (``y [B]``)."""
+        z = self.logits(theta, x)
+        return cross_entropy(z, y.expand(z.shape[0], -1)).mean(1)
 
     @torch.no_grad()
     def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> dict[str, torch.Tensor]:

@@ -30,6 +30,11 @@ DEFAULT_RECIPE = dict(epochs=25, lr_min=0.01, lr_max=0.3, momentum=0.9, nesterov
                       batch_size=128, schedule="cosine")
 
 
+DATA_ORDERS = ("per_run", "shared")
+SPACINGS = ("linear", "log")
+LATER_DEFAULTS = {"data_order": "per_run", "checkpoint_spacing": "linear"}
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """Everything that determines a sweep's checkpoints. Frozen into ``config.json`` at first collect."""
@@ -50,6 +55,10 @@ class SweepConfig:
     weight_decay: float | None = None
     batch_size: int | None = None
     schedule: str | None = None
+    # Settings added after the first sweeps were frozen: ``to_dict`` leaves them out at their defaults,
+    # so a sweep collected before they existed still matches its config.json and resumes.
+    data_order: str = "per_run"  # "per_run": each run its own shuffle; "shared": one shuffle per epoch for the sweep
+    checkpoint_spacing: str = "linear"  # "linear" in steps, or "log": dense early, where the metrics move most
 
     def __post_init__(self):
         try:
@@ -73,6 +82,10 @@ class SweepConfig:
             raise SweepConfigError(f"need 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
         if self.schedule not in ("cosine", "constant"):
             raise SweepConfigError(f"unknown schedule {self.schedule!r} (cosine or constant)")
+        if self.data_order not in DATA_ORDERS:
+            raise SweepConfigError(f"unknown data order {self.data_order!r} ({' or '.join(DATA_ORDERS)})")
+        if self.checkpoint_spacing not in SPACINGS:
+            raise SweepConfigError(f"unknown checkpoint spacing {self.checkpoint_spacing!r} ({' or '.join(SPACINGS)})")
 
     @property
     def n_shards(self) -> int:
@@ -82,7 +95,11 @@ class SweepConfig:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.runs))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name, default in LATER_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
 
 def steps_per_epoch(config: SweepConfig, n_train: int | None) -> int:
@@ -96,7 +113,12 @@ def steps_per_epoch(config: SweepConfig, n_train: int | None) -> int:
 def checkpoint_steps(config: SweepConfig, n_train: int | None) -> np.ndarray:
     """The optimiser steps after which a checkpoint is taken (0 = the init)."""
     total = config.epochs * steps_per_epoch(config, n_train)
-    steps = np.unique(np.round(np.linspace(0, total, config.checkpoints)).astype(np.int64))
+    if config.checkpoint_spacing == "log":  # the init, then steps 1 .. total spaced geometrically
+        steps = np.round(np.geomspace(1, total, config.checkpoints - 1)).astype(np.int64)
+        steps = np.concatenate([[0], np.maximum(steps, np.arange(1, config.checkpoints))])  # early ones at least 1 apart
+        steps = np.unique(np.maximum.accumulate(steps))
+    else:
+        steps = np.unique(np.round(np.linspace(0, total, config.checkpoints)).astype(np.int64))
     if len(steps) != config.checkpoints:
         raise SweepConfigError(f"--checkpoints {config.checkpoints} is more than the {total + 1} steps of a run")
     return steps
@@ -113,6 +135,13 @@ def run_seed(sweep_seed: int, run: int) -> tuple[int, float]:
 
 def run_lr(config: SweepConfig, u: float) -> float:
     return float(math.exp(math.log(config.lr_min) + u * (math.log(config.lr_max) - math.log(config.lr_min))))
+
+
+def shared_order_generator(sweep_seed: int) -> torch.Generator:
+    """The data-order generator of a sweep with ``data_order="shared"``: from the sweep seed alone (a
+    spawn key no run's ``SeedSequence`` has), so every run sees the same batches whatever its shard."""
+    seed = np.random.SeedSequence([sweep_seed], spawn_key=(1,)).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
 
 
 def lr_factor(config: SweepConfig, step: int, total: int) -> float:
@@ -185,15 +214,24 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
                 metrics[m][keep.numpy(), c] = v[keep].double().numpy()
 
     augment = getattr(problem, "augment", None)
+    # "shared": all K networks see the same batch, so the first layer is one matmul for the whole shard
+    # (4.4x faster per step for 64 mnist_mlp runs, 1 thread) instead of K small batched products.
+    shared = config.data_order == "shared"
+    if shared and augment is not None:
+        raise SweepConfigError(f"problem {config.problem} augments each network's batch: use data order per_run")
+    order_gen = shared_order_generator(config.seed) if shared else None
     c = 0
     if ckpt_steps[0] == 0:
         take_checkpoint(0)
         c = 1
     step = 0
     for epoch in range(config.epochs):
-        order = torch.stack([torch.randperm(n_train, generator=g) for g in generators])  # [K, N]
+        if shared:
+            order = torch.randperm(n_train, generator=order_gen)  # [N]
+        else:
+            order = torch.stack([torch.randperm(n_train, generator=g) for g in generators])  # [K, N]
         for b in range(per_epoch):
-            idx = order[:, b * config.batch_size : (b + 1) * config.batch_size]
+            idx = order[..., b * config.batch_size : (b + 1) * config.batch_size]
             x = dataset.x_train[idx]
             if augment is not None:  # each network's own random augmentation, drawn from its generator
                 x = augment(x, generators)
