@@ -62,6 +62,7 @@ class GptConfig:
     fuse_inputs: bool = False  # True: one token holds both x_t's and start's chunk (half the tokens)
     target: str = "params"  # diffusion variable: "params" (theta_j, the paper) or "delta" (theta_j - theta_i, rescaled)
     units: list = field(default_factory=list)  # [[layer, axis], ...]: one shared-type token per hidden unit (see Tokenizer)
+    unit_basis: int = 0  # > 0: a unit's incoming weights enter and leave its token as this many coordinates (UnitBasis)
     canonical: str = ""  # a problem name: starts are put in its canonical unit order before sampling (symmetry "canonical")
     timesteps: int = 1000
     preset: str = ""
@@ -193,6 +194,51 @@ class Tokenizer(nn.Module):
         return tokens.reshape(tokens.shape[0], -1)[:, self.scatter_index]  # [B, P]
 
 
+class UnitBasis(nn.Module):
+    """A fixed orthonormal basis ``[k, d_in]`` for the hidden units' incoming weights (layer ``units[0]``,
+    one row per unit), fitted on the training updates (``fit_unit_basis``) and saved with the model.
+
+    ``reduce`` replaces each unit's d_in incoming weights by their k coordinates, ``expand`` maps k
+    coordinates back to d_in weights. Why: a token's decoder emits at most ``width`` independent values,
+    and mnist_mlp's units hold 784 incoming weights. Their SGD updates are sums of training images
+    times back-propagated errors, so they share a low-dimensional span: the top 64 directions of 480
+    training updates hold 88% of held-out runs' update energy, and replacing those runs' whole
+    first-layer updates by their 64-coordinate projection moves their test error from 10.1% to 10.5%.
+    A fitted basis gives the model that span from the start instead of leaving it to be learned."""
+
+    def __init__(self, layer_shapes: list[list[int]], units: list, k: int):
+        super().__init__()
+        self.layer, axis = int(units[0][0]), int(units[0][1])
+        self.n_units, self.d_in = layer_shapes[self.layer]
+        if axis != 0 or len(layer_shapes[self.layer]) != 2 or not 0 < k < self.d_in:
+            raise ValueError(f"unit_basis {k} needs a 2-d first unit layer with units along axis 0 and more than {k} inputs")
+        self.k = k
+        self.start = sum(math.prod(s) for s in layer_shapes[: self.layer])
+        self.end = self.start + self.n_units * self.d_in
+        self.register_buffer("basis", torch.zeros(k, self.d_in))  # persistent: saved with the weights
+
+    def reduced_shapes(self, layer_shapes: list[list[int]]) -> list[list[int]]:
+        return [[self.n_units, self.k] if i == self.layer else list(s) for i, s in enumerate(layer_shapes)]
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x[:, self.start : self.end].reshape(len(x), self.n_units, self.d_in)
+        return torch.cat([x[:, : self.start], (rows @ self.basis.T).flatten(1), x[:, self.end :]], dim=1)
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        mid = self.start + self.n_units * self.k
+        coords = z[:, self.start : mid].reshape(len(z), self.n_units, self.k)
+        return torch.cat([z[:, : self.start], (coords @ self.basis).flatten(1), z[:, mid:]], dim=1)
+
+
+def fit_unit_basis(deltas: torch.Tensor, layer_shapes: list[list[int]], units: list, k: int) -> torch.Tensor:
+    """The top-``k`` right singular vectors ``[k, d_in]`` of the units' incoming-weight updates in
+    ``deltas [N, P]`` (normalised updates of training pairs): the directions holding most of their energy."""
+    probe = UnitBasis(layer_shapes, units, k)
+    rows = deltas[:, probe.start : probe.end].reshape(-1, probe.d_in).double()
+    rows = rows[torch.isfinite(rows).all(1)]
+    return torch.linalg.svd(rows, full_matrices=False).Vh[:k].float()
+
+
 class ChunkLinear(nn.Module):
     """Token-wise linear maps ``[B, T, d_in] -> [B, T, d_out]``, one weight per token *type*
     (``weight [n_types, d_in, d_out]``; token k uses ``weight[token_type[k]]``): each chunk its own
@@ -287,7 +333,11 @@ class Gpt(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.tokenizer = tok = Tokenizer([shape for _, shape in c.layers], c.max_chunk, c.units or None)
+        shapes = [shape for _, shape in c.layers]
+        self.unit_basis = UnitBasis(shapes, c.units, c.unit_basis) if c.unit_basis else None
+        if self.unit_basis is not None:
+            shapes = self.unit_basis.reduced_shapes(shapes)
+        self.tokenizer = tok = Tokenizer(shapes, c.max_chunk, c.units or None)
         T, L, D, K = tok.n_tokens, tok.chunk_len, c.width, tok.n_types
         self.n_param_tokens = T
         if c.fuse_inputs:
@@ -336,8 +386,9 @@ class Gpt(nn.Module):
         return [self.embed_scalar(v) for v in (t, s, g, g - s)]
 
     def forward(self, x_t, start, t, start_metric, target_metric) -> torch.Tensor:
-        tok = self.tokenizer
-        xs, ss = tok.to_tokens(x_t), tok.to_tokens(start)
+        tok, basis = self.tokenizer, self.unit_basis
+        xs = tok.to_tokens(x_t if basis is None else basis.reduce(x_t))
+        ss = tok.to_tokens(start if basis is None else basis.reduce(start))
         if self.config.fuse_inputs:
             h = self.encode_fused(torch.cat([xs, ss], dim=-1))
         else:
@@ -357,6 +408,8 @@ class Gpt(nn.Module):
             shift, scale = self.final_modulation(cond).unsqueeze(1).chunk(2, dim=-1)
             h = h * (1 + scale) + shift
         out = tok.from_tokens(self.decode(h)).float()  # padding positions are dropped here
+        if basis is not None:
+            out = basis.expand(out)
         if self.config.target == "params":
             out = out + start
         return out
