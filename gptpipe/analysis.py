@@ -3,6 +3,7 @@
 - ``nearest_training_distance``: is G.pt memorising? Distance of each generated vector to its nearest
   training checkpoint, next to the same distance for held-out runs' real checkpoints.
 - ``noise_baseline``: what a good training checkpoint plus small noise achieves (cheap "generation").
+- ``noise_at_distance``: the same at chosen distances, to set against G.pt's samples at theirs.
 - ``pca_landscape``: the test metric over the top-2 principal directions of the sweep's parameters.
 """
 
@@ -28,6 +29,19 @@ def noise_baseline(problem, dataset, checkpoints: np.ndarray, rel_sigma: float =
     g = torch.Generator().manual_seed(seed)
     noisy = theta + rel_sigma * theta.std(1, keepdim=True) * torch.randn(theta.shape, generator=g)
     return {m: v.double().numpy() for m, v in problem.score(noisy, dataset).items()}
+
+
+def noise_at_distance(problem, dataset, checkpoints: np.ndarray, distances: list[float], seed: int = 0) -> dict[float, dict[str, float]]:
+    """Zeng et al. (2025)'s memorisation baseline: training ``checkpoints [N, P]`` moved by a random
+    direction of exactly each L2 length in ``distances``. A generator whose samples lie at distance d from
+    their nearest training checkpoint should score better than these copies-plus-noise at the same d;
+    otherwise it is a noisy copier. Returns ``{d: {metric: mean over the N}}``."""
+    theta = torch.as_tensor(checkpoints, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(theta.shape, generator=g)
+    direction /= direction.norm(dim=1, keepdim=True)
+    return {float(d): {m: float(v.double().mean()) for m, v in problem.score(theta + d * direction, dataset).items()}
+            for d in distances}
 
 
 def pca_landscape(problem, dataset, training: np.ndarray, points: np.ndarray, metric: str, grid: int = 31,

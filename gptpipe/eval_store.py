@@ -28,6 +28,9 @@ from storage.store import Store, StoreError
 
 
 ADAM_LR = 0.01
+# the memorisation baseline's distances, as multiples of G.pt samples' median distance to the nearest
+# training checkpoint (1 = the same distance: the comparison Zeng et al. 2025 make)
+NOISE_DISTANCES = (0.25, 0.5, 1.0, 2.0)
 
 
 @dataclass
@@ -144,9 +147,12 @@ def run(store: Store, req: EvalRequest) -> dict:
     best_agg = "max" if problems.sign(problem, metric) < 0 else "min"
     sweep_stats = catalog.query(store, f"select {best_agg}(best_{metric}) as best, avg(final_{metric}) as mean_final "
                                        f"from runs where sweep = '{sweep}' and status = 'ok'").to_pylist()[0]
-    noisy = analysis.noise_baseline(problem, dataset, training[np.argsort(train_values)[:32]], seed=req.seed)
+    good = training[np.argsort(problems.sign(problem, metric) * train_values)[:32]]  # the 32 best training checkpoints
+    noisy = analysis.noise_baseline(problem, dataset, good, seed=req.seed)
     generated = prompted.params[:, top]
     nn_generated = analysis.nearest_training_distance(generated, training)
+    nn_median = float(np.median(nn_generated))
+    copies = analysis.noise_at_distance(problem, dataset, good, [f * nn_median for f in NOISE_DISTANCES], seed=req.seed)
     heldout_runs = lineage["heldout_runs"].get(sweep, [])[: max(1, int((~fresh).sum()))]
     heldout_final = sweeps.read_blocks(store, sweep, heldout_runs)[:, -1]
     nn_heldout = analysis.nearest_training_distance(heldout_final, training)
@@ -208,6 +214,9 @@ def run(store: Store, req: EvalRequest) -> dict:
         **{f"noisy_checkpoint_{m}_mean": float(np.mean(v)) for m, v in noisy.items()},
         "nn_distance_generated_median": float(np.median(nn_generated)),
         "nn_distance_heldout_final_median": float(np.median(nn_heldout)),
+        "generated_best_prompt_mean": float(prompted.achieved[metric][:, top].mean()),
+        "copies_plus_noise": [{"distance": d, **v} for d, v in copies.items()],
+        f"copies_plus_noise_{metric}_at_generated_distance": copies[nn_median][metric],
         "diversity_networks": len(div_nets), "diversity_samples": req.diversity_samples,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
@@ -225,7 +234,8 @@ def run(store: Store, req: EvalRequest) -> dict:
                  diversity={"nets": div_nets, "start": start[div_nets], "first": prompted.params[div_nets, top],
                             "requested": float(prompted.requested[div_nets[0], top]) if len(div_nets) else best,
                             "extra": div_params.numpy().reshape(len(div_nets), max(extra, 0), -1)},
-                 nn={"generated": nn_generated, "heldout_final": nn_heldout}, walk=walk)
+                 nn={"generated": nn_generated, "heldout_final": nn_heldout,
+                     "generated_value": float(prompted.achieved[metric][:, top].mean())}, walk=walk)
     catalog.write_table(store, pa.table(rows), "evals", req.eval, "results.parquet")
     report.write_index(store)
     return summary

@@ -223,14 +223,23 @@ def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_un
     return _png(fig)
 
 
-def nn_plot(nn: dict) -> bytes:
+def nn_plot(nn: dict, copies: list[dict], metric: str) -> bytes:
+    """Left: distances to the nearest training checkpoint, G.pt's samples against held-out runs' own
+    final checkpoints. Right: the metric against that distance, G.pt against training checkpoints plus
+    noise (Zeng et al. 2025: a copier sits on or below the noise curve)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(nn["generated"], bins=20, alpha=0.7, label="G.pt samples (best prompt)")
-    ax.hist(nn["heldout_final"], bins=20, alpha=0.7, label="held-out runs' final checkpoints")
-    ax.set_xlabel("distance to the nearest training checkpoint (L2)")
-    ax.set_title("Memorisation check")
-    ax.legend(fontsize=8)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.hist(nn["generated"], bins=20, alpha=0.7, label="G.pt samples (best prompt)")
+    a.hist(nn["heldout_final"], bins=20, alpha=0.7, label="held-out runs' final checkpoints")
+    a.set_xlabel("distance to the nearest training checkpoint (L2)")
+    a.set_title("Memorisation check")
+    a.legend(fontsize=8)
+    b.plot([c["distance"] for c in copies], [c[metric] for c in copies], "o-", label="best training checkpoints + noise")
+    b.plot([float(np.median(nn["generated"]))], [nn["generated_value"]], "r*", markersize=12, label="G.pt samples (median distance)")
+    b.set_xlabel("distance from a training checkpoint (L2)")
+    b.set_ylabel(metric)
+    b.set_title("Better than copies plus noise?")
+    b.legend(fontsize=8)
     return _png(fig)
 
 
@@ -301,6 +310,9 @@ def markdown(summary: dict) -> str:
         f"| G.pt one update, best prompt ({m}, mean over fresh inits) | {summary[f'one_step_best_prompt_{m}_mean']:.4g} |",
         f"| median distance of G.pt samples to the nearest training checkpoint | {summary['nn_distance_generated_median']:.4g} |",
         f"| the same for held-out runs' final checkpoints (reference) | {summary['nn_distance_heldout_final_median']:.4g} |",
+        f"| G.pt samples, best prompt ({m}, mean over all start networks) | {summary['generated_best_prompt_mean']:.4g} |",
+        f"| best training checkpoints + noise at the samples' median distance ({m}, mean) | "
+        f"{summary[f'copies_plus_noise_{m}_at_generated_distance']:.4g} |",
         "",
         "![memorisation](nearest_neighbour.png)",
         "",
@@ -347,7 +359,7 @@ def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baseli
     if len(diversity["nets"]):
         put(diversity_plot(diversity, rows, summary["metric"]), "diversity.png")
         put(landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else summary["metric"]), "landscape.png")
-    put(nn_plot(nn), "nearest_neighbour.png")
+    put(nn_plot(nn, summary["copies_plus_noise"], summary["metric"]), "nearest_neighbour.png")
     if walk is not None and walk.get("images") is not None:
         put(latent_walk_plot(walk["images"], walk["values"], summary["metric"]), "latent_walk.png")
     store.write_bytes(markdown(summary).encode(), "evals", eval_name, "report.md")

@@ -238,3 +238,40 @@ def test_save_load_and_resume(small_sweep):
         a = evaluation.sample(model, diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
         b = evaluation.sample(own, own_diffusion, start, m0, m1, sampler, steps, torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
+
+
+def test_unit_basis_carries_updates_in_its_span():
+    """mnist_mlp's 784 incoming weights per unit enter and leave a token as k coordinates: an update in
+    the fitted basis's span comes back exactly, and the fitted basis spans low-rank updates."""
+    shapes = [shape for _, shape in layers_of(MNIST)]
+    units = [list(u) for u in MNIST.unit_axes]
+    g = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(784, 6, generator=g)).Q.T  # 6 orthonormal input patterns
+    deltas = torch.randn(200, MNIST.n_params, generator=g)
+    deltas[:, :7840] = (torch.randn(200, 10, 6, generator=g) @ directions).reshape(200, -1)
+    basis = gpt.fit_unit_basis(deltas, shapes, units, 6)
+    assert basis.shape == (6, 784)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(6), atol=1e-5, rtol=0)
+    ub = gpt.UnitBasis(shapes, units, 6)
+    ub.basis.copy_(basis)
+    reduced = ub.reduce(deltas)
+    assert reduced.shape == (200, MNIST.n_params - 10 * (784 - 6))
+    torch.testing.assert_close(ub.expand(reduced), deltas, atol=1e-4, rtol=0)  # in the span: exact
+    with pytest.raises(ValueError, match="unit_basis"):
+        gpt.UnitBasis(shapes, units, 784)
+
+
+def test_trainer_fits_a_unit_basis_only_where_tokens_outgrow_the_width():
+    g = torch.Generator().manual_seed(1)
+    params = torch.randn(6, 4, MNIST.n_params, generator=g) * 0.05
+    metric = torch.rand(6, 4, generator=g)
+    mnist = Trainer(MNIST, params, metric, TrainConfig(model=dict(MICRO, width=64), batch_size=8, warmup=2))
+    assert mnist.gpt_config.unit_basis == 32  # a 795-value unit token in a 64-wide model: width / 2 coordinates
+    basis = mnist.model.unit_basis.basis
+    torch.testing.assert_close(basis @ basis.T, torch.eye(32), atol=1e-4, rtol=0)
+    mnist.step_many(2)
+    model, _, config = load_model(mnist.state_dict_bytes())  # the basis travels with the weights
+    assert config.unit_basis == 32 and torch.equal(model.unit_basis.basis, mnist.ema.unit_basis.basis)
+    # digits' 75-value unit tokens fit the tiny preset's width of 128: raw weights, as before
+    digits = Trainer(DIGITS, torch.randn(6, 4, DIGITS.n_params), metric, TrainConfig(model=dict(MICRO, width=128), batch_size=8))
+    assert digits.gpt_config.unit_basis == 0 and digits.model.unit_basis is None

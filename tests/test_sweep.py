@@ -23,8 +23,9 @@ def train_alone(config: sweep.SweepConfig, run: int, dataset: data.Dataset) -> l
     flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.state_dict().values()]).clone()
     ckpt_steps = set(sweep.checkpoint_steps(config, len(dataset.x_train)).tolist())
     out, step = [flat()], 0
+    order_gen = sweep.shared_order_generator(config.seed) if config.data_order == "shared" else g
     for _ in range(config.epochs):
-        order = torch.randperm(len(dataset.x_train), generator=g)
+        order = torch.randperm(len(dataset.x_train), generator=order_gen)
         for b in range(per_epoch):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             loss = torch.nn.functional.cross_entropy(model(dataset.x_train[idx]), dataset.y_train[idx])
@@ -101,3 +102,41 @@ def test_too_many_checkpoints_refused():
     config = sweep.SweepConfig(problem="digits_mlp", runs=1, epochs=1, checkpoints=50)
     with pytest.raises(sweep.SweepConfigError, match="more than the 12 steps"):
         sweep.checkpoint_steps(config, 1400)
+
+
+@pytest.mark.parametrize("spacing", ["linear", "log"])
+def test_shared_data_order_equals_plain_training(spacing):
+    """One shuffle per epoch for the whole sweep (the first layers of all networks as one matmul) is still
+    torch.optim.SGD per network, and a run's checkpoints do not depend on the shard it is trained in."""
+    config = sweep.SweepConfig(problem="mnist_mlp", runs=3, epochs=2, checkpoints=6, data_order="shared",
+                               checkpoint_spacing=spacing)
+    dataset = data.load(config.data)
+    result = sweep.train_runs(config, range(3), dataset)
+    for k in range(3):
+        for c, plain in enumerate(train_alone(config, k, dataset)):
+            np.testing.assert_allclose(result.params[k, c], plain.numpy(), atol=2e-5, rtol=1e-4)
+    alone = sweep.train_runs(config, [2], dataset)
+    np.testing.assert_allclose(alone.params[0], result.params[2], atol=1e-6)
+
+
+def test_log_spacing_is_dense_early_and_ends_at_the_last_step():
+    config = sweep.SweepConfig(problem="mnist_mlp", runs=1, epochs=25, checkpoints=20, checkpoint_spacing="log")
+    steps = sweep.checkpoint_steps(config, 4000)
+    assert steps[0] == 0 and steps[-1] == 25 * 32 and len(steps) == 20
+    assert list(steps[:5]) == [0, 1, 2, 3, 4] and np.all(np.diff(steps) > 0)
+    assert np.all(np.diff(steps)[1:] >= np.diff(steps)[:-1])  # gaps only grow
+
+
+def test_new_recipe_settings_leave_old_configs_unchanged():
+    """Sweeps frozen before data_order and checkpoint_spacing existed must still match (and resume)."""
+    old = sweep.SweepConfig(problem="digits_mlp", runs=2).to_dict()
+    assert "data_order" not in old and "checkpoint_spacing" not in old
+    new = sweep.SweepConfig(problem="digits_mlp", runs=2, data_order="shared", checkpoint_spacing="log").to_dict()
+    assert new["data_order"] == "shared" and new["checkpoint_spacing"] == "log"
+    assert sweep.SweepConfig(**new).to_dict() == new
+    with pytest.raises(sweep.SweepConfigError, match="data order"):
+        sweep.SweepConfig(problem="digits_mlp", runs=2, data_order="random")
+    with pytest.raises(sweep.SweepConfigError, match="augments"):
+        sweep.train_runs(sweep.SweepConfig(problem="cifar_cnn", runs=1, epochs=1, checkpoints=2, data_order="shared"),
+                         [0], data.Dataset(torch.zeros(4, 3072), torch.zeros(4, dtype=torch.long),
+                                           torch.zeros(4, 3072), torch.zeros(4, dtype=torch.long)))
