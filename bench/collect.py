@@ -1,7 +1,8 @@
 """Collection benchmarks (never run by the tests). Every ratio is against a baseline measured in the
 same run, on the same machine.
 
-    .venv/bin/python bench/collect.py trainer      # batched trainer vs per-network nn.Module + SGD, share of fp32 peak
+    .venv/bin/python bench/collect.py trainer      # batched trainer vs per-network nn.Module + SGD, share of fp32 peak;
+                                                   # per-run vs shared data order
     .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
     .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
 
@@ -100,6 +101,9 @@ def bench_trainer(args) -> None:
     t = time.perf_counter()
     sweep.train_runs(config, range(args.k), dataset)
     batched_s = time.perf_counter() - t
+    t = time.perf_counter()  # the same runs with one data order per epoch for the sweep (data_order="shared")
+    sweep.train_runs(sweep.SweepConfig(**{**config.to_dict(), "data_order": "shared"}), range(args.k), dataset)
+    shared_s = time.perf_counter() - t
     plain_runs = max(2, args.k // 8)
     plain_s = plain_loop(config, plain_runs, dataset)
     batched = args.k * args.epochs / batched_s
@@ -107,7 +111,8 @@ def bench_trainer(args) -> None:
     gflops = batched * flops_per_network_epoch(problem, config, len(dataset.x_train), len(dataset.x_test)) / 1e9
     record("trainer", problem="mnist_mlp/mnist5k", threads=args.threads, k=args.k, epochs=args.epochs,
            batched_net_epochs_per_s=round(batched, 1), plain_net_epochs_per_s=round(plain, 1),
-           speedup=round(batched / plain, 2), batched_gflops=round(gflops, 1), fp32_peak_gflops=round(peak, 1),
+           speedup=round(batched / plain, 2), shared_order_net_epochs_per_s=round(args.k * args.epochs / shared_s, 1),
+           shared_over_per_run_order=round(batched_s / shared_s, 2), batched_gflops=round(gflops, 1), fp32_peak_gflops=round(peak, 1),
            share_of_peak=round(gflops / peak, 3))
 
 

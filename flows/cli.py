@@ -316,6 +316,7 @@ class Demo:
     data_order: str = "per_run"
     checkpoint_spacing: str = "linear"
     shard_size: int = 64
+    runner: str = "thread"
     memory_budget: float | None = None
 
 
@@ -328,6 +329,10 @@ DEMOS = {
     # (linear spacing jumps from 2.3 to 0.97 at the first checkpoint), all 5.2 GB of checkpoints in memory
     "mnist_mlp": Demo("demo-mnist-8192", runs=8192, checkpoints=20, steps=3000, networks=64, lr_min=0.02, lr_max=0.1,
                       data_order="shared", checkpoint_spacing="log", memory_budget=7e9),
+    # CartPole: PPO's recipe, checkpoints every iteration for the first 30 (returns 37 -> 350 on average) so
+    # G.pt sees the whole range of returns it is prompted with; processes, as gymnasium's numpy holds the GIL
+    "cartpole": Demo("demo-cartpole-1536", runs=1536, checkpoints=40, steps=3000, networks=32, prompts=10,
+                     checkpoint_spacing="log", shard_size=32, runner="process"),
 }
 
 
@@ -346,7 +351,7 @@ def demo(
     typer.echo(f"store: {url}")
     collect(sweep=d.name, problem=problem, runs=d.runs, store=url, data="", data_root=None, shard_size=d.shard_size,
             epochs=None, checkpoints=d.checkpoints, seed=0, lr_min=d.lr_min, lr_max=d.lr_max, data_order=d.data_order,
-            checkpoint_spacing=d.checkpoint_spacing, runner="thread", workers=None, dask_address=None)
+            checkpoint_spacing=d.checkpoint_spacing, runner=d.runner, workers=None, dask_address=None)
     from gptpipe import problems as problems_mod
 
     metric = problems_mod.get(problem).primary
