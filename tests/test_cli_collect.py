@@ -38,6 +38,8 @@ def test_collect_then_catalog(cli, tmp_path):
     (["--problem", "mnist_mlp", "--runs", "4", "--data", "mnist"], "needs --data-root"),
     (["--problem", "mnist_mlp", "--runs", "4", "--data", "mnist", "--data-root", "/nonexistent/dir"], "does not exist"),
     (["--problem", "digits_mlp", "--runs", "4", "--runner", "carrier-pigeon"], "unknown runner"),
+    (["--problem", "digits_mlp", "--runs", "4", "--data-order", "random"], "unknown data order 'random'"),
+    (["--problem", "digits_mlp", "--runs", "4", "--checkpoint-spacing", "cubic"], "unknown checkpoint spacing 'cubic'"),
 ])
 def test_bad_input_one_line_nothing_written(cli, tmp_path, args, message):
     store = tmp_path / "s"
@@ -45,6 +47,24 @@ def test_bad_input_one_line_nothing_written(cli, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
     assert not store.exists()
+
+
+def test_demo_of_an_unknown_problem_is_one_line(cli, tmp_path):
+    store = tmp_path / "s"
+    proc = cli("demo", "--store", str(store), "--problem", "nope")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no demo for problem 'nope'" in proc.stderr
+    assert not store.exists()
+
+
+def test_collect_with_shared_order_and_log_checkpoints(cli, tmp_path):
+    """The mnist demo's recipe settings through the CLI: frozen in config.json, checkpoints dense early."""
+    store = str(tmp_path / "s")
+    cli("collect", "--store", store, "--sweep", "m", "--problem", "mnist_mlp", "--runs", "4", "--shard-size", "2",
+        "--epochs", "1", "--checkpoints", "6", "--data-order", "shared", "--checkpoint-spacing", "log", check=True)
+    recipe = sweeps.read_config(open_store(store), "m")["recipe"]
+    assert recipe["data_order"] == "shared" and recipe["checkpoint_spacing"] == "log"
+    out = cli("catalog", "--store", store, "--format", "json", "select distinct step from checkpoints order by step", check=True)
+    assert [r["step"] for r in json.loads(out.stdout)] == [0, 1, 2, 6, 13, 32]  # 32 steps in an epoch of mnist5k
 
 
 def test_reused_sweep_name_and_bad_sql(cli, tmp_path):
