@@ -275,3 +275,15 @@ def test_trainer_fits_a_unit_basis_only_where_tokens_outgrow_the_width():
     # digits' 75-value unit tokens fit the tiny preset's width of 128: raw weights, as before
     digits = Trainer(DIGITS, torch.randn(6, 4, DIGITS.n_params), metric, TrainConfig(model=dict(MICRO, width=128), batch_size=8))
     assert digits.gpt_config.unit_basis == 0 and digits.model.unit_basis is None
+
+
+def test_bf16_autocast_on_a_cpu_only_where_it_has_hardware_bf16():
+    """Emulated bf16 is 15x slower than fp32 on an AVX2-only CPU: "auto" must not pick it there."""
+    from gptpipe.training import cpu_has_bf16, use_bf16
+
+    big = gpt.GptConfig.from_preset("tiny", layers_of(DIGITS))  # width x depth = 1024: big enough to pay where it can
+    cpu = torch.device("cpu")
+    assert use_bf16(TrainConfig(), big, cpu) == cpu_has_bf16()
+    assert use_bf16(TrainConfig(autocast="bf16"), big, cpu) and not use_bf16(TrainConfig(autocast="none"), big, cpu)
+    assert not use_bf16(TrainConfig(), gpt.GptConfig.from_preset("tiny", layers_of(DIGITS), depth=2), cpu)
+    assert use_bf16(TrainConfig(), big, torch.device("cuda"))
