@@ -30,8 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpipe import evaluation, model_store, problems  # noqa: E402
-from gptpipe.training import TrainConfig, Trainer, load_model  # noqa: E402
+from gptpipe import problems  # noqa: E402
+from gptpipe.evaluation import sampling as evaluation  # noqa: E402
+from gptpipe.stages import train as train_stage  # noqa: E402
+from gptpipe.gpt.trainer import TrainConfig, Trainer, load_model  # noqa: E402
 from storage.store import open_store  # noqa: E402
 
 CARTPOLE = problems.get("cartpole")
@@ -84,7 +86,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    data = model_store.load_training_data(open_store(a.store), a.sweep, "return", budget=2**40)
+    data = train_stage.load_training_data(open_store(a.store), a.sweep, "return", budget=2**40)
     if a.what == "retrieval":
         print(json.dumps(retrieval(data.params, data.metric_values[:, -1]), indent=1))
         return

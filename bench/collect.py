@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gptpipe import data, problems, sweep  # noqa: E402
+from gptpipe.sweep import config as sweep_config
 
 RESULTS = REPO / "bench" / "results.jsonl"
 
@@ -62,14 +63,14 @@ def plain_loop(config: sweep.SweepConfig, runs: int, dataset) -> float:
     problem = problems.get(config.problem)
     n_train = len(dataset.x_train)
     per_epoch = math.ceil(n_train / config.batch_size)
-    ckpts = set(sweep.checkpoint_steps(config, n_train).tolist())
+    ckpts = set(sweep_config.checkpoint_steps(config, n_train).tolist())
     t = time.perf_counter()
     for r in range(runs):
-        seed, u = sweep.run_seed(config.seed, r)
+        seed, u = sweep_config.run_seed(config.seed, r)
         g = torch.Generator().manual_seed(seed)
         model = problem.module()
         model.load_state_dict(problem.state_dict(problem.init([g])[0]))
-        opt = torch.optim.SGD(model.parameters(), lr=sweep.run_lr(config, u), momentum=0.9, nesterov=True, weight_decay=5e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=sweep_config.run_lr(config, u), momentum=0.9, nesterov=True, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * per_epoch)
         step = 0
         for _ in range(config.epochs):

@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpt_ablations import get_data  # noqa: E402
 
-from gptpipe import data, evaluation, problems  # noqa: E402
-from gptpipe.pairs import StreamingPairs, gather_pairs, valid_counts  # noqa: E402
-from gptpipe.training import TrainConfig, Trainer, load_model, use_bf16  # noqa: E402
+from gptpipe import data, problems  # noqa: E402
+from gptpipe.evaluation import sampling as evaluation  # noqa: E402
+from gptpipe.gpt.pairs import StreamingPairs, gather_pairs, valid_counts  # noqa: E402
+from gptpipe.gpt.trainer import TrainConfig, Trainer, load_model, use_bf16  # noqa: E402
 
 RESULTS = REPO / "bench" / "results.jsonl"
 RUNS, HELDOUT = 2048, 64
@@ -109,7 +110,7 @@ def sdpa_attention(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def bench_attention(args) -> None:
-    from gptpipe.gpt import Block
+    from gptpipe.gpt.model import Block
 
     problem = problems.get("digits_mlp")
     d, train_idx, _ = training_set()
@@ -139,13 +140,14 @@ def bench_denoising(args) -> None:
     """Diffusion loss of a stored model per timestep range, on 1,024 of its training pairs (EMA weights):
     low t shows whether the model can pass its input through at all, high t how much of the update it
     predicts from the start parameters and the two metrics (``x0_variance`` = predicting no update)."""
-    from gptpipe import model_store
+    from gptpipe.stages import train as train_stage
+    from storage import models
     from storage.store import open_store
 
     store = open_store(args.store)
-    lineage = model_store.read_lineage(store, args.model)
-    data = model_store.load_training_data(store, lineage["sweeps"], lineage["metric"], seed=lineage["train_config"]["seed"])
-    tr = Trainer.from_bytes(data.problem, data.params, data.metric_values, model_store.read_state(store, args.model))
+    lineage = models.read_lineage(store, args.model)
+    data = train_stage.load_training_data(store, lineage["sweeps"], lineage["metric"], seed=lineage["train_config"]["seed"])
+    tr = Trainer.from_bytes(data.problem, data.params, data.metric_values, models.read_state(store, args.model))
     g = torch.Generator().manual_seed(5)
     b = tr.batch(1024, g)
     x0 = tr.normalizer.x0(tr.normalizer.normalize(b["theta_j"]), tr.normalizer.normalize(b["theta_i"]))

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptpipe import data, evaluation, problems, sweep  # noqa: E402
-from gptpipe.training import Trainer, TrainConfig  # noqa: E402
+from gptpipe import data, problems, sweep  # noqa: E402
+from gptpipe.evaluation import sampling as evaluation  # noqa: E402
+from gptpipe.gpt.trainer import Trainer, TrainConfig  # noqa: E402
 
 # The paper's recipe at CPU scale; every other variant changes one thing relative to its parent.
 BASE = dict(preset="tiny", batch_size=256, lr=1e-3, ema=0.999, pairing="uniform", normalization="global",
@@ -100,12 +101,13 @@ def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarr
 
 def store_data(url: str, sweep_name: str):
     """Training and held-out runs of a sweep in a store, split as ``gptpipe train`` splits them."""
-    from gptpipe import model_store
+    from gptpipe.stages import train as train_stage
+    from storage import models
     from storage import sweeps as sweeps_mod
     from storage.store import open_store
 
     st = open_store(url)
-    d = model_store.load_training_data(st, [sweep_name], None, 0, budget=2**40)
+    d = train_stage.load_training_data(st, [sweep_name], None, 0, budget=2**40)
     problem = problems.get(d.problem)
     held_runs = d.lineage["heldout_runs"][sweep_name]
     held_params = sweeps_mod.read_blocks(st, sweep_name, held_runs)

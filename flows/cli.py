@@ -39,7 +39,7 @@ StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://buc
 def _user_errors() -> tuple[type[Exception], ...]:
     from gptpipe.data import DataError
     from gptpipe.problems import ProblemError
-    from gptpipe.sweep import SweepConfigError
+    from gptpipe.sweep.config import SweepConfigError
     from storage.s3server import S3ServerError
 
     return (StoreError, DataError, ProblemError, SweepConfigError, S3ServerError)
@@ -106,8 +106,8 @@ def collect(
 ):
     """Train a sweep of small networks and store every checkpoint. Re-running resumes."""
     from flows.runners import RUNNERS, task_runner, torch_threads_per_task
-    from gptpipe import collect as gcollect
-    from gptpipe.sweep import SweepConfig
+    from gptpipe.stages import collect as collect_stage
+    from gptpipe.sweep.config import SweepConfig
     from storage import sweeps
     from storage.store import open_store
 
@@ -118,7 +118,7 @@ def collect(
         config = SweepConfig(problem=problem, runs=runs, data=data, epochs=epochs, checkpoints=checkpoints,
                              shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max, data_order=data_order,
                              checkpoint_spacing=checkpoint_spacing)
-        gcollect.check(url, sweep, config, data_root)
+        collect_stage.check(url, sweep, config, data_root)
         from flows.collect import collect_flow
 
         workers = workers or (os.cpu_count() or 1)
@@ -135,8 +135,7 @@ def collect(
                            shard_size=shard_size, epochs=epochs, checkpoints=checkpoints, seed=seed,
                            lr_min=lr_min, lr_max=lr_max, data_order=data_order,
                            checkpoint_spacing=checkpoint_spacing, torch_threads=torch_threads_per_task(workers))
-    summary.pop("markdown", None)
-    typer.echo(f"sweep {sweep} in {url}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    _echo_summary(f"sweep {sweep} in {url}", summary)
 
 
 @app.command()
@@ -193,9 +192,8 @@ def train(
 ):
     """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
     `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
-    from gptpipe import model_store
-    from gptpipe.gpt import PRESETS
-    from storage import sweeps as sweeps_mod
+    from gptpipe.gpt.model import PRESETS
+    from storage import models, sweeps as sweeps_mod
     from storage.store import open_store
 
     url = store or default_store_url()
@@ -210,36 +208,29 @@ def train(
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
         budget = int(memory_budget) if memory_budget is not None else None
-        from gptpipe import distributed
+        from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
-            from flows.train import train_distributed
+            from gptpipe.stages.train import train_distributed
 
             summary = train_distributed(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
                                         save_every=save_every, device=device, batch_size=batch_size, memory_budget=budget)
             if int(os.environ.get("RANK", "0")) == 0:
-                typer.echo(f"model {model} in {url}/models/{model}: " + ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+                _echo_summary(f"model {model} in {url}/models/{model}", summary)
             return
         from flows.train import train_flow
 
         target = steps or _preset_steps(preset)
-        with progress_bar(f"train {model}", target, lambda: _model_step(st, model)):
+        with progress_bar(f"train {model}", target, lambda: models.step(st, model)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
                                  save_every=save_every, device=device, batch_size=batch_size, memory_budget=budget)
-    typer.echo(f"model {model} in {url}/models/{model}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
 def _preset_steps(preset: str) -> int:
-    from gptpipe.training import TrainConfig
+    from gptpipe.gpt.trainer import TrainConfig
 
     return TrainConfig(preset=preset).steps
-
-
-def _model_step(st, model: str) -> int:
-    from gptpipe import model_store
-
-    return model_store.read_lineage(st, model).get("step", 0) if model_store.model_exists(st, model) else 0
 
 
 @app.command()
@@ -256,24 +247,22 @@ def evaluate(
     data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
-    from gptpipe import model_store
+    from gptpipe.gpt.diffusion import SAMPLERS
+    from storage import evals, models, sweeps
     from storage.store import open_store
 
     url = store or default_store_url()
     with user_errors():
         if networks < 2 or prompts < 2:
             raise StoreError("--networks and --prompts must be at least 2")
-        if sampler not in ("", "ddim", "ddpm"):
-            raise StoreError(f"unknown sampler {sampler!r} (ddim or ddpm)")
+        if sampler and sampler not in SAMPLERS:
+            raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         st = open_store(url)
-        model = model or model_store.newest_model(st)
-        model_store.read_lineage(st, model)
+        model = model or models.newest(st)
+        models.read_lineage(st, model)
         if eval:
-            from storage import sweeps as sweeps_mod
-
-            sweeps_mod.check_name(eval, "eval")
-            if st.exists("evals", eval, "results.parquet"):
-                raise StoreError(f"evaluation {eval!r} already exists; choose another --eval name")
+            sweeps.check_name(eval, "eval")
+            evals.check_new(st, eval)
         from flows.evaluate import evaluate_flow
 
         with console.status(f"evaluating {model}"):
@@ -281,6 +270,11 @@ def evaluate(
                                     recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
                                     data_root=data_root)
     _print_summary(url, summary)
+
+
+def _echo_summary(what: str, summary: dict) -> None:
+    """One line: ``what: key=value, ...`` (floats to 4 significant digits)."""
+    typer.echo(f"{what}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
 def _print_summary(url: str, s: dict) -> None:
@@ -377,7 +371,7 @@ def import_gpt(
 ):
     """Import a released G.pt checkpoint dataset (LMDB layout) as a sweep. Re-running resumes."""
     from flows.runners import task_runner
-    from gptpipe import interop
+    from gptpipe.stages import interop
     from storage import sweeps
     from storage.store import open_store
 
@@ -401,7 +395,7 @@ def import_gpt(
         typer.echo(f"  run {r['run']} ({r['source_run']}): {r['status']}, {r['n_ckpts']} checkpoints: {r['note']}", err=True)
     if len(bad) > 20:
         typer.echo(f"  ... {len(bad) - 20} more: gptpipe catalog \"select * from runs where sweep = '{sweep}' and status != 'ok'\"", err=True)
-    typer.echo(f"sweep {sweep} in {url}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    _echo_summary(f"sweep {sweep} in {url}", summary)
 
 
 @app.command("export")
@@ -415,7 +409,7 @@ def export_params(
     row: Optional[int] = typer.Option(None, help="Row of the evaluation's results"),
 ):
     """Write a stored checkpoint or a generated network as a PyTorch state_dict (safetensors or .pt)."""
-    from gptpipe import interop
+    from gptpipe.stages import interop
 
     with user_errors():
         meta = interop.export(store or default_store_url(), out, sweep=sweep, run=run, ckpt=ckpt, eval=eval, row=row)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.artifacts import create_markdown_artifact
 
-from gptpipe import collect, problems
-from gptpipe.sweep import SweepConfig
-from storage import catalog, sweeps
+from flows.artifacts import artifact_key, run_shards, summary_markdown
+from gptpipe.stages import collect
+from gptpipe.sweep.config import SweepConfig
 from storage.store import default_store_url, open_store
 
 
@@ -46,32 +45,8 @@ def collect_flow(
                          shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max, data_order=data_order,
                          checkpoint_spacing=checkpoint_spacing)
     todo = collect.prepare(store, sweep, config, data_root)
-    st = open_store(store)
-    print(f"sweep {sweep}: {config.n_shards - len(todo)} of {config.n_shards} shards already committed, {len(todo)} to do")
-    progress = create_progress_artifact(progress=100.0 * (config.n_shards - len(todo)) / config.n_shards,
-                                        description=f"collect {sweep}: shards committed")
-    futures = [collect_shard.submit(store, sweep, s, data_root, torch_threads) for s in todo]
-    done = config.n_shards - len(todo)
-    for future in as_completed(futures):
-        future.result()  # a shard that failed all its retries fails the flow; committed ones stay
-        done += 1
-        update_progress_artifact(progress, progress=100.0 * done / config.n_shards)
-    summary = summarize(st, sweep)
-    create_markdown_artifact(markdown=summary["markdown"], key=_artifact_key(sweep), description=f"sweep {sweep}")
+    run_shards(lambda s: collect_shard.submit(store, sweep, s, data_root, torch_threads), todo, config.n_shards, f"collect {sweep}")
+    summary = collect.summarize(open_store(store), sweep)
+    create_markdown_artifact(markdown=summary_markdown(f"Sweep `{sweep}`", summary), key=artifact_key("sweep", sweep),
+                             description=f"sweep {sweep}")
     return summary
-
-
-def summarize(store, sweep: str) -> dict:
-    """Runs ok / diverged, the learning-rate range and the range of every metric's best value."""
-    problem = problems.get(sweeps.read_config(store, sweep)["problem"])
-    best = ", ".join(f"{'max' if m in problem.higher_is_better else 'min'}(best_{m}) as best_{m}" for m in problem.metrics)
-    table = catalog.query(store, f"""
-        select count(*) as runs, count(*) filter (status = 'ok') as ok, count(*) filter (status = 'diverged') as diverged,
-               sum(n_ckpts) as checkpoints, min(lr) as lr_min, max(lr) as lr_max, {best}, sum(wall_s) as compute_s
-        from runs where sweep = '{sweep}'""").to_pylist()[0]
-    lines = [f"# Sweep `{sweep}`", "", "| | |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in table.items()]
-    return {**table, "markdown": "\n".join(lines)}
-
-
-def _artifact_key(name: str) -> str:
-    return "sweep-" + "".join(c if c.isalnum() else "-" for c in name.lower())

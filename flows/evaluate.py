@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from gptpipe import eval_store, model_store
+from gptpipe.stages import evaluate as eval_stage
+from storage import evals, models
 from storage.store import default_store_url, open_store
 
 
@@ -20,16 +21,15 @@ def evaluate_flow(store: str | None = None, model: str | None = None, eval: str 
     ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
     store = store or default_store_url()
     st = open_store(store)
-    model = model or model_store.newest_model(st)
+    model = model or models.newest(st)
     eval = eval or f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    summary = eval_store.run(st, eval_store.EvalRequest(model=model, eval=eval, networks=networks, prompts=prompts,
+    summary = eval_stage.run(st, eval_stage.EvalRequest(model=model, eval=eval, networks=networks, prompts=prompts,
                                                        recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
                                                        data_root=data_root))
-    report = st.read_json("evals", eval, "summary.json")  # what the store holds, not what we think it holds
-    create_markdown_artifact(key="eval-report", description=f"evaluation {eval}",
-                             markdown=st.fs.cat_file(st.path("evals", eval, "report.md")).decode())
+    report = evals.read_summary(st, eval)  # what the store holds, not what we think it holds
+    create_markdown_artifact(key="eval-report", description=f"evaluation {eval}", markdown=evals.read_report(st, eval))
     headline = [{"quantity": k, "value": v} for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     create_table_artifact(key="eval-summary", table=headline, description=f"headline numbers of {eval}")
-    create_link_artifact(key="eval-link", link=st.full_url("evals", eval, "report.md"), description=f"report of {eval}")
+    create_link_artifact(key="eval-link", link=evals.report_url(st, eval), description=f"report of {eval}")
     print(f"evaluation {eval}: R² held-out {summary.get('r2_heldout_run', float('nan')):.3f}, fresh {summary.get('r2_fresh_init', float('nan')):.3f}")
     return summary

@@ -25,6 +25,7 @@ MNIST-family images are scaled to [0, 1] and normalised with mean 0.1307, std 0.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from dataclasses import dataclass
@@ -157,3 +158,9 @@ def load(source: str, root: str | None = None) -> Dataset | None:
     if source in NEEDS_ROOT:
         return _torchvision(source, root)
     raise DataError(f"unknown data source {source!r} (choose from {', '.join(SOURCES)})")
+
+
+@functools.lru_cache(maxsize=4)
+def load_cached(source: str, root: str | None = None) -> Dataset | None:
+    """``load`` once per process: data sets are small, and a worker trains many shards of one."""
+    return load(source, root)

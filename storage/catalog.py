@@ -16,6 +16,9 @@ import pyarrow.parquet as pq
 
 from storage.store import Store, StoreError, redact
 
+# the evaluations area (storage/evals.py reads and writes it; the catalog only globs it)
+EVALS, RESULTS, BASELINES = "evals", "results.parquet", "baselines.parquet"
+
 TABLES = ("checkpoints", "runs", "evaluations", "baselines")
 
 
@@ -67,7 +70,8 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
         if not store.fs.glob(store.path(pattern)):
             return None
         opts = "hive_partitioning=true, hive_types_autocast=false, union_by_name=true" if hive else "union_by_name=true"
-        return f"read_parquet('{store.full_url(pattern)}', {opts})"
+        url = store.full_url(pattern).replace("'", "''")  # a quote in the store's path stays inside the literal
+        return f"read_parquet('{url}', {opts})"
 
     runs = source("catalog/runs/*/*.parquet", hive=True)
     if runs:
@@ -78,20 +82,21 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
             "create view checkpoints as select c.sweep, c.* exclude (sweep) "
             f"from {ckpts} c semi join runs r on c.sweep = r.sweep and c.run = r.run"
         )
-    evals = source("evals/*/results.parquet", hive=False)
+    evals = source(f"{EVALS}/*/{RESULTS}", hive=False)
     if evals:
         con.execute(f"create view evaluations as select * from {evals}")
-        base = source("evals/*/baselines.parquet", hive=False)
+        base = source(f"{EVALS}/*/{BASELINES}", hive=False)
         if base:  # only evaluations that committed (wrote results.parquet) count
             con.execute(f"create view baselines as select b.* from {base} b semi join (select distinct eval from evaluations) e using (eval)")
     return con
 
 
-def query(store: Store, sql: str) -> pa.Table:
-    """Run SQL over the catalog; one-line CatalogError if it does not parse or names a missing table."""
+def query(store: Store, sql: str, params: list | None = None) -> pa.Table:
+    """Run SQL over the catalog, values bound to its ``?`` placeholders from ``params`` (never pasted into
+    the text); one-line CatalogError if it does not parse or names a missing table."""
     con = connect(store)
     try:
-        relation = con.sql(sql)
+        relation = con.sql(sql, params=params)
         return relation.to_arrow_table() if relation is not None else pa.table({})
     except duckdb.Error as e:
         first = redact(str(e)).strip().splitlines()[0]

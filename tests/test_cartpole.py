@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gptpipe import collect, data, problems, rl, sweep
+from gptpipe import data, problems, sweep
+from gptpipe.problems import cartpole
+from gptpipe.stages import collect
 from storage import catalog, params, sweeps
 from storage.store import open_store
 
@@ -73,7 +75,7 @@ def plain_return(problem, vector: torch.Tensor) -> float:
 
     model = problem.module()
     model.load_state_dict(problem.state_dict(vector))
-    starts = rl.eval_initial_states()
+    starts = cartpole.eval_initial_states()
     total = 0
     for i in range(starts.shape[1]):
         env = gym.make("CartPole-v1")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gptpipe import data, problems, sweep
+from gptpipe.sweep import config as sweep_config
 
 
 def write_cifar(root, n_train_per_batch: int = 8, n_test: int = 12, seed: int = 0) -> None:
@@ -76,16 +77,16 @@ def augment_one(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def train_alone(config, run, dataset):
     problem = problems.get(config.problem)
-    seed, u = sweep.run_seed(config.seed, run)
+    seed, u = sweep_config.run_seed(config.seed, run)
     g = torch.Generator().manual_seed(seed)
     model = problem.module()
     model.load_state_dict(problem.state_dict(problem.init([g])[0]))
-    opt = torch.optim.SGD(model.parameters(), lr=sweep.run_lr(config, u), momentum=config.momentum,
+    opt = torch.optim.SGD(model.parameters(), lr=sweep_config.run_lr(config, u), momentum=config.momentum,
                           nesterov=True, weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(dataset.x_train) / config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * per_epoch)
     flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.state_dict().values()]).clone()
-    ckpt_steps = set(sweep.checkpoint_steps(config, len(dataset.x_train)).tolist())
+    ckpt_steps = set(sweep_config.checkpoint_steps(config, len(dataset.x_train)).tolist())
     out, step = [flat()], 0
     for _ in range(config.epochs):
         order = torch.randperm(len(dataset.x_train), generator=g)

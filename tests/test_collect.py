@@ -8,7 +8,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from gptpipe import collect
+from gptpipe import data
+from gptpipe.stages import collect
 from gptpipe.sweep import SweepConfig
 from storage import catalog, params, sweeps
 from storage.store import StoreError, open_store
@@ -63,7 +64,7 @@ def test_uncommitted_shard_is_invisible_and_redone(store_url):
     store = open_store(store_url)
     collect.collect_shard(store, "s2", 0)
     # a crash after the checkpoints file of shard 1 but before its runs file (the commit)
-    rows = collect.shard_rows(config, [4, 5, 6, 7], 1, collect.train_runs(config, [4, 5, 6, 7], collect.load_data("digits", None)))
+    rows = collect.shard_rows(config, [4, 5, 6, 7], 1, collect.train_runs(config, [4, 5, 6, 7], data.load_cached("digits")))
     catalog.write_shard(store, "checkpoints", "s2", 1, rows.checkpoints)
     assert catalog.query(store, "select count(*) as n from checkpoints").to_pylist()[0]["n"] == 16
     assert collect.prepare(store_url, "s2", config, None) == [1]

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gptpipe import distributed, problems
-from gptpipe.training import TrainConfig, Trainer
+from gptpipe import problems
+from gptpipe.gpt import distributed
+from gptpipe.gpt.trainer import TrainConfig, Trainer
 
 DIGITS = problems.get("digits_mlp")
 MICRO = dict(width=32, depth=1, heads=2, num_frequencies=8, conditioning="adaln", fuse_inputs=True, target="delta")

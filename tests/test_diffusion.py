@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gptpipe.diffusion import Diffusion
+from gptpipe.gpt.diffusion import Diffusion
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from gptpipe import data, evaluation, gpt, problems
-from gptpipe.diffusion import Diffusion
+from gptpipe import data, problems
+from gptpipe.evaluation import sampling as evaluation
+from gptpipe.gpt import model as gpt
+from gptpipe.gpt.diffusion import Diffusion
 
 DIGITS = problems.get("digits_mlp")
 
@@ -107,7 +109,7 @@ def test_slerp_and_latent_walk(random_denoiser):
 
 
 def test_first_layer_images_and_walk_plot():
-    from gptpipe import report
+    from gptpipe.evaluation import report
 
     theta = torch.randn(3, DIGITS.n_params).numpy()
     images = report.first_layer_images(DIGITS.layers, theta)
@@ -127,7 +129,7 @@ def test_best_run_lr_breaks_ties_the_same_way_every_time(tmp_path):
     the order DuckDB happens to read them in."""
     import pyarrow as pa
 
-    from gptpipe.eval_store import best_run_lr
+    from gptpipe.stages.evaluate import best_run_lr
     from storage import catalog
     from storage.store import open_store
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gptpipe import evaluation, gpt, problems
-from gptpipe.pairs import gather_pairs
-from gptpipe.training import Trainer, TrainConfig, load_model
+from gptpipe import problems
+from gptpipe.evaluation import sampling as evaluation
+from gptpipe.gpt import model as gpt
+from gptpipe.gpt.pairs import gather_pairs
+from gptpipe.gpt.trainer import Trainer, TrainConfig, load_model
 
 DIGITS = problems.get("digits_mlp")
 MNIST = problems.get("mnist_mlp")
@@ -135,7 +137,7 @@ def test_symmetry_of_training_pairs():
     # models saved with the old permute flag keep their meaning, and can still be resumed
     assert TrainConfig.from_dict({"permute": False}).symmetry == "none"
     assert TrainConfig.from_dict({"permute": True}).symmetry == "permute"
-    from gptpipe.model_store import lineage_matches
+    from gptpipe.stages.train import lineage_matches
 
     saved = {"sweeps": ["s"], "problem": "digits_mlp", "train_config": {**TrainConfig().to_dict(), "permute": True}}
     del saved["train_config"]["symmetry"]
@@ -151,7 +153,7 @@ def test_canonical_model_samples_from_the_canonical_start_and_answers_in_the_sta
     model.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
     start = cartpole.init([torch.Generator().manual_seed(s) for s in range(3)])
     start = start + 0.1 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))
-    from gptpipe.diffusion import Diffusion
+    from gptpipe.gpt.diffusion import Diffusion
 
     out = evaluation.sample(model, Diffusion(), start, torch.full((3,), 50.0), torch.full((3,), 500.0), "ddim", 2,
                             torch.Generator().manual_seed(0))
@@ -279,7 +281,7 @@ def test_trainer_fits_a_unit_basis_only_where_tokens_outgrow_the_width():
 
 def test_bf16_autocast_on_a_cpu_only_where_it_has_hardware_bf16():
     """Emulated bf16 is 15x slower than fp32 on an AVX2-only CPU: "auto" must not pick it there."""
-    from gptpipe.training import cpu_has_bf16, use_bf16
+    from gptpipe.gpt.trainer import cpu_has_bf16, use_bf16
 
     big = gpt.GptConfig.from_preset("tiny", layers_of(DIGITS))  # width x depth = 1024: big enough to pay where it can
     cpu = torch.device("cpu")

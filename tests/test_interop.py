@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from gptpipe.problems.mlp import MLPClassifier
 from gptpipe import data as datasets
-from gptpipe import interop, problems
+from gptpipe import problems
+from gptpipe.stages import interop
 from storage import catalog, params, sweeps
-from storage.store import open_store
+from storage.store import StoreError, open_store
 
 PROBLEM = problems.get("mnist_mlp")
 C = 5  # checkpoints per run in these fixtures
@@ -113,7 +115,7 @@ def official(tmp_path_factory, mnist5k):
     write_official(root / "000001", {"000001": (k, v, m, ARCH)})
     k, v, m = run("000002", 2, n=3)
     write_official(root / "000002", {"000002": (k, v, None, ARCH)}, done=False, with_json=False)
-    wide = problems.MLPClassifier("wide", 784, 20, 10, default_data="mnist5k", data_sources=("mnist5k",))
+    wide = MLPClassifier("wide", 784, 20, 10, default_data="mnist5k", data_sources=("mnist5k",))
     vw = _vectors(3, C, wide)
     write_official(root / "000003", {"000003": (_keys("000003", C, 3), vw, [{"avg_train_loss": 1.0, "avg_train_err": 50.0,
                    "avg_test_loss": 1.0, "avg_test_err": 50.0}] * C, [layer.numel for layer in wide.layers])})
@@ -246,7 +248,7 @@ def test_export_eval_row(tmp_path, mnist5k):
         assert f.metadata()["eval"] == "e1"
     with pytest.raises(interop.InteropError, match="rows 0..2"):
         interop.export(store, str(tmp_path / "h.safetensors"), eval="e1", row=3)
-    with pytest.raises(interop.InteropError, match="no evaluation 'e2'"):
+    with pytest.raises(StoreError, match="no evaluation 'e2'"):
         interop.export(store, str(tmp_path / "h.safetensors"), eval="e2", row=0)
 
 

@@ -64,7 +64,7 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     np.testing.assert_allclose(scores["test_loss"].numpy(), [r["achieved"] for r in results], rtol=1e-5)
     np.testing.assert_allclose(scores["test_error"].numpy(), [r["test_error"] for r in results], atol=1e-9)
     # the report's R² is recomputable from the table
-    from gptpipe.evaluation import prompt_alignment_r2
+    from gptpipe.evaluation.sampling import prompt_alignment_r2
 
     held = [r for r in grid if r["source"] == "heldout_run"]
     req = np.array([r["requested"] for r in held]).reshape(-1, 3)

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from gptpipe import collect, model_store, problems
+from gptpipe import problems
+from gptpipe.stages import collect
+from gptpipe.stages import train as train_stage
+from storage import models
 from gptpipe.sweep import SweepConfig
-from gptpipe.training import TrainConfig, Trainer
+from gptpipe.gpt.trainer import TrainConfig, Trainer
 from storage import sweeps
 from storage.store import open_store
 
@@ -24,12 +27,12 @@ def store(tmp_path_factory):
 
 
 def test_small_sweeps_stay_in_memory(store):
-    data = model_store.load_training_data(store, ["s"])
+    data = train_stage.load_training_data(store, ["s"])
     assert not data.streamed and data.params.shape == (36, 5, DIGITS.n_params)
 
 
 def test_tiny_budget_streams_pairs_from_training_runs_only(store):
-    data = model_store.load_training_data(store, ["s"], budget=1000)
+    data = train_stage.load_training_data(store, ["s"], budget=1000)
     assert data.streamed and data.params is None and data.metric_values.shape == (36, 5)
     held = set(data.lineage["heldout_runs"]["s"])
     train_ids = np.setdiff1d(np.arange(40), sorted(held))
@@ -54,7 +57,7 @@ def test_tiny_budget_streams_pairs_from_training_runs_only(store):
 
 
 def test_trainer_trains_from_a_stream(store):
-    data = model_store.load_training_data(store, ["s"], budget=1000)
+    data = train_stage.load_training_data(store, ["s"], budget=1000)
     cfg = TrainConfig(model=MICRO, steps=6, batch_size=16, warmup=2, seed=0)
     stream = data.stream(16, cfg.pairing, cfg.init_frac, cfg.symmetry, seed=0, group_runs=8, spans=2, batches_per_group=2)
     trainer = Trainer(DIGITS, None, data.metric_values, cfg, stream=stream)
@@ -70,7 +73,7 @@ def test_stream_surfaces_read_errors():
     def broken(idx):
         raise OSError("store unreachable")
 
-    from gptpipe.pairs import StreamingPairs
+    from gptpipe.gpt.pairs import StreamingPairs
 
     s = StreamingPairs(DIGITS, broken, np.zeros((4, 3)), 8)
     with pytest.raises(RuntimeError, match="store unreachable"):
@@ -79,9 +82,9 @@ def test_stream_surfaces_read_errors():
 
 
 def test_run_training_streams_over_budget_and_saves(store):
-    from flows.train import run_training
+    from gptpipe.stages.train import run_training
 
-    data = model_store.load_training_data(store, ["s"], budget=0)
+    data = train_stage.load_training_data(store, ["s"], budget=0)
     summary = run_training(data, store.url, "streamed", steps=4, save_every=2, batch_size=16)
     assert summary["streamed"] and summary["step"] == 4
-    assert model_store.read_lineage(store, "streamed")["step"] == 4
+    assert models.read_lineage(store, "streamed")["step"] == 4

@@ -7,23 +7,24 @@ import pytest
 import torch
 
 from gptpipe import data, problems, sweep
+from gptpipe.sweep import config as sweep_config
 
 
 def train_alone(config: sweep.SweepConfig, run: int, dataset: data.Dataset) -> list[torch.Tensor]:
     """The textbook loop: nn.Module + torch.optim.SGD + CosineAnnealingLR, checkpoints as flat vectors."""
     problem = problems.get(config.problem)
-    seed, u = sweep.run_seed(config.seed, run)
+    seed, u = sweep_config.run_seed(config.seed, run)
     g = torch.Generator().manual_seed(seed)
     model = problem.module()
     model.load_state_dict(problem.state_dict(problem.init([g])[0]))
-    opt = torch.optim.SGD(model.parameters(), lr=sweep.run_lr(config, u), momentum=config.momentum,
+    opt = torch.optim.SGD(model.parameters(), lr=sweep_config.run_lr(config, u), momentum=config.momentum,
                           nesterov=True, weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(dataset.x_train) / config.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * per_epoch)
     flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.state_dict().values()]).clone()
-    ckpt_steps = set(sweep.checkpoint_steps(config, len(dataset.x_train)).tolist())
+    ckpt_steps = set(sweep_config.checkpoint_steps(config, len(dataset.x_train)).tolist())
     out, step = [flat()], 0
-    order_gen = sweep.shared_order_generator(config.seed) if config.data_order == "shared" else g
+    order_gen = sweep_config.shared_order_generator(config.seed) if config.data_order == "shared" else g
     for _ in range(config.epochs):
         order = torch.randperm(len(dataset.x_train), generator=order_gen)
         for b in range(per_epoch):
@@ -101,7 +102,7 @@ def test_bad_config_is_refused(kwargs, message):
 def test_too_many_checkpoints_refused():
     config = sweep.SweepConfig(problem="digits_mlp", runs=1, epochs=1, checkpoints=50)
     with pytest.raises(sweep.SweepConfigError, match="more than the 12 steps"):
-        sweep.checkpoint_steps(config, 1400)
+        sweep_config.checkpoint_steps(config, 1400)
 
 
 @pytest.mark.parametrize("spacing", ["linear", "log"])
@@ -121,7 +122,7 @@ def test_shared_data_order_equals_plain_training(spacing):
 
 def test_log_spacing_is_dense_early_and_ends_at_the_last_step():
     config = sweep.SweepConfig(problem="mnist_mlp", runs=1, epochs=25, checkpoints=20, checkpoint_spacing="log")
-    steps = sweep.checkpoint_steps(config, 4000)
+    steps = sweep_config.checkpoint_steps(config, 4000)
     assert steps[0] == 0 and steps[-1] == 25 * 32 and len(steps) == 20
     assert list(steps[:5]) == [0, 1, 2, 3, 4] and np.all(np.diff(steps) > 0)
     assert np.all(np.diff(steps)[1:] >= np.diff(steps)[:-1])  # gaps only grow

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptpipe.problems import Classifier, Layer, cross_entropy
+from gptpipe.problems.base import Classifier, Layer, cross_entropy
 
 SIDE, PAD = 32, 4
 
@@ -59,7 +59,6 @@ class ConvClassifier(Classifier):
             Layer("6.weight", (classes, self.c2)),
             Layer("6.bias", (classes,)),
         )
-        self.n_params = sum(layer.numel for layer in self.layers)
         self.n_units = (self.c1, self.c2)  # the two hidden layers' channels, what ``permute`` shuffles
 
     def module(self) -> nn.Module:

@@ -6,7 +6,6 @@ here, so it can be tested and benchmarked without Prefect.
 
 from __future__ import annotations
 
-import functools
 import time
 from datetime import datetime, timezone
 
@@ -15,16 +14,11 @@ import pyarrow as pa
 
 from gptpipe import data as datasets
 from gptpipe import problems
-from gptpipe.sweep import SweepConfig, checkpoint_steps, train_runs
+from gptpipe.sweep import train_runs
+from gptpipe.sweep.config import SweepConfig, checkpoint_steps
+from storage import catalog, sweeps
 from storage import params as params_store
-from storage import sweeps
 from storage.store import Store, StoreError, is_object_store, open_store
-
-
-@functools.lru_cache(maxsize=4)
-def load_data(source: str, root: str | None) -> datasets.Dataset:
-    """Data sets are small; each worker process loads one once."""
-    return datasets.load(source, root)
 
 
 def frozen_config(config: SweepConfig, dataset: datasets.Dataset) -> dict:
@@ -39,7 +33,7 @@ def frozen_config(config: SweepConfig, dataset: datasets.Dataset) -> dict:
         "n_train": 0 if dataset is None else len(dataset.x_train),  # 0: no data set (a simulator, e.g. cartpole)
         "n_test": 0 if dataset is None else len(dataset.x_test),
     }
-    if getattr(problem, "settings", None):  # the problem's own fixed recipe (augmentation, PPO constants)
+    if problem.settings:  # the problem's own fixed recipe (augmentation, PPO constants)
         frozen["settings"] = problem.settings
     return sweeps.full_config(frozen, config.runs, config.checkpoints, problem.n_params)
 
@@ -49,7 +43,7 @@ def check(store_url: str, sweep: str, config: SweepConfig, data_root: str | None
     the data, the store (an object store must exist; a local folder is created later) and a reused
     name with another config. Returns the config to freeze."""
     sweeps.check_name(sweep)
-    frozen = frozen_config(config, load_data(config.data, data_root))
+    frozen = frozen_config(config, datasets.load_cached(config.data, data_root))
     try:
         store = open_store(store_url)
     except StoreError:
@@ -120,7 +114,7 @@ def collect_shard(store: Store, sweep: str, shard: int, data_root: str | None = 
     if shard in sweeps.committed_shards(store, sweep):  # a retry after the commit landed
         return {"shard": shard, "skipped": True}
     runs = list(config.shard_runs(shard))
-    result = train_runs(config, runs, load_data(config.data, data_root))
+    result = train_runs(config, runs, datasets.load_cached(config.data, data_root))
     rows = shard_rows(config, runs, shard, result)
     sweeps.commit_shard(store, sweep, shard, rows, sweeps.writable_params(store, sweep))
     primary = problems.get(config.problem).primary
@@ -132,3 +126,13 @@ def collect_shard(store: Store, sweep: str, shard: int, data_root: str | None = 
         "compute_s": result.wall_s,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def summarize(store: Store, sweep: str) -> dict:
+    """Runs ok / diverged, the learning-rate range and the range of every metric's best value."""
+    problem = problems.get(sweeps.read_config(store, sweep)["problem"])
+    best = ", ".join(f"{'max' if m in problem.higher_is_better else 'min'}(best_{m}) as best_{m}" for m in problem.metrics)
+    return catalog.query(store, f"""
+        select count(*) as runs, count(*) filter (status = 'ok') as ok, count(*) filter (status = 'diverged') as diverged,
+               sum(n_ckpts) as checkpoints, min(lr) as lr_min, max(lr) as lr_max, {best}, sum(wall_s) as compute_s
+        from runs where sweep = ?""", [sweep]).to_pylist()[0]

@@ -1,4 +1,4 @@
-"""The human side of an evaluation: plots, ``report.md`` and the store-wide ``evals/index.md``.
+"""The human side of an evaluation (no I/O): plots, ``report.md`` and the text of ``evals/index.md``.
 
 Every number in the report is recomputable from ``results.parquet`` / ``baselines.parquet`` with
 ``gptpipe catalog`` (the report prints the SQL for its headline numbers).
@@ -11,8 +11,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from gptpipe.baselines import EVAL_STEPS
-from storage.store import Store
+from gptpipe.evaluation.baselines import EVAL_STEPS
 
 
 def _plt():
@@ -30,6 +29,23 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     _plt().close(fig)
     return buf.getvalue()
+
+
+def loss_plot(losses: list[float], title: str) -> bytes:
+    """The training curve of G.pt ``title``: every step and a running mean, log scale."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    y = np.asarray(losses, dtype=float)
+    if len(y):
+        ax.plot(np.arange(1, len(y) + 1), y, lw=0.5, alpha=0.4, label="step")
+        w = max(1, len(y) // 50)
+        ax.plot(np.arange(w, len(y) + 1), np.convolve(y, np.ones(w) / w, mode="valid"), lw=1.5, label=f"mean of {w}")
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("diffusion loss")
+    ax.set_title(f"G.pt {title}")
+    ax.legend()
+    return _png(fig)
 
 
 def alignment_plot(rows: dict, summary: dict) -> bytes:
@@ -223,10 +239,11 @@ def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_un
     return _png(fig)
 
 
-def nn_plot(nn: dict, copies: list[dict], metric: str) -> bytes:
+def nn_plot(nn: dict, summary: dict) -> bytes:
     """Left: distances to the nearest training checkpoint, G.pt's samples against held-out runs' own
     final checkpoints. Right: the metric against that distance, G.pt against training checkpoints plus
     noise (Zeng et al. 2025: a copier sits on or below the noise curve)."""
+    metric, copies = summary["metric"], summary["copies_plus_noise"]
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.hist(nn["generated"], bins=20, alpha=0.7, label="G.pt samples (best prompt)")
@@ -235,7 +252,7 @@ def nn_plot(nn: dict, copies: list[dict], metric: str) -> bytes:
     a.set_title("Memorisation check")
     a.legend(fontsize=8)
     b.plot([c["distance"] for c in copies], [c[metric] for c in copies], "o-", label="best training checkpoints + noise")
-    b.plot([float(np.median(nn["generated"]))], [nn["generated_value"]], "r*", markersize=12, label="G.pt samples (median distance)")
+    b.plot([summary["nn_distance_generated_median"]], [summary["generated_best_prompt_mean"]], "r*", markersize=12, label="G.pt samples (median distance)")
     b.set_xlabel("distance from a training checkpoint (L2)")
     b.set_ylabel(metric)
     b.set_title("Better than copies plus noise?")
@@ -243,11 +260,10 @@ def nn_plot(nn: dict, copies: list[dict], metric: str) -> bytes:
     return _png(fig)
 
 
-def markdown(summary: dict) -> str:
-    m = summary["metric"]
-    e = summary["eval"]
-    lines = [
-        f"# Evaluation `{e}` of G.pt `{summary['model']}`",
+def _header(summary: dict) -> list[str]:
+    m, r = summary["metric"], lambda k: f"{summary.get(k, float('nan')):.3f}"
+    return [
+        f"# Evaluation `{summary['eval']}` of G.pt `{summary['model']}`",
         "",
         f"Problem `{summary['problem']}`, prompted metric `{m}`; sweeps {', '.join(summary['sweeps'])} "
         f"(catalog digest `{summary['catalog_digest'][:12]}`); model step {summary['model_step']}; "
@@ -257,13 +273,19 @@ def markdown(summary: dict) -> str:
         "",
         "| | held-out runs | fresh inits | all |",
         "|---|---|---|---|",
-        "| prompt alignment R² | " + " | ".join(f"{summary.get(f'r2_{k}', float('nan')):.3f}" for k in ("heldout_run", "fresh_init", "all")) + " |",
-        "| Pearson | " + " | ".join(f"{summary.get(f'pearson_{k}', float('nan')):.3f}" for k in ("heldout_run", "fresh_init", "all")) + " |",
+        "| prompt alignment R² | " + " | ".join(r(f"r2_{k}") for k in ("heldout_run", "fresh_init", "all")) + " |",
+        "| Pearson | " + " | ".join(r(f"pearson_{k}") for k in ("heldout_run", "fresh_init", "all")) + " |",
         "",
         "![alignment](alignment.png)",
         "",
         "![curves](curves.png)",
         "",
+    ]
+
+
+def _one_step(summary: dict) -> list[str]:
+    m = summary["metric"]
+    lines = [
         "## One update from a random init (fresh inits, prompted with the best value)",
         "",
         "The recipe columns train the same start networks with the sweep's own recipe at its best run's learning "
@@ -272,26 +294,23 @@ def markdown(summary: dict) -> str:
         "| metric | start | G.pt 1 step (mean) | G.pt 1 step (best) | recipe 1 epoch | recipe 25 epochs |",
         "|---|---|---|---|---|---|",
     ]
-    for metric in sorted({k[len("one_step_best_prompt_"): -len("_mean")] for k in summary if k.startswith("one_step_best_prompt_") and k.endswith("_mean")}):
+    prefix, suffix = "one_step_best_prompt_", "_mean"
+    for metric in sorted({k[len(prefix): -len(suffix)] for k in summary if k.startswith(prefix) and k.endswith(suffix)}):
         lines.append(f"| {metric} | {summary[f'start_{metric}_mean']:.4g} | {summary[f'one_step_best_prompt_{metric}_mean']:.4g} | "
                      f"{summary[f'one_step_best_prompt_{metric}_best']:.4g} | {summary[f'sgd_1_epoch_{metric}_mean']:.4g} | "
                      f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} |")
-    lines += [
-        "",
-        f"![one step](one_step_{m}.png)",
-        "",
-        "The baselines start from the same networks with the sweep's recipe at the learning rate of its best run.",
-        "",
-    ]
+    lines += ["", f"![one step](one_step_{m}.png)", "",
+              "The baselines start from the same networks with the sweep's recipe at the learning rate of its best run.", ""]
     if f"sgd_curve_{m}_mean" in summary:  # optimiser curves need a differentiable training loss (not RL)
-        lines += [
-            f"![optimisers](optimisers_{m}.png)",
-            "",
-            f"Steps to match G.pt's one update: SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
-            f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).",
-            "",
-        ]
-    lines += [
+        lines += [f"![optimisers](optimisers_{m}.png)", "",
+                  f"Steps to match G.pt's one update: SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
+                  f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).", ""]
+    return lines
+
+
+def _diversity_and_checks(summary: dict) -> list[str]:
+    m = summary["metric"]
+    return [
         "## Diversity",
         "",
         f"{summary['diversity_samples']} samples for each of {summary['diversity_networks']} fresh inits at the best prompt.",
@@ -316,11 +335,19 @@ def markdown(summary: dict) -> str:
         "",
         "![memorisation](nearest_neighbour.png)",
         "",
-        *([f"## Latent walk", "",
-           f"One fresh init prompted with the best value; the initial noise slerped between two draws in "
-           f"{summary['latent_walk_frames']} frames, each sampled deterministically (DDIM, {summary['latent_walk_steps']} steps). "
-           f"Achieved {m} along the walk: {', '.join(f'{v:.3g}' for v in summary['latent_walk_values'])}.", "",
-           "![latent walk](latent_walk.png)", ""] if summary.get("latent_walk_frames") else []),
+    ]
+
+
+def _walk_and_lineage(summary: dict) -> list[str]:
+    m, e = summary["metric"], summary["eval"]
+    lines = []
+    if summary.get("latent_walk_frames"):
+        lines += ["## Latent walk", "",
+                  f"One fresh init prompted with the best value; the initial noise slerped between two draws in "
+                  f"{summary['latent_walk_frames']} frames, each sampled deterministically (DDIM, {summary['latent_walk_steps']} steps). "
+                  f"Achieved {m} along the walk: {', '.join(f'{v:.3g}' for v in summary['latent_walk_values'])}.", "",
+                  "![latent walk](latent_walk.png)", ""]
+    return lines + [
         "## Lineage",
         "",
         f"Model `{summary['model']}` at step {summary['model_step']} (training {summary.get('train_wall_s')} s); sweeps "
@@ -338,40 +365,39 @@ def markdown(summary: dict) -> str:
         "",
         "R² per network is 1 − Σ(requested − achieved)² / Σ(requested − mean requested)², averaged over networks.",
     ]
-    return "\n".join(lines) + "\n"
+
+
+def markdown(summary: dict) -> str:
+    """``report.md``: the headline table, then one section per question a reader asks, plots inline."""
+    return "\n".join(_header(summary) + _one_step(summary) + _diversity_and_checks(summary) + _walk_and_lineage(summary)) + "\n"
 
 
 def _steps(n) -> str:
     return f"{n} steps" if n is not None else f"more than {max(EVAL_STEPS)} steps"
 
 
-def write(store: Store, eval_name: str, summary: dict, results: pa.Table, baselines: pa.Table, landscape: dict,
-          diversity: dict, nn: dict, walk: dict | None = None) -> None:
+def render(summary: dict, results: pa.Table, landscape: dict, diversity: dict, nn: dict, walk: dict | None = None) -> dict[str, bytes]:
+    """Every file of the report, name -> bytes: the plots and ``report.md``."""
     rows = results.to_pydict()
-    put = lambda data, name: store.write_bytes(data, "evals", eval_name, name)
-    put(alignment_plot(rows, summary), "alignment.png")
-    put(curves_plot(rows, summary), "curves.png")
-    for metric in dict.fromkeys(("test_loss", "test_error", summary["metric"])):
-        if f"start_{metric}_mean" in summary:
-            put(one_step_plot(summary, metric), f"one_step_{metric}.png")
-            if f"sgd_curve_{metric}_mean" in summary:
-                put(optimiser_plot(summary, metric), f"optimisers_{metric}.png")
+    metric = summary["metric"]
+    files = {"alignment.png": alignment_plot(rows, summary), "curves.png": curves_plot(rows, summary)}
+    for m in dict.fromkeys(("test_loss", "test_error", metric)):
+        if f"start_{m}_mean" in summary:
+            files[f"one_step_{m}.png"] = one_step_plot(summary, m)
+            if f"sgd_curve_{m}_mean" in summary:
+                files[f"optimisers_{m}.png"] = optimiser_plot(summary, m)
     if len(diversity["nets"]):
-        put(diversity_plot(diversity, rows, summary["metric"]), "diversity.png")
-        put(landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else summary["metric"]), "landscape.png")
-    put(nn_plot(nn, summary["copies_plus_noise"], summary["metric"]), "nearest_neighbour.png")
-    if walk is not None and walk.get("images") is not None:
-        put(latent_walk_plot(walk["images"], walk["values"], summary["metric"]), "latent_walk.png")
-    store.write_bytes(markdown(summary).encode(), "evals", eval_name, "report.md")
+        files["diversity.png"] = diversity_plot(diversity, rows, metric)
+        files["landscape.png"] = landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else metric)
+    files["nearest_neighbour.png"] = nn_plot(nn, summary)
+    if walk is not None:
+        files["latent_walk.png"] = latent_walk_plot(walk["images"], walk["values"], metric)
+    files["report.md"] = markdown(summary).encode()
+    return files
 
 
-def write_index(store: Store) -> str:
-    """``evals/index.md``: every evaluation with its headline numbers, newest first."""
-    summaries = []
-    for name in store.ls("evals"):
-        if store.exists("evals", name, "summary.json") and store.exists("evals", name, "results.parquet"):
-            summaries.append(store.read_json("evals", name, "summary.json"))
-    summaries.sort(key=lambda s: s.get("created_at", ""), reverse=True)
+def index_markdown(summaries: list[dict]) -> str:
+    """``evals/index.md``: every evaluation (newest first) with its headline numbers."""
     lines = ["# Evaluations", "", "Each row in its model's own metric: the start networks' mean, then after one G.pt update "
              "prompted with the sweep's best value, then after one epoch of the sweep's recipe.", "",
              "| eval | created | model | step | metric | R² held-out | R² fresh | start | G.pt 1 step | recipe 1 epoch |",
@@ -384,6 +410,4 @@ def write_index(store: Store) -> str:
                      f"{shown} | {s.get('r2_heldout_run', nan):.3f} | {s.get('r2_fresh_init', nan):.3f} | "
                      f"{s.get(f'start_{shown}_mean', nan):.3f} | {s.get(f'one_step_best_prompt_{shown}_mean', nan):.3f} | "
                      f"{s.get(f'sgd_1_epoch_{shown}_mean', nan):.3f} |")
-    text = "\n".join(lines) + "\n"
-    store.write_bytes(text.encode(), "evals", "index.md")
-    return text
+    return "\n".join(lines) + "\n"

@@ -84,12 +84,13 @@ import numpy as np
 import pyarrow as pa
 
 from gptpipe import problems
-from storage import catalog, sweeps
+from gptpipe.sweep.config import SweepConfig, SweepConfigError
+from gptpipe.sweep.recorder import DIVERGED_ABS
+from storage import catalog, evals, sweeps
 from storage import params as params_store
 from storage.store import Store, StoreError, is_object_store, open_store
 
 PLAN_FILE = "import.json"
-DIVERGED_ABS = 1e4  # the same threshold as a collected sweep (gptpipe.sweep.DIVERGED_ABS)
 EPOCH_KEY = re.compile(r"^(?P<run>[^/]+)/ep(?P<epoch>\d+)_it(?P<it>\d+)\.pt$")
 ITER_KEY = re.compile(r"^(?P<run>[^/]+)/it(?P<it>\d+)\.pt$")
 
@@ -237,6 +238,93 @@ def read_run(folder: str, run: str, problem, layout: Layout, n_ckpts: int) -> Ru
         return _read_run(folder, run, problem, layout, n_ckpts)
 
 
+class _Stop(Exception):
+    """What ends the reading of a run early: its status, a note, and whether what was read is dropped."""
+
+    def __init__(self, status: str, note: str, drop: bool = False):
+        super().__init__(note)
+        self.status, self.note, self.drop = status, note, drop
+
+
+def _listed_names(txn, info: dict | None, run: str, done: bool, statuses: set, notes: list) -> list[str]:
+    """The run's checkpoint keys: from runs.json, else every LMDB key under ``<run>/``."""
+    if info is not None:
+        return list(info.get("checkpoints", {}))
+    if done:
+        statuses.add("corrupt")
+        notes.append("no runs.json entry for the run")
+    else:
+        notes.append("no runs.json: metrics unknown")
+    prefix, names = f"{run}/".encode(), []
+    cursor = txn.cursor()
+    if cursor.set_range(prefix):
+        for k in cursor.iternext(values=False):
+            if not k.startswith(prefix):
+                break
+            names.append(k.decode())
+    return names
+
+
+def _metric_row(problem, layout: Layout, entry: dict) -> tuple[dict[str, float], bool]:
+    """Our metrics of one checkpoint from its runs.json entry (NaN where unknown), and whether one of
+    them is present but not finite."""
+    row, bad = {}, False
+    for m in problem.metrics:
+        theirs, scale = layout.metrics.get(m, (None, 1.0))
+        v = entry.get(theirs) if theirs is not None else None
+        row[m] = float(v) * scale if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+        bad |= v is not None and not math.isfinite(row[m])
+    return row, bad
+
+
+def _checkpoint(txn, key: str, i: int, problem, layout: Layout, entry: dict) -> tuple[np.ndarray, dict[str, float]]:
+    """One checkpoint's vector and metrics; ``_Stop`` when it is missing, of another shape or diverged."""
+    import lmdb
+
+    try:
+        raw, arch = txn.get(key.encode()), txn.get(f"{key}_arch".encode())
+    except lmdb.Error as e:
+        raise _Stop("corrupt", f"LMDB error at {key}: {type(e).__name__}") from None
+    if raw is None:
+        raise _Stop("corrupt", f"{key} listed in runs.json but not in the LMDB")
+    expected = [layer.numel for layer in problem.layers]
+    sizes = np.frombuffer(arch, dtype="<f4").round().astype(np.int64).tolist() if arch is not None else None
+    if (sizes is not None and sizes != expected) or len(raw) != 4 * problem.n_params:
+        got = sizes if sizes is not None else f"{len(raw) // 4} values"
+        raise _Stop("arch_mismatch", f"arch {got} at {key} is not {problem.name}'s {expected}", drop=True)
+    vector = np.frombuffer(raw, dtype="<f4")
+    metrics, bad_metric = _metric_row(problem, layout, entry)
+    finite, small = bool(np.isfinite(vector).all()), bool(np.abs(vector).max(initial=0.0) <= DIVERGED_ABS)
+    if not (finite and small) or bad_metric:
+        what = "metric" if finite and small else "parameter"
+        raise _Stop("diverged", f"non-finite or huge {what} at checkpoint {i} ({key})")
+    return vector, metrics
+
+
+def _read_checkpoints(txn, matches: list, problem, layout: Layout, info: dict | None, statuses: set, notes: list) -> list[tuple]:
+    """``(key, vector, metrics, step, epoch)`` of the run's checkpoints in order, up to the first bad one."""
+    rows = []
+    for i, (match, key) in enumerate(matches):
+        entry = (info["checkpoints"].get(key) or {}) if info is not None else {}
+        try:
+            vector, metrics = _checkpoint(txn, key, i, problem, layout, entry)
+        except _Stop as stop:
+            statuses.add(stop.status)
+            notes.append(stop.note)
+            return [] if stop.drop else rows
+        rows.append((key, vector, metrics, *_step(layout, match)))
+    return rows
+
+
+def _run_data(problem, rows: list[tuple], status: str, source_ckpts: int, notes: list[str]) -> RunData:
+    return RunData(
+        params=np.stack([r[1] for r in rows]).astype(np.float32) if rows else np.empty((0, problem.n_params), np.float32),
+        metrics={m: np.asarray([r[2][m] for r in rows], dtype=np.float64) for m in problem.metrics},
+        keys=[r[0] for r in rows], steps=[r[3] for r in rows], epochs=[r[4] for r in rows],
+        status=status, source_ckpts=source_ckpts, notes=notes,
+    )
+
+
 def _read_run(folder: str, run: str, problem, layout: Layout, n_ckpts: int) -> RunData:
     import lmdb
 
@@ -246,98 +334,29 @@ def _read_run(folder: str, run: str, problem, layout: Layout, n_ckpts: int) -> R
         statuses.add("unfinished")
         notes.append("no DONE.txt")
     info = _run_json(folder, run)
-    expected = [layer.numel for layer in problem.layers]
-    empty = lambda: RunData(np.empty((0, problem.n_params), np.float32), {m: np.empty(0) for m in problem.metrics},
-                            [], [], [], "", 0)
     try:
         env = _open_lmdb(folder)
     except lmdb.Error as e:
-        out = empty()
-        out.status, out.notes = "corrupt", notes + [f"LMDB cannot be opened: {type(e).__name__}"]
-        return out
+        return _run_data(problem, [], "corrupt", 0, notes + [f"LMDB cannot be opened: {type(e).__name__}"])
     try:
         with env.begin(buffers=False) as txn:
-            if info is not None:
-                names = list(info.get("checkpoints", {}))
-            else:
-                if done:
-                    statuses.add("corrupt")
-                    notes.append("no runs.json entry for the run")
-                else:
-                    notes.append("no runs.json: metrics unknown")
-                prefix = f"{run}/".encode()
-                cursor = txn.cursor()
-                names = []
-                if cursor.set_range(prefix):
-                    for k in cursor.iternext(values=False):
-                        if not k.startswith(prefix):
-                            break
-                        names.append(k.decode())
-            matches = [(layout.key.match(n), n) for n in names]
+            matches = [(layout.key.match(n), n) for n in _listed_names(txn, info, run, done, statuses, notes)]
             matches = sorted(((m, n) for m, n in matches if m and m.group("run") == run), key=lambda mn: _order(layout, mn[0]))
             source_ckpts = len(matches)
             if source_ckpts > n_ckpts:
                 statuses.add("truncated")
                 notes.append(f"{source_ckpts} checkpoints, the first {n_ckpts} imported")
-                matches = matches[:n_ckpts]
-            vectors, keys, steps, epochs = [], [], [], []
-            values = {m: [] for m in problem.metrics}
-            for i, (match, key) in enumerate(matches):
-                try:
-                    raw = txn.get(key.encode())
-                    arch = txn.get(f"{key}_arch".encode())
-                except lmdb.Error as e:
-                    statuses.add("corrupt")
-                    notes.append(f"LMDB error at {key}: {type(e).__name__}")
-                    break
-                if raw is None:
-                    statuses.add("corrupt")
-                    notes.append(f"{key} listed in runs.json but not in the LMDB")
-                    break
-                sizes = np.frombuffer(arch, dtype="<f4").round().astype(np.int64).tolist() if arch is not None else None
-                if (sizes is not None and sizes != expected) or len(raw) != 4 * problem.n_params:
-                    got = sizes if sizes is not None else f"{len(raw) // 4} values"
-                    statuses.add("arch_mismatch")
-                    notes.append(f"arch {got} at {key} is not {problem.name}'s {expected}")
-                    vectors, keys = [], []
-                    break
-                vector = np.frombuffer(raw, dtype="<f4")
-                metric_row, bad_metric = {}, False
-                entry = info["checkpoints"].get(key) or {} if info is not None else {}
-                for m in problem.metrics:
-                    theirs, scale = layout.metrics.get(m, (None, 1.0))
-                    v = entry.get(theirs) if theirs is not None else None
-                    metric_row[m] = float(v) * scale if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-                    bad_metric |= v is not None and not math.isfinite(metric_row[m])
-                if not np.isfinite(vector).all() or np.abs(vector).max(initial=0.0) > DIVERGED_ABS or bad_metric:
-                    statuses.add("diverged")
-                    what = "metric" if np.isfinite(vector).all() and np.abs(vector).max(initial=0.0) <= DIVERGED_ABS else "parameter"
-                    notes.append(f"non-finite or huge {what} at checkpoint {i} ({key})")
-                    break
-                vectors.append(vector)
-                keys.append(key)
-                step, epoch = _step(layout, match)
-                steps.append(step)
-                epochs.append(epoch)
-                for m in problem.metrics:
-                    values[m].append(metric_row[m])
+            rows = _read_checkpoints(txn, matches[:n_ckpts], problem, layout, info, statuses, notes)
     except lmdb.Error as e:
         statuses.add("corrupt")
         notes.append(f"LMDB error: {type(e).__name__}")
-        vectors, keys, steps, epochs, values = [], [], [], [], {m: [] for m in problem.metrics}
-        source_ckpts = 0
+        rows, source_ckpts = [], 0
     finally:
         env.close()
-    n = len(vectors)
-    if not statuses and n < n_ckpts:
+    if not statuses and len(rows) < n_ckpts:
         statuses.add("short")
-        notes.append(f"{n} checkpoints, the sweep has {n_ckpts}")
-    status = next((s for s in _PRECEDENCE if s in statuses), "ok")
-    return RunData(
-        params=np.stack(vectors).astype(np.float32) if vectors else np.empty((0, problem.n_params), np.float32),
-        metrics={m: np.asarray(values[m][:n], dtype=np.float64) for m in problem.metrics},
-        keys=keys, steps=steps[:n], epochs=epochs[:n], status=status, source_ckpts=source_ckpts, notes=notes,
-    )
+        notes.append(f"{len(rows)} checkpoints, the sweep has {n_ckpts}")
+    return _run_data(problem, rows, next((s for s in _PRECEDENCE if s in statuses), "ok"), source_ckpts, notes)
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -346,7 +365,6 @@ def _read_run(folder: str, run: str, problem, layout: Layout, n_ckpts: int) -> R
 def frozen_config(problem_name: str, source: str, plan: list[tuple[str, str]], n_ckpts: int, shard_size: int) -> dict:
     """``config.json`` of an imported sweep: the same fields as a collected one (``recipe`` holds the
     released generation script's settings) plus ``imported`` (from where, in which layout)."""
-    from gptpipe.sweep import SweepConfig, SweepConfigError
 
     problem, layout = layout_for(problem_name)
     try:
@@ -564,18 +582,12 @@ def checkpoint_vector(store: Store, sweep: str, run: int, ckpt: int) -> tuple[st
 def eval_vector(store: Store, eval: str, row: int) -> tuple[str, np.ndarray, dict]:
     """``(problem, vector, metadata)`` of row ``row`` of an evaluation (``evals/<eval>/params.zarr`` is
     row-aligned with ``results.parquet``, which is written last and so marks a complete evaluation)."""
-    import pyarrow.parquet as pq
-
     sweeps.check_name(eval, "eval")
-    if not store.exists("evals", eval, "results.parquet"):
-        known = [e for e in store.ls("evals") if store.exists("evals", e, "results.parquet")]
-        raise InteropError(f"no evaluation {eval!r} in store {store.url} (evaluations: {', '.join(known) or 'none'})")
-    with store.fs.open(store.path("evals", eval, "results.parquet"), "rb") as f:
-        results = pq.read_table(f)
+    results = evals.read_results(store, eval)
     if not 0 <= row < results.num_rows:
         raise InteropError(f"evaluation {eval!r} has rows 0..{results.num_rows - 1}; --row {row} is not one of them")
     record = results.slice(row, 1).to_pylist()[0]
-    array = params_store.open_params(store, "evals", eval, "params.zarr")
+    array = evals.open_params(store, eval)
     if array.shape[0] != results.num_rows:
         raise InteropError(f"evaluation {eval!r}: params.zarr has {array.shape[0]} rows, results.parquet {results.num_rows}")
     vector = np.asarray(array[row], dtype=np.float32)

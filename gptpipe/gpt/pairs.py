@@ -69,11 +69,9 @@ def resolve_symmetry(problem, symmetry: str) -> str:
     if symmetry not in SYMMETRIES:
         raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, not {symmetry!r}")
     if symmetry == "auto":
-        symmetry = "canonical" if hasattr(problem, "canonical_permutation") else "permute"
-    if symmetry == "canonical" and not hasattr(problem, "canonical_permutation"):
+        symmetry = "canonical" if problem.has_canonical_order else "permute"
+    if symmetry == "canonical" and not problem.has_canonical_order:
         raise ValueError(f"problem {problem.name} has no canonical order of its units; use symmetry 'permute' or 'none'")
-    if symmetry == "permute" and not hasattr(problem, "permute"):
-        return "none"
     return symmetry
 
 

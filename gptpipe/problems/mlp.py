@@ -1,69 +1,13 @@
-"""Problems: the small networks whose checkpoints G.pt learns from.
-
-A problem's parameters are one flat float32 vector in PyTorch ``state_dict`` order. Everything here
-works on a *batch* of such vectors ``theta [K, P]`` at once, because the sweep trains K networks as one
-computation and G.pt's evaluation scores thousands of generated vectors.
-"""
+"""The paper's MNIST network and its 8x8 twin: Linear(d_in, hidden), ReLU, Linear(hidden, classes)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gptpipe import data as datasets
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy of ``logits [..., classes]`` against ``y [...]`` (4x faster here than
-    ``F.cross_entropy(reduction='none')`` on the small batched shapes this project uses)."""
-    return torch.logsumexp(logits, -1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
-@dataclass(frozen=True)
-class Layer:
-    name: str  # state_dict key
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-class Classifier:
-    """What every image classifier problem shares: its catalog metrics, the flat layout and scoring.
-
-    ``metrics`` are the catalog columns of every checkpoint; ``primary`` is what G.pt is prompted with
-    by default (lower is better for all of them). Subclasses give ``layers``, ``evaluate`` and the rest.
-    """
-
-    metrics = ("train_loss", "train_error", "test_loss", "test_error")
-    prompt_metrics = ("test_loss", "test_error")
-    primary = "test_loss"
-    higher_is_better: tuple[str, ...] = ()  # metrics where larger is better (see ``sign``/``best_of``)
-    layers: tuple["Layer", ...] = ()
-
-    def unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``theta [K, P]`` as ``[K, *shape]`` per layer (gradients flow back to theta)."""
-        out, start = [], 0
-        for layer in self.layers:
-            out.append(theta[:, start : start + layer.numel].reshape(theta.shape[0], *layer.shape))
-            start += layer.numel
-        return out
-
-    def state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {layer.name: p[0].clone() for layer, p in zip(self.layers, self.unflatten(vector.reshape(1, -1)))}
-
-    def load_data(self, source: str, root: str | None = None) -> datasets.Dataset:
-        return datasets.load(source, root)
-
-    def score(self, theta: torch.Tensor, data: datasets.Dataset) -> dict[str, torch.Tensor]:
-        """Every catalog metric of each vector: train/test loss and error."""
-        train = self.evaluate(theta, data.x_train, data.y_train)
-        test = self.evaluate(theta, data.x_test, data.y_test)
-        return {"train_loss": train["loss"], "train_error": train["error"], "test_loss": test["loss"], "test_error": test["error"]}
+from gptpipe.problems.base import Classifier, Layer, cross_entropy
 
 
 class MLPClassifier(Classifier):
@@ -80,7 +24,6 @@ class MLPClassifier(Classifier):
             Layer("2.weight", (classes, hidden)),
             Layer("2.bias", (classes,)),
         )
-        self.n_params = sum(layer.numel for layer in self.layers)
         # where the hidden units sit: row h of layer 0 (W1), entry h of layer 1 (b1), column h of layer 2
         # (W2). ``permute`` shuffles exactly these; G.pt can give each unit one token (gpt.Tokenizer).
         self.unit_axes = ((0, 0), (1, 0), (2, 1))
@@ -159,40 +102,3 @@ class MLPClassifier(Classifier):
         b1 = torch.gather(b1, 1, perm)
         w2 = torch.gather(w2, 2, perm.unsqueeze(1).expand_as(w2))
         return torch.cat([w1.reshape(n, -1), b1, w2.reshape(n, -1), b2], dim=1)
-
-# the paper's other two problems (defined in their own modules; they use Layer and cross_entropy above)
-from gptpipe.cnn import ConvClassifier  # noqa: E402
-from gptpipe.rl import CartPolePolicy  # noqa: E402
-
-PROBLEMS = {
-    "digits_mlp": MLPClassifier("digits_mlp", 64, 10, 10, default_data="digits", data_sources=("digits",)),
-    "mnist_mlp": MLPClassifier("mnist_mlp", 784, 10, 10, default_data="mnist5k", data_sources=("mnist5k", "mnist", "fashion_mnist")),
-    "cifar_cnn": ConvClassifier("cifar_cnn"),
-    "cartpole": CartPolePolicy("cartpole"),
-}
-
-
-def sign(problem, metric: str) -> int:
-    """+1 where lower values of ``metric`` are better (losses, errors), -1 where higher are (``return``).
-    ``sign * value`` is therefore always "lower is better": the best of an array is ``min(sign * v) * sign``."""
-    return -1 if metric in getattr(problem, "higher_is_better", ()) else 1
-
-
-def best_of(problem, metric: str, values) -> float:
-    """The best value of ``metric`` in ``values`` (NaNs ignored): the minimum, or the maximum for a
-    higher-is-better metric."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=np.float64)
-    return float(np.nanmax(v) if sign(problem, metric) < 0 else np.nanmin(v))
-
-
-class ProblemError(Exception):
-    pass
-
-
-def get(name: str):
-    try:
-        return PROBLEMS[name]
-    except KeyError:
-        raise ProblemError(f"unknown problem {name!r} (choose from {', '.join(PROBLEMS)})") from None

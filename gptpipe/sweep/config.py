@@ -1,10 +1,5 @@
-"""The sweep: many small networks trained from different seeds and learning rates, every checkpoint kept.
-
-``train_runs`` trains K runs as one batched computation: their weights are stacked into ``theta [K, P]``,
-each step gathers every network's own mini-batch into ``[K, B, features]`` and does one forward/backward
-for all of them. Per network the arithmetic is exactly that of ``torch.optim.SGD`` (Nesterov, weight
-decay) with a cosine schedule, which ``tests/test_sweep.py`` checks against a plain per-network loop.
-"""
+"""A sweep's recipe and what derives from it alone: per-run seeds and learning rates, the learning-rate
+schedule, the checkpoint steps, and the shape of what training K runs returns."""
 
 from __future__ import annotations
 
@@ -15,10 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from gptpipe import data as datasets
 from gptpipe import problems
-
-DIVERGED_ABS = 1e4  # a weight this large means the run exploded
 
 
 class SweepConfigError(ValueError):
@@ -67,7 +59,7 @@ class SweepConfig:
             raise SweepConfigError(str(e)) from None
         if not self.data:
             object.__setattr__(self, "data", problem.default_data)
-        recipe = {**DEFAULT_RECIPE, **getattr(problem, "recipe", {})}
+        recipe = {**DEFAULT_RECIPE, **problem.recipe}
         for name, value in recipe.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -86,6 +78,8 @@ class SweepConfig:
             raise SweepConfigError(f"unknown data order {self.data_order!r} ({' or '.join(DATA_ORDERS)})")
         if self.checkpoint_spacing not in SPACINGS:
             raise SweepConfigError(f"unknown checkpoint spacing {self.checkpoint_spacing!r} ({' or '.join(SPACINGS)})")
+        if self.data_order == "shared" and problem.augment is not None:
+            raise SweepConfigError(f"problem {self.problem} augments each network's batch: use data order per_run")
 
     @property
     def n_shards(self) -> int:
@@ -144,6 +138,12 @@ def shared_order_generator(sweep_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def run_generators(config: SweepConfig, runs: list[int]) -> tuple[list[int], list[float], list[torch.Generator]]:
+    """Each run's seed, learning rate and torch generator (init, data order, sampling)."""
+    seeds, draws = zip(*[run_seed(config.seed, r) for r in runs])
+    return list(seeds), [run_lr(config, u) for u in draws], [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def lr_factor(config: SweepConfig, step: int, total: int) -> float:
     if config.schedule == "constant":
         return 1.0
@@ -163,104 +163,3 @@ class RunsResult:
     n_ckpts: list[int]  # valid checkpoints per run (all of them unless it diverged)
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.Dataset,
-               init: torch.Tensor | None = None) -> RunsResult:
-    """Train the given runs of a sweep as one batched computation and score every checkpoint.
-    ``init [K, P]`` replaces the runs' seeded initial weights (evaluation baselines start from given
-    networks); data order and learning rates still come from the runs' seeds."""
-    problem = problems.get(config.problem)
-    if hasattr(problem, "train_runs"):  # a problem with its own trainer (cartpole: PPO, gptpipe/rl.py)
-        return problem.train_runs(config, runs, dataset, init)
-    t0 = time.perf_counter()
-    runs = list(runs)
-    K, n_train = len(runs), len(dataset.x_train)
-    seeds, lrs = zip(*[run_seed(config.seed, r) for r in runs])
-    lrs = [run_lr(config, u) for u in lrs]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-
-    theta = problem.init(generators)
-    if init is not None:
-        theta = init.detach().clone().float()
-    theta.requires_grad_(True)
-    lr = torch.tensor(lrs).unsqueeze(1)  # [K, 1]
-    alive = torch.ones(K, 1)  # 0 once a run has diverged: it stops moving
-    momentum_buf = torch.zeros(K, problem.n_params)
-
-    per_epoch = steps_per_epoch(config, n_train)
-    total = config.epochs * per_epoch
-    ckpt_steps = checkpoint_steps(config, n_train)
-    C = len(ckpt_steps)
-    params = np.full((K, C, problem.n_params), np.nan, dtype=np.float32)
-    metrics = {m: np.full((K, C), np.nan, dtype=np.float64) for m in problem.metrics}
-    n_ckpts = [C] * K
-
-    def take_checkpoint(c: int) -> None:
-        with torch.no_grad():
-            t = theta.detach()
-            ok = torch.isfinite(t).all(1) & (t.abs().amax(1) < DIVERGED_ABS) & (alive[:, 0] > 0)
-            scores = problem.score(t, dataset)
-            ok &= torch.isfinite(scores[problem.primary])
-            for k in range(K):
-                if not ok[k] and alive[k, 0] > 0:  # diverged since the last checkpoint
-                    n_ckpts[k] = c
-                    alive[k, 0] = 0.0
-            if bool((alive[:, 0] == 0).any()):
-                theta.data[alive[:, 0] == 0] = 0.0  # frozen at zero: no NaNs leak into shared kernels
-            keep = alive[:, 0] > 0
-            params[keep.numpy(), c] = t[keep].numpy()
-            for m, v in scores.items():
-                metrics[m][keep.numpy(), c] = v[keep].double().numpy()
-
-    augment = getattr(problem, "augment", None)
-    # "shared": all K networks see the same batch, so the first layer is one matmul for the whole shard
-    # (4.4x faster per step for 64 mnist_mlp runs, 1 thread) instead of K small batched products.
-    shared = config.data_order == "shared"
-    if shared and augment is not None:
-        raise SweepConfigError(f"problem {config.problem} augments each network's batch: use data order per_run")
-    order_gen = shared_order_generator(config.seed) if shared else None
-    c = 0
-    if ckpt_steps[0] == 0:
-        take_checkpoint(0)
-        c = 1
-    step = 0
-    for epoch in range(config.epochs):
-        if shared:
-            order = torch.randperm(n_train, generator=order_gen)  # [N]
-        else:
-            order = torch.stack([torch.randperm(n_train, generator=g) for g in generators])  # [K, N]
-        for b in range(per_epoch):
-            idx = order[..., b * config.batch_size : (b + 1) * config.batch_size]
-            x = dataset.x_train[idx]
-            if augment is not None:  # each network's own random augmentation, drawn from its generator
-                x = augment(x, generators)
-            loss = problem.loss(theta, x, dataset.y_train[idx]).sum()
-            (grad,) = torch.autograd.grad(loss, theta)
-            with torch.no_grad():
-                # torch.optim.SGD(momentum, dampening=0, weight_decay, nesterov), one lr per network
-                d_p = grad.add_(theta.detach(), alpha=config.weight_decay)
-                if step == 0:
-                    momentum_buf.copy_(d_p)
-                else:
-                    momentum_buf.mul_(config.momentum).add_(d_p)
-                if config.nesterov:
-                    d_p = d_p.add(momentum_buf, alpha=config.momentum)
-                else:
-                    d_p = momentum_buf
-                theta.data.sub_(d_p * (lr * lr_factor(config, step, total) * alive))
-            step += 1
-            if c < C and step == ckpt_steps[c]:
-                take_checkpoint(c)
-                c += 1
-    assert c == C, (c, C)
-    return RunsResult(
-        params=params,
-        metrics=metrics,
-        steps=ckpt_steps,
-        epochs=ckpt_steps / per_epoch,
-        seeds=list(seeds),
-        lrs=lrs,
-        n_ckpts=n_ckpts,
-        wall_s=time.perf_counter() - t0,
-    )

@@ -1,32 +1,31 @@
-"""G.pt models in the store: training data from sweeps, held-out runs, saving and loading, lineage.
+"""The train stage: G.pt from one or more sweeps in the store, saved as it goes, resumable.
 
-``models/<model>/``:
-    state.safetensors   raw + EMA weights, optimiser state, configs, step (resumable; no pickle)
-    lineage.json        sweeps, catalog digest, held-out runs, the training config, code version
-    train_log.csv       step, loss
-    train_loss.png      the training loss curve
+``load_training_data`` reads the training runs of sweeps (held-out runs kept apart; streamed when
+bigger than the memory budget); ``run_training`` trains or resumes a model and saves it every few
+hundred steps. The train flow calls it in one process; under ``torchrun`` (one process per GPU)
+``gptpipe train`` calls ``train_distributed`` on every rank and only rank 0 writes (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
-from dataclasses import dataclass, field
-from typing import Callable
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from gptpipe import problems
-from gptpipe.training import TrainConfig
-from storage import catalog, sweeps
-from storage.store import Store, StoreError
+from gptpipe.evaluation.report import loss_plot
+from gptpipe.gpt import distributed
+from gptpipe.gpt.pairs import StreamingPairs, resolve_symmetry
+from gptpipe.gpt.trainer import TrainConfig, Trainer
+from storage import catalog, models, sweeps
+from storage.store import Store, StoreError, open_store
 
-STATE = "state.safetensors"
 HELDOUT_FRAC, HELDOUT_MAX = 0.1, 64
 # Training sets up to this many bytes of parameters are read into memory; bigger ones are streamed
 # from the store in groups of whole runs (``gptpipe.pairs.StreamingPairs``). $GPTPIPE_MEMORY_BUDGET
@@ -55,8 +54,6 @@ class TrainingData:
     def stream(self, batch_size: int, pairing: str = "mixed", init_frac: float = 0.5, symmetry: str = "auto", seed: int = 0,
                **options):
         """A ``StreamingPairs`` source over these training runs (``options``: group_runs, spans, ...)."""
-        from gptpipe.pairs import StreamingPairs
-
         read = self.read_runs or (lambda idx: self.params[idx])
         return StreamingPairs(problems.get(self.problem), read, self.metric_values, batch_size, pairing, init_frac,
                               symmetry, seed=seed, **options)
@@ -112,7 +109,7 @@ def load_training_data(store: Store, sweep_names: list[str], metric: str | None 
         for r, d in zip(runs["run"].to_pylist(), runs["digest"].to_pylist()):
             digest.update(f"{name}/{r}/{d};".encode())
         train_lists.append(train_ids)
-        table = catalog.query(store, f"select run, ckpt, {metric} as m from checkpoints where sweep = '{name}'")
+        table = catalog.query(store, f"select run, ckpt, {metric} as m from checkpoints where sweep = ?", [name])
         grid = np.full((configs[name]["n_runs"], configs[name]["n_ckpts"]), np.nan)
         grid[np.asarray(table["run"]), np.asarray(table["ckpt"])] = np.asarray(table["m"], dtype=np.float64)
         values.append(grid[train_ids])
@@ -150,67 +147,6 @@ def run_reader(store: Store, sweep_names: list[str], train_lists: list[np.ndarra
     return read
 
 
-def model_exists(store: Store, model: str) -> bool:
-    return store.exists("models", model, STATE)
-
-
-def list_models(store: Store) -> list[str]:
-    return [m for m in store.ls("models") if model_exists(store, m)]
-
-
-def newest_model(store: Store) -> str:
-    models = list_models(store)
-    if not models:
-        raise StoreError(f"no models in store {store.url}; train one with `gptpipe train`")
-    return max(models, key=lambda m: read_lineage(store, m).get("updated_at", ""))
-
-
-def read_lineage(store: Store, model: str) -> dict:
-    if not store.exists("models", model, "lineage.json"):
-        raise StoreError(f"no model {model!r} in store {store.url} (models: {', '.join(list_models(store)) or 'none'})")
-    return store.read_json("models", model, "lineage.json")
-
-
-def read_state(store: Store, model: str) -> bytes:
-    read_lineage(store, model)  # one clear line if the model is missing
-    return store.fs.cat_file(store.path("models", model, STATE))
-
-
-def save(store: Store, model: str, state: bytes, lineage: dict, losses: list[float], step: int, wall_s: float) -> None:
-    """State first, lineage last: a model whose lineage names step S has a state of at least step S."""
-    store.write_bytes(state, "models", model, STATE)
-    log = "step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(losses))
-    store.write_bytes(log.encode(), "models", model, "train_log.csv")
-    store.write_bytes(loss_plot(losses, model), "models", model, "train_loss.png")
-    now = datetime.now(timezone.utc).isoformat()
-    store.write_json({**lineage, "step": step, "train_wall_s": round(wall_s, 2), "code_version": code_version(),
-                      "created_at": lineage.get("created_at", now), "updated_at": now}, "models", model, "lineage.json")
-
-
-def loss_plot(losses: list[float], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    y = np.asarray(losses, dtype=float)
-    if len(y):
-        ax.plot(np.arange(1, len(y) + 1), y, lw=0.5, alpha=0.4, label="step")
-        w = max(1, len(y) // 50)
-        ax.plot(np.arange(w, len(y) + 1), np.convolve(y, np.ones(w) / w, mode="valid"), lw=1.5, label=f"mean of {w}")
-        ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("diffusion loss")
-    ax.set_title(f"G.pt {title}")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def lineage_matches(old: dict, new: dict) -> list[str]:
     """Keys that differ between a saved model's lineage and a new request to train it further."""
     def comparable(lineage: dict) -> dict:  # read through today's TrainConfig, so older lineages' keys map onto it
@@ -220,3 +156,78 @@ def lineage_matches(old: dict, new: dict) -> list[str]:
 
     a, b = comparable(old), comparable(new)
     return [k for k in a if json.dumps(a[k], sort_keys=True) != json.dumps(b[k], sort_keys=True)]
+
+
+def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> None:
+    models.save(store, model, trainer.state_dict_bytes(),
+                {**lineage, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 2), "code_version": code_version()},
+                trainer.losses, loss_plot(trainer.losses, model))
+
+
+def run_training(data: TrainingData, store: str, model: str, preset: str = "tiny", steps: int | None = None,
+                 save_every: int = 500, seed: int = 0, device: str = "auto", batch_size: int | None = None,
+                 on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+    """Train (or resume) ``model`` on ``data`` until ``steps``; save every ``save_every`` steps (rank 0
+    only). ``on_progress(step, target, recent loss)`` after each save."""
+    st = open_store(store)
+    given = {k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v}
+    config = TrainConfig(preset=preset, seed=seed, device=device, **given)
+    config = replace(config, symmetry=resolve_symmetry(problems.get(data.problem), config.symmetry))  # the lineage names what was used
+    lineage = {**data.lineage, "train_config": config.to_dict(), "best": data.best}
+    main = distributed.is_main()
+    stream = None
+    if data.streamed:  # the training set is bigger than the memory budget: stream groups of runs
+        world = distributed.world_size()
+        stream = data.stream(config.batch_size // max(1, world), config.pairing, config.init_frac, config.symmetry,
+                             seed=seed + 1_000_003 * distributed.rank() + 17)
+        if main:
+            print(f"streaming pairs from {data.lineage['training_runs']} training runs (more than the memory budget)")
+    if models.exists(st, model):
+        old = models.read_lineage(st, model)
+        if diff := lineage_matches(old, lineage):
+            raise StoreError(f"model {model!r} exists with other {', '.join(diff)}; choose a new --model name")
+        trainer = Trainer.from_bytes(data.problem, data.params, data.metric_values, models.read_state(st, model), config,
+                                     stream=stream)
+        lineage["created_at"] = old.get("created_at")
+        if main:
+            print(f"resuming {model} at step {trainer.step}")
+    else:
+        trainer = Trainer(data.problem, data.params, data.metric_values, config, stream=stream)
+    target = config.steps
+
+    def save():
+        if main:
+            save_model(st, model, trainer, lineage)
+        distributed.barrier()  # no rank runs ahead of a save it might resume from
+
+    try:
+        while trainer.step < target:
+            trainer.train(min(target, trainer.step + save_every))
+            save()
+            recent = sum(trainer.losses[-100:]) / len(trainer.losses[-100:])
+            if on_progress is not None:
+                on_progress(trainer.step, target, recent)
+            if main:
+                print(f"step {trainer.step}/{target}: loss {recent:.4f}")
+        if not trainer.losses:
+            save()
+    finally:
+        trainer.close()
+    return {"model": model, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 1),
+            "final_loss": float(sum(trainer.losses[-100:]) / max(1, len(trainer.losses[-100:]))),
+            "training_runs": data.lineage["training_runs"], "best_in_sweeps": data.best,
+            "streamed": data.streamed, "processes": distributed.world_size()}
+
+
+def train_distributed(sweeps: list[str], model: str, store: str | None = None, preset: str = "tiny", steps: int | None = None,
+                      metric: str | None = None, save_every: int = 500, seed: int = 0, device: str = "auto",
+                      batch_size: int | None = None, memory_budget: int | None = None) -> dict:
+    """``run_training`` on every rank of a ``torchrun`` job (no Prefect flow run: N processes would make
+    N flow runs and Prefect's retries would desynchronise the ranks). Rank 0 writes to the store."""
+    distributed.init_from_env()
+    try:
+        store = store or default_store_url()
+        data = load_training_data(open_store(store), sweeps, metric, seed, memory_budget)
+        return run_training(data, store, model, preset, steps, save_every, seed, device, batch_size)
+    finally:
+        distributed.shutdown()

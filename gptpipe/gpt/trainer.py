@@ -33,11 +33,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from gptpipe import distributed
+from gptpipe.gpt import distributed
 from gptpipe import problems as problems_mod
-from gptpipe.diffusion import Diffusion
-from gptpipe.gpt import UNIT_TOKENS, Gpt, GptConfig, Normalizer, fit_unit_basis
-from gptpipe.pairs import SYMMETRIES, StreamingPairs, gather_pairs, resolve_symmetry, sample_pair_indices, valid_counts
+from gptpipe.gpt.diffusion import Diffusion
+from gptpipe.gpt.model import UNIT_TOKENS, Gpt, GptConfig, Normalizer, fit_unit_basis
+from gptpipe.gpt.pairs import SYMMETRIES, StreamingPairs, gather_pairs, resolve_symmetry, sample_pair_indices, valid_counts
 
 FORMAT = "gptpipe.gpt/1"
 PAIRINGS = ("uniform", "init", "mixed")
@@ -164,7 +164,7 @@ class Trainer:
                                                       config.normalization, pairs=fit_pairs)
             model = dict(config.model)
             units = UNIT_TOKENS.get(config.preset, False) if config.unit_tokens is None else config.unit_tokens
-            if units and getattr(self.problem, "unit_axes", None) and "units" not in model:
+            if units and self.problem.unit_axes and "units" not in model:
                 model["units"] = [list(u) for u in self.problem.unit_axes]
             if self.symmetry == "canonical":
                 model["canonical"] = self.problem.name  # the sampler puts starts in this problem's canonical order

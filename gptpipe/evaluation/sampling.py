@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from gptpipe import problems
-from gptpipe.diffusion import Diffusion
-from gptpipe.gpt import Gpt, Normalizer
+from gptpipe.gpt.diffusion import Diffusion
+from gptpipe.gpt.model import Gpt, Normalizer
 
 
 def prompts(best: float, start_metric, n_prompts: int, top_frac: float = 0.9) -> torch.Tensor:

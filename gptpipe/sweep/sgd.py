@@ -1,0 +1,98 @@
+"""Batched SGD: K runs of a classifier problem as one computation, every checkpoint kept and scored.
+
+The K networks' weights are stacked into ``theta [K, P]``; each step gathers every network's own
+mini-batch into ``[K, B, features]`` (or one batch for all with ``data_order="shared"``) and does one
+forward/backward for all of them. Per network the arithmetic is exactly that of ``torch.optim.SGD``
+(Nesterov, weight decay) with a cosine schedule, which ``tests/test_sweep.py`` checks against a plain
+per-network loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from gptpipe import data as datasets
+from gptpipe import problems
+from gptpipe.sweep.config import (RunsResult, SweepConfig, checkpoint_steps, lr_factor, run_generators,
+                                  shared_order_generator, steps_per_epoch)
+from gptpipe.sweep.recorder import CheckpointRecorder
+
+
+class BatchedSGD:
+    """``torch.optim.SGD(momentum, dampening=0, weight_decay, nesterov)`` with one learning rate per network."""
+
+    def __init__(self, config: SweepConfig, lrs: list[float], n_params: int):
+        self.config = config
+        self.lr = torch.tensor(lrs).unsqueeze(1)  # [K, 1]
+        self.momentum_buf = torch.zeros(len(lrs), n_params)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, theta: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor | float) -> None:
+        """One update of ``theta [K, P]`` with the learning rates times ``scale`` (schedule x alive)."""
+        c = self.config
+        d_p = grad.add_(theta.detach(), alpha=c.weight_decay)
+        if self.steps == 0:
+            self.momentum_buf.copy_(d_p)
+        else:
+            self.momentum_buf.mul_(c.momentum).add_(d_p)
+        d_p = d_p.add(self.momentum_buf, alpha=c.momentum) if c.nesterov else self.momentum_buf
+        theta.data.sub_(d_p * (self.lr * scale))
+        self.steps += 1
+
+
+def epoch_orders(config: SweepConfig, n_train: int, generators: list[torch.Generator]):
+    """Each epoch's data order: ``[K, N]`` (every run its own shuffle, from its generator) or ``[N]``
+    (``data_order="shared"``: one shuffle for the whole sweep, from the sweep seed alone)."""
+    shared = shared_order_generator(config.seed) if config.data_order == "shared" else None
+    for _ in range(config.epochs):
+        if shared is not None:
+            yield torch.randperm(n_train, generator=shared)
+        else:
+            yield torch.stack([torch.randperm(n_train, generator=g) for g in generators])
+
+
+def checkpoint(recorder: CheckpointRecorder, problem, theta: torch.Tensor, dataset: datasets.Dataset) -> None:
+    """Score every network, mark the diverged ones (frozen at zero from now on, so no NaNs leak into
+    the shared kernels) and keep the live ones' checkpoint."""
+    with torch.no_grad():
+        scores = problem.score(theta.detach(), dataset)
+        alive = recorder.mark_diverged(theta.detach(), torch.isfinite(scores[problem.primary]))
+        theta.data[~alive] = 0.0
+        recorder.store(theta, {m: v[alive] for m, v in scores.items()})
+
+
+def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.Dataset,
+               init: torch.Tensor | None = None) -> RunsResult:
+    """Train the given runs of a sweep as one batched computation and score every checkpoint.
+    ``init [K, P]`` replaces the runs' seeded initial weights (evaluation baselines start from given
+    networks); data order and learning rates still come from the runs' seeds."""
+    t0 = time.perf_counter()
+    problem = problems.get(config.problem)
+    runs = list(runs)
+    seeds, lrs, generators = run_generators(config, runs)
+    theta = problem.init(generators)  # drawn even when replaced: the generators go on to data order / sampling
+    if init is not None:
+        theta = init.detach().clone().float()
+    theta.requires_grad_(True)
+    n_train = len(dataset.x_train)
+    per_epoch = steps_per_epoch(config, n_train)
+    total = config.epochs * per_epoch
+    recorder = CheckpointRecorder(checkpoint_steps(config, n_train), len(runs), problem.n_params, problem.metrics)
+    sgd = BatchedSGD(config, lrs, problem.n_params)
+    if recorder.due(0):
+        checkpoint(recorder, problem, theta, dataset)
+    for order in epoch_orders(config, n_train, generators):
+        for b in range(per_epoch):
+            idx = order[..., b * config.batch_size : (b + 1) * config.batch_size]
+            x = dataset.x_train[idx]
+            if problem.augment is not None:  # each network's own random augmentation, drawn from its generator
+                x = problem.augment(x, generators)
+            (grad,) = torch.autograd.grad(problem.loss(theta, x, dataset.y_train[idx]).sum(), theta)
+            sgd.step(theta, grad, lr_factor(config, sgd.steps, total) * recorder.alive)
+            if recorder.due(sgd.steps):
+                checkpoint(recorder, problem, theta, dataset)
+    return recorder.result(recorder.steps / per_epoch, seeds, lrs, time.perf_counter() - t0)

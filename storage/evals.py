@@ -1,0 +1,87 @@
+"""Evaluations in the store: everything under ``evals/``, in one place.
+
+``evals/<eval>/``:
+    params.zarr        float32 [row, param]: row i holds the parameters that achieved row i of results
+    baselines.parquet  the same start networks under the sweep's recipe and SGD/Adam curves
+    summary.json       headline numbers (also the source of ``evals/index.md``)
+    report.md, *.png   the human report
+    results.parquet    one row per (network, prompt, step, sample); written last = the commit
+``evals/index.md``     every committed evaluation, newest first
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import catalog, params
+from storage.catalog import BASELINES, EVALS, RESULTS
+from storage.store import Store, StoreError
+
+PARAMS, SUMMARY, REPORT, INDEX = "params.zarr", "summary.json", "report.md", "index.md"
+
+
+def exists(store: Store, name: str) -> bool:
+    """Has evaluation ``name`` committed (written its results)?"""
+    return store.exists(EVALS, name, RESULTS)
+
+
+def names(store: Store) -> list[str]:
+    """Every committed evaluation."""
+    return [e for e in store.ls(EVALS) if exists(store, e)]
+
+
+def check_new(store: Store, name: str) -> None:
+    if exists(store, name):
+        raise StoreError(f"evaluation {name!r} already exists in {store.url}; choose another --eval name")
+
+
+def check_committed(store: Store, name: str) -> None:
+    if not exists(store, name):
+        raise StoreError(f"no evaluation {name!r} in store {store.url} (evaluations: {', '.join(names(store)) or 'none'})")
+
+
+def write(store: Store, name: str, vectors: np.ndarray, results: pa.Table, baselines: pa.Table, summary: dict,
+          files: dict[str, bytes]) -> None:
+    """Parameters, baselines, summary and report ``files`` first; ``results.parquet`` last, as the commit:
+    an evaluation that crashed half-way is not in the ``evaluations`` table and its name can be reused."""
+    params.write_rows(store, (EVALS, name, PARAMS), vectors)
+    catalog.write_table(store, baselines, EVALS, name, BASELINES)
+    store.write_json(summary, EVALS, name, SUMMARY)
+    for file, data in files.items():
+        store.write_bytes(data, EVALS, name, file)
+    catalog.write_table(store, results, EVALS, name, RESULTS)
+
+
+def read_summary(store: Store, name: str) -> dict:
+    return store.read_json(EVALS, name, SUMMARY)
+
+
+def summaries(store: Store) -> list[dict]:
+    """The summaries of every committed evaluation, newest first."""
+    out = [read_summary(store, e) for e in names(store) if store.exists(EVALS, e, SUMMARY)]
+    return sorted(out, key=lambda s: s.get("created_at", ""), reverse=True)
+
+
+def read_report(store: Store, name: str) -> str:
+    return store.fs.cat_file(store.path(EVALS, name, REPORT)).decode()
+
+
+def report_url(store: Store, name: str) -> str:
+    return store.full_url(EVALS, name, REPORT)
+
+
+def write_index(store: Store, markdown: str) -> None:
+    store.write_bytes(markdown.encode(), EVALS, INDEX)
+
+
+def read_results(store: Store, name: str) -> pa.Table:
+    check_committed(store, name)
+    with store.fs.open(store.path(EVALS, name, RESULTS), "rb") as f:
+        return pq.read_table(f)
+
+
+def open_params(store: Store, name: str):
+    """The generated parameters ``[row, param]`` of a committed evaluation (a Zarr array)."""
+    return params.open_params(store, EVALS, name, PARAMS)

@@ -1,0 +1,59 @@
+"""G.pt models in the store: everything under ``models/``, in one place.
+
+``models/<model>/``:
+    state.safetensors   raw + EMA weights, optimiser state, configs, step (resumable; no pickle)
+    train_log.csv       step, loss
+    train_loss.png      the training loss curve
+    lineage.json        sweeps, catalog digest, held-out runs, the training config, code version;
+                        written last: a model whose lineage names step S has a state of at least step S
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from storage.store import Store, StoreError
+
+MODELS, STATE, LINEAGE, LOG, LOSS_PLOT = "models", "state.safetensors", "lineage.json", "train_log.csv", "train_loss.png"
+
+
+def exists(store: Store, model: str) -> bool:
+    return store.exists(MODELS, model, STATE)
+
+
+def names(store: Store) -> list[str]:
+    return [m for m in store.ls(MODELS) if exists(store, m)]
+
+
+def newest(store: Store) -> str:
+    """The model trained (or resumed) most recently."""
+    models = names(store)
+    if not models:
+        raise StoreError(f"no models in store {store.url}; train one with `gptpipe train`")
+    return max(models, key=lambda m: read_lineage(store, m).get("updated_at", ""))
+
+
+def read_lineage(store: Store, model: str) -> dict:
+    if not store.exists(MODELS, model, LINEAGE):
+        raise StoreError(f"no model {model!r} in store {store.url} (models: {', '.join(names(store)) or 'none'})")
+    return store.read_json(MODELS, model, LINEAGE)
+
+
+def read_state(store: Store, model: str) -> bytes:
+    read_lineage(store, model)  # one clear line if the model is missing
+    return store.fs.cat_file(store.path(MODELS, model, STATE))
+
+
+def step(store: Store, model: str) -> int:
+    """The step of the last save (0 for a model not saved yet)."""
+    return read_lineage(store, model).get("step", 0) if exists(store, model) else 0
+
+
+def save(store: Store, model: str, state: bytes, lineage: dict, losses: list[float], loss_plot: bytes) -> None:
+    """State, log and plot first, lineage last (see the module docstring)."""
+    store.write_bytes(state, MODELS, model, STATE)
+    log = "step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(losses))
+    store.write_bytes(log.encode(), MODELS, model, LOG)
+    store.write_bytes(loss_plot, MODELS, model, LOSS_PLOT)
+    now = datetime.now(timezone.utc).isoformat()
+    store.write_json({**lineage, "created_at": lineage.get("created_at", now), "updated_at": now}, MODELS, model, LINEAGE)
