@@ -102,7 +102,6 @@ def get_data(runs: int, cache: str = "/tmp/gptpipe-bench") -> dict[str, np.ndarr
 def store_data(url: str, sweep_name: str):
     """Training and held-out runs of a sweep in a store, split as ``gptpipe train`` splits them."""
     from gptpipe.stages import train as train_stage
-    from storage import models
     from storage import sweeps as sweeps_mod
     from storage.store import open_store
 

@@ -36,6 +36,11 @@ def _exit_cleanly_on_sigterm() -> None:
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")
 
 
+def given(**options) -> dict:
+    """The options the user set: the rest are left to the config's own defaults (defined once, there)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from gptpipe.data import DataError
     from gptpipe.problems import ProblemError
@@ -90,16 +95,16 @@ def collect(
     problem: str = typer.Option(..., help="digits_mlp, mnist_mlp, cifar_cnn or cartpole"),
     runs: int = typer.Option(..., help="Number of training runs"),
     store: Optional[str] = StoreOpt,
-    data: str = typer.Option("", help="Data source (default: the problem's embedded one)"),
+    data: Optional[str] = typer.Option(None, help="Data source (default: the problem's embedded one)"),
     data_root: Optional[str] = typer.Option(None, help="Folder with torchvision data sets (mnist, fashion_mnist)"),
-    shard_size: int = typer.Option(64, help="Runs per shard = per task, trained as one batched computation"),
+    shard_size: Optional[int] = typer.Option(None, help="Runs per shard = per task, trained as one batched computation (default: SweepConfig's)"),
     epochs: Optional[int] = typer.Option(None, help="Epochs (PPO iterations for cartpole); default: the problem's recipe"),
-    checkpoints: int = typer.Option(40, help="Checkpoints per run (init, iterations, final)"),
-    seed: int = typer.Option(0),
+    checkpoints: Optional[int] = typer.Option(None, help="Checkpoints per run (init, iterations, final; default: SweepConfig's)"),
+    seed: Optional[int] = typer.Option(None, help="Sweep seed (default: SweepConfig's)"),
     lr_min: Optional[float] = typer.Option(None, help="Learning rates are log-uniform in [lr-min, lr-max]; default: the problem's recipe"),
     lr_max: Optional[float] = typer.Option(None),
-    data_order: str = typer.Option("per_run", help="per_run (each run its own shuffle) or shared (one shuffle per epoch for the sweep: 4x faster for MLPs)"),
-    checkpoint_spacing: str = typer.Option("linear", help="linear in steps, or log (dense early, where the metrics move most)"),
+    data_order: Optional[str] = typer.Option(None, help="per_run (each run its own shuffle; the default) or shared (one shuffle per epoch for the sweep: 4x faster for MLPs)"),
+    checkpoint_spacing: Optional[str] = typer.Option(None, help="linear in steps (the default), or log (dense early, where the metrics move most)"),
     runner: str = typer.Option("thread", help="thread, process or dask"),
     workers: Optional[int] = typer.Option(None, help="Concurrent shard tasks (default: one per core)"),
     dask_address: Optional[str] = typer.Option(None, help="tcp://host:port of a dask.distributed scheduler"),
@@ -115,9 +120,9 @@ def collect(
     with user_errors():
         if runner not in RUNNERS:
             raise StoreError(f"unknown runner {runner!r} (choose from {', '.join(RUNNERS)})")
-        config = SweepConfig(problem=problem, runs=runs, data=data, epochs=epochs, checkpoints=checkpoints,
-                             shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max, data_order=data_order,
-                             checkpoint_spacing=checkpoint_spacing)
+        recipe = given(data=data, epochs=epochs, checkpoints=checkpoints, shard_size=shard_size, seed=seed, lr_min=lr_min,
+                       lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
+        config = SweepConfig(problem=problem, runs=runs, **recipe)
         collect_stage.check(url, sweep, config, data_root)
         from flows.collect import collect_flow
 
@@ -131,10 +136,8 @@ def collect(
                 return 0
 
         with progress_bar(f"collect {sweep}", config.n_shards, committed):
-            summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data=config.data, data_root=data_root,
-                           shard_size=shard_size, epochs=epochs, checkpoints=checkpoints, seed=seed,
-                           lr_min=lr_min, lr_max=lr_max, data_order=data_order,
-                           checkpoint_spacing=checkpoint_spacing, torch_threads=torch_threads_per_task(workers))
+            summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data_root=data_root,
+                           torch_threads=torch_threads_per_task(workers), **recipe)
     _echo_summary(f"sweep {sweep} in {url}", summary)
 
 
@@ -181,12 +184,12 @@ def train(
     sweep: list[str] = typer.Option(..., help="Sweep(s) to learn from (repeat --sweep for several)"),
     model: str = typer.Option(..., help="Model name"),
     store: Optional[str] = StoreOpt,
-    preset: str = typer.Option("tiny", help="tiny (CPU demo), small or paper"),
+    preset: Optional[str] = typer.Option(None, help="tiny (CPU demo; the default), small or paper"),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the preset's)"),
     metric: Optional[str] = typer.Option(None, help="Metric to condition on (default: the problem's, test_loss)"),
     batch_size: Optional[int] = typer.Option(None),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda"),
-    save_every: int = typer.Option(500, help="Save (and resume from) every N steps"),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default), cpu, cuda"),
+    save_every: Optional[int] = typer.Option(None, help="Save (and resume from) every N steps (default: the train stage's)"),
     memory_budget: Optional[float] = typer.Option(None, help="Bytes of training parameters read into memory; bigger "
                                                   "training sets are streamed from the store (default 2 GiB, $GPTPIPE_MEMORY_BUDGET)"),
 ):
@@ -199,7 +202,7 @@ def train(
     url = store or default_store_url()
     with user_errors():
         sweeps_mod.check_name(model, "model")
-        if preset not in PRESETS:
+        if preset is not None and preset not in PRESETS:
             raise StoreError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         if steps is not None and steps <= 0:
             raise StoreError(f"--steps must be positive, got {steps}")
@@ -208,13 +211,13 @@ def train(
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
         budget = int(memory_budget) if memory_budget is not None else None
+        options = given(preset=preset, steps=steps, save_every=save_every, device=device, batch_size=batch_size)
         from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
             from gptpipe.stages.train import train_distributed
 
-            summary = train_distributed(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
-                                        save_every=save_every, device=device, batch_size=batch_size, memory_budget=budget)
+            summary = train_distributed(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget, **options)
             if int(os.environ.get("RANK", "0")) == 0:
                 _echo_summary(f"model {model} in {url}/models/{model}", summary)
             return
@@ -222,15 +225,14 @@ def train(
 
         target = steps or _preset_steps(preset)
         with progress_bar(f"train {model}", target, lambda: models.step(st, model)):
-            summary = train_flow(store=url, sweeps=list(sweep), model=model, preset=preset, steps=steps, metric=metric,
-                                 save_every=save_every, device=device, batch_size=batch_size, memory_budget=budget)
+            summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget, **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
-def _preset_steps(preset: str) -> int:
+def _preset_steps(preset: str | None) -> int:
     from gptpipe.gpt.trainer import TrainConfig
 
-    return TrainConfig(preset=preset).steps
+    return TrainConfig(**given(preset=preset)).steps
 
 
 @app.command()
@@ -238,12 +240,12 @@ def evaluate(
     model: Optional[str] = typer.Option(None, help="Model to evaluate (default: the newest in the store)"),
     store: Optional[str] = StoreOpt,
     eval: Optional[str] = typer.Option(None, "--eval", help="Evaluation name (default: <model>-<timestamp>)"),
-    networks: int = typer.Option(32, help="Start networks: half held-out runs' inits, half fresh inits"),
-    prompts: int = typer.Option(20, help="Prompts per network, from the sweep's best value to 0.9 x start"),
-    recursive: int = typer.Option(5, help="G.pt updates in the recursive-prompting protocol"),
-    sampler: str = typer.Option("", help="ddim or ddpm (default: the model's)"),
-    sample_steps: int = typer.Option(0, help="Sampler steps (default: the model's)"),
-    seed: int = typer.Option(0),
+    networks: Optional[int] = typer.Option(None, help="Start networks: half held-out runs' inits, half fresh inits (default: EvalRequest's)"),
+    prompts: Optional[int] = typer.Option(None, help="Prompts per network, from the sweep's best value to 0.9 x start (default: EvalRequest's)"),
+    recursive: Optional[int] = typer.Option(None, help="G.pt updates in the recursive-prompting protocol (default: EvalRequest's)"),
+    sampler: Optional[str] = typer.Option(None, help="Sampler (default: the model's)"),
+    sample_steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the model's)"),
+    seed: Optional[int] = typer.Option(None, help="Seed of fresh inits and sampling (default: EvalRequest's)"),
     data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
@@ -253,7 +255,7 @@ def evaluate(
 
     url = store or default_store_url()
     with user_errors():
-        if networks < 2 or prompts < 2:
+        if min(networks or 2, prompts or 2) < 2:
             raise StoreError("--networks and --prompts must be at least 2")
         if sampler and sampler not in SAMPLERS:
             raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
@@ -266,9 +268,9 @@ def evaluate(
         from flows.evaluate import evaluate_flow
 
         with console.status(f"evaluating {model}"):
-            summary = evaluate_flow(store=url, model=model, eval=eval, networks=networks, prompts=prompts,
-                                    recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
-                                    data_root=data_root)
+            summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
+                                    **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
+                                            sample_steps=sample_steps, seed=seed))
     _print_summary(url, summary)
 
 
@@ -292,7 +294,10 @@ def _print_summary(url: str, s: dict) -> None:
                    f"(held-out runs' own: {s['nn_distance_heldout_final_median']:.4g}); {m} of G.pt's samples "
                    f"{s['generated_best_prompt_mean']:.4g}, of training checkpoints + noise at that distance "
                    f"{s[f'copies_plus_noise_{m}_at_generated_distance']:.4g}")
-    typer.echo(f"  report: {url}/evals/{s['eval']}/report.md")
+    from storage import evals
+    from storage.store import open_store
+
+    typer.echo(f"  report: {evals.report_url(open_store(url), s['eval'])}")
 
 
 @dataclass(frozen=True)
@@ -307,9 +312,9 @@ class Demo:
     prompts: int = 20
     lr_min: float | None = None
     lr_max: float | None = None
-    data_order: str = "per_run"
-    checkpoint_spacing: str = "linear"
-    shard_size: int = 64
+    data_order: str | None = None  # None: SweepConfig's default
+    checkpoint_spacing: str | None = None
+    shard_size: int | None = None
     runner: str = "thread"
     memory_budget: float | None = None
 
@@ -343,8 +348,8 @@ def demo(
             raise StoreError(f"no demo for problem {problem!r} (choose from {', '.join(DEMOS)})")
     d = DEMOS[problem]
     typer.echo(f"store: {url}")
-    collect(sweep=d.name, problem=problem, runs=d.runs, store=url, data="", data_root=None, shard_size=d.shard_size,
-            epochs=None, checkpoints=d.checkpoints, seed=0, lr_min=d.lr_min, lr_max=d.lr_max, data_order=d.data_order,
+    collect(sweep=d.name, problem=problem, runs=d.runs, store=url, data=None, data_root=None, shard_size=d.shard_size,
+            epochs=None, checkpoints=d.checkpoints, seed=None, lr_min=d.lr_min, lr_max=d.lr_max, data_order=d.data_order,
             checkpoint_spacing=d.checkpoint_spacing, runner=d.runner, workers=None, dask_address=None)
     from gptpipe import problems as problems_mod
 
@@ -353,10 +358,10 @@ def demo(
     catalog(sql=f"select round(log10(lr), 1) as log10_lr, count(*) as runs, avg(best_{metric}) as best_{metric}, "
                 f"avg(final_{metric}) as final_{metric} from runs where sweep = '{d.name}' group by 1 order by 1",
             store=url, format="table")
-    train(sweep=[d.name], model=d.name, store=url, preset="tiny", steps=d.steps, metric=None, batch_size=None,
-          device="auto", save_every=500, memory_budget=d.memory_budget)
-    evaluate(model=d.name, store=url, eval=None, networks=d.networks, prompts=d.prompts, recursive=5, sampler="",
-             sample_steps=0, seed=0, data_root=None)
+    train(sweep=[d.name], model=d.name, store=url, preset=None, steps=d.steps, metric=None, batch_size=None,
+          device=None, save_every=None, memory_budget=d.memory_budget)
+    evaluate(model=d.name, store=url, eval=None, networks=d.networks, prompts=d.prompts, recursive=None, sampler=None,
+             sample_steps=None, seed=None, data_root=None)
 
 
 @app.command("import-gpt")

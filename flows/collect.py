@@ -25,25 +25,25 @@ def collect_flow(
     problem: str,
     runs: int,
     store: str | None = None,
-    data: str = "",
+    data: str | None = None,
     data_root: str | None = None,
-    shard_size: int = 64,
+    shard_size: int | None = None,
     epochs: int | None = None,
-    checkpoints: int = 40,
-    seed: int = 0,
+    checkpoints: int | None = None,
+    seed: int | None = None,
     lr_min: float | None = None,
     lr_max: float | None = None,
-    data_order: str = "per_run",
-    checkpoint_spacing: str = "linear",
+    data_order: str | None = None,
+    checkpoint_spacing: str | None = None,
     torch_threads: int = 1,
 ) -> dict:
-    """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``. Re-running with the same
-    arguments skips committed shards and finishes the rest. ``store`` defaults to ``$GPTPIPE_STORE`` where
-    the flow runs (a deployment's worker)."""
+    """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``; a recipe setting left None
+    is ``SweepConfig``'s default. Re-running with the same arguments skips committed shards and
+    finishes the rest. ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
     store = store or default_store_url()
-    config = SweepConfig(problem=problem, runs=runs, data=data, epochs=epochs, checkpoints=checkpoints,
-                         shard_size=shard_size, seed=seed, lr_min=lr_min, lr_max=lr_max, data_order=data_order,
-                         checkpoint_spacing=checkpoint_spacing)
+    recipe = dict(data=data, shard_size=shard_size, epochs=epochs, checkpoints=checkpoints, seed=seed, lr_min=lr_min,
+                  lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
+    config = SweepConfig(problem=problem, runs=runs, **{k: v for k, v in recipe.items() if v is not None})
     todo = collect.prepare(store, sweep, config, data_root)
     run_shards(lambda s: collect_shard.submit(store, sweep, s, data_root, torch_threads), todo, config.n_shards, f"collect {sweep}")
     summary = collect.summarize(open_store(store), sweep)

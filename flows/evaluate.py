@@ -13,19 +13,19 @@ from storage.store import default_store_url, open_store
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(store: str | None = None, model: str | None = None, eval: str | None = None, networks: int = 32, prompts: int = 20,
-                  recursive: int = 5, sampler: str = "", sample_steps: int = 0, seed: int = 0,
-                  data_root: str | None = None) -> dict:
+def evaluate_flow(store: str | None = None, model: str | None = None, eval: str | None = None, networks: int | None = None,
+                  prompts: int | None = None, recursive: int | None = None, sampler: str | None = None,
+                  sample_steps: int | None = None, seed: int | None = None, data_root: str | None = None) -> dict:
     """Evaluate ``model`` (default: the newest in the store) into ``evals/<eval>`` (default: a new
-    timestamped name), so a scheduled run never overwrites an earlier one. ``store`` defaults to
-    ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
+    timestamped name), so a scheduled run never overwrites an earlier one; a setting left None is
+    ``EvalRequest``'s default. ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
     store = store or default_store_url()
     st = open_store(store)
     model = model or models.newest(st)
     eval = eval or f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    summary = eval_stage.run(st, eval_stage.EvalRequest(model=model, eval=eval, networks=networks, prompts=prompts,
-                                                       recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
-                                                       data_root=data_root))
+    settings = dict(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed)
+    request = eval_stage.EvalRequest(model=model, eval=eval, data_root=data_root, **{k: v for k, v in settings.items() if v is not None})
+    summary = eval_stage.run(st, request)
     report = evals.read_summary(st, eval)  # what the store holds, not what we think it holds
     create_markdown_artifact(key="eval-report", description=f"evaluation {eval}", markdown=evals.read_report(st, eval))
     headline = [{"quantity": k, "value": v} for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -16,13 +16,14 @@ def load_data(store_url: str, sweeps: list[str], metric: str | None, seed: int, 
 
 
 @flow(name="train", log_prints=True, retries=1)
-def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: str = "tiny", steps: int | None = None,
-               metric: str | None = None, save_every: int = 500, seed: int = 0, device: str = "auto",
+def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: str | None = None, steps: int | None = None,
+               metric: str | None = None, save_every: int | None = None, seed: int = 0, device: str | None = None,
                batch_size: int | None = None, memory_budget: int | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
-    ``memory_budget`` (bytes): bigger training sets are streamed from the store (default 2 GiB)."""
+    ``memory_budget`` (bytes): bigger training sets are streamed from the store (default 2 GiB). A
+    setting left None is ``TrainConfig``'s (or the train stage's) default."""
     store = store or default_store_url()
     data = load_data(store, sweeps, metric, seed, memory_budget)
     state = {"artifact": None}

@@ -37,7 +37,7 @@ def test_collect_on_a_running_dask_cluster(cli, s3_store_url, s3_server):
                    "--shard-size", "8", "--epochs", "2", "--checkpoints", "4", "--runner", "dask",
                    "--dask-address", address, check=True, timeout=240)
         # the shards ran in the cluster's worker processes, not in the CLI's
-        ran_here = client.run(lambda: "gptpipe.collect" in sys.modules)
+        ran_here = client.run(lambda: "gptpipe.stages.collect" in sys.modules)
         assert len(ran_here) == 2 and any(ran_here.values()), ran_here
     assert "runs=32" in proc.stdout
     assert s3_server.secret_key not in proc.stdout + proc.stderr

@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 from gptpipe.gpt import distributed
 from gptpipe import problems as problems_mod
 from gptpipe.gpt.diffusion import Diffusion
-from gptpipe.gpt.model import UNIT_TOKENS, Gpt, GptConfig, Normalizer, fit_unit_basis
+from gptpipe.gpt.model import UNIT_TOKENS, Gpt, GptConfig, Normalizer, fit_unit_basis, unit_index
 from gptpipe.gpt.pairs import SYMMETRIES, StreamingPairs, gather_pairs, resolve_symmetry, sample_pair_indices, valid_counts
 
 FORMAT = "gptpipe.gpt/1"
@@ -204,8 +204,10 @@ class Trainer:
         c, g = self.config, self.gpt_config
         if c.unit_basis is not None:
             return c.unit_basis if g.units else 0
-        unit_len = sum(g.layers[li][1][1 - axis] if len(g.layers[li][1]) == 2 else 1 for li, axis in g.units)
-        return g.width // 2 if g.units and g.target == "delta" and unit_len > g.width else 0
+        if not g.units or g.target != "delta":
+            return 0
+        unit_len = unit_index([shape for _, shape in g.layers], g.units).shape[1]  # values one unit token carries
+        return g.width // 2 if unit_len > g.width else 0
 
     def _fit_unit_basis(self, pairs) -> torch.Tensor:
         r, i, j = pairs

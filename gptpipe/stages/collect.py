@@ -6,7 +6,9 @@ here, so it can be tested and benchmarked without Prefect.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -15,7 +17,7 @@ import pyarrow as pa
 from gptpipe import data as datasets
 from gptpipe import problems
 from gptpipe.sweep import train_runs
-from gptpipe.sweep.config import SweepConfig, checkpoint_steps
+from gptpipe.sweep.config import RunsResult, SweepConfig, checkpoint_steps
 from storage import catalog, sweeps
 from storage import params as params_store
 from storage.store import Store, StoreError, is_object_store, open_store
@@ -67,44 +69,64 @@ def config_from_store(store: Store, sweep: str) -> SweepConfig:
     return SweepConfig(**sweeps.read_config(store, sweep)["recipe"])
 
 
-def shard_rows(config: SweepConfig, runs: list[int], shard: int, result) -> sweeps.ShardRows:
-    """Catalog rows of one trained shard. ``wall_s`` of a run is its share of the shard's wall time."""
-    problem = problems.get(config.problem)
-    K, C = result.params.shape[:2]
+@dataclass
+class RunRows:
+    """One run's part of a shard's catalog rows (``n`` = its valid checkpoints)."""
+
+    run: int
+    seed: int
+    lr: float
+    status: str  # ok, diverged (or an import status)
+    steps: list[int]  # [n]
+    epochs: list[float]  # [n]
+    metrics: dict[str, np.ndarray]  # every metric of the problem -> [n]
+    checkpoint_columns: dict[str, list] = field(default_factory=dict)  # more checkpoint columns, [n] each
+    run_columns: dict = field(default_factory=dict)  # more run columns (imports: where the run came from)
+
+
+CHECKPOINT_TYPES = {"run": pa.int64(), "ckpt": pa.int32(), "step": pa.int64(), "epoch": pa.float64()}
+RUN_TYPES = {"run": pa.int64(), "shard": pa.int32(), "seed": pa.int64(), "lr": pa.float64(), "n_ckpts": pa.int32(),
+             "created_at": pa.timestamp("us", tz="UTC"), "source_ckpts": pa.int32()}
+
+
+def catalog_rows(problem, shard: int, runs: list[RunRows], blocks: np.ndarray, wall_s: float) -> sweeps.ShardRows:
+    """The ``checkpoints`` and ``runs`` rows of one shard (collected or imported) with ``blocks [K, C, P]``
+    (NaN past each run's checkpoints). A run's ``wall_s`` is its share of the shard's wall time; its best
+    value of a metric is the best finite one (NaN if none)."""
     now = datetime.now(timezone.utc)
-    ck = {"run": [], "ckpt": [], "step": [], "epoch": []}
-    ck.update({m: [] for m in problem.metrics})
-    run_rows = {"run": [], "shard": [], "seed": [], "lr": [], "n_ckpts": [], "status": []}
-    for m in problem.metrics:
-        run_rows[f"best_{m}"], run_rows[f"final_{m}"] = [], []
-    run_rows.update({"digest": [], "wall_s": [], "created_at": []})
-    for k, run in enumerate(runs):
-        n = result.n_ckpts[k]
-        ck["run"] += [run] * n
-        ck["ckpt"] += list(range(n))
-        ck["step"] += result.steps[:n].tolist()
-        ck["epoch"] += result.epochs[:n].tolist()
+    ck, rr = {k: [] for k in CHECKPOINT_TYPES}, {"run": [], "shard": [], "seed": [], "lr": [], "n_ckpts": [], "status": []}
+    for k, r in enumerate(runs):
+        n = len(r.steps)
+        for column, values in (("run", [r.run] * n), ("ckpt", list(range(n))), ("step", r.steps), ("epoch", r.epochs),
+                               *((m, r.metrics[m].tolist()) for m in problem.metrics), *r.checkpoint_columns.items()):
+            ck.setdefault(column, []).extend(values)
+        for column, value in (("run", r.run), ("shard", shard), ("seed", r.seed), ("lr", r.lr), ("n_ckpts", n), ("status", r.status)):
+            rr[column].append(value)
         for m in problem.metrics:
-            ck[m] += result.metrics[m][k, :n].tolist()
-            run_rows[f"best_{m}"].append(problems.best_of(problem, m, result.metrics[m][k, :n]))  # max for `return`
-            run_rows[f"final_{m}"].append(float(result.metrics[m][k, n - 1]))
-        run_rows["run"].append(run)
-        run_rows["shard"].append(shard)
-        run_rows["seed"].append(result.seeds[k])
-        run_rows["lr"].append(result.lrs[k])
-        run_rows["n_ckpts"].append(n)
-        run_rows["status"].append("ok" if n == C else "diverged")
-        run_rows["digest"].append(params_store.digest(result.params[k, :n]))
-        run_rows["wall_s"].append(result.wall_s / K)
-        run_rows["created_at"].append(now)
-    ck_types = {"run": pa.int64(), "ckpt": pa.int32(), "step": pa.int64(), "epoch": pa.float64()}
-    run_types = {"run": pa.int64(), "shard": pa.int32(), "seed": pa.int64(), "n_ckpts": pa.int32(), "created_at": pa.timestamp("us", tz="UTC")}
+            v = np.asarray(r.metrics[m], dtype=np.float64)
+            rr.setdefault(f"best_{m}", []).append(problems.best_of(problem, m, v) if np.isfinite(v).any() else math.nan)
+            rr.setdefault(f"final_{m}", []).append(float(v[n - 1]) if n else math.nan)
+        for column, value in (("digest", params_store.digest(blocks[k, :n])), ("wall_s", wall_s / max(1, len(runs))),
+                              ("created_at", now), *r.run_columns.items()):
+            rr.setdefault(column, []).append(value)
+    run_type = lambda k: RUN_TYPES.get(k, pa.float64() if k.startswith(("best_", "final_")) else None)
     return sweeps.ShardRows(
-        runs=runs,
-        blocks=result.params,
-        checkpoints=pa.table({k: pa.array(v, type=ck_types.get(k)) for k, v in ck.items()}),
-        run_rows=pa.table({k: pa.array(v, type=run_types.get(k)) for k, v in run_rows.items()}),
+        runs=[r.run for r in runs], blocks=blocks,
+        checkpoints=pa.table({k: pa.array(v, type=CHECKPOINT_TYPES.get(k, pa.float64() if k in problem.metrics else None))
+                              for k, v in ck.items()}),
+        run_rows=pa.table({k: pa.array(v, type=run_type(k)) for k, v in rr.items()}),
     )
+
+
+def shard_rows(config: SweepConfig, runs: list[int], shard: int, result: RunsResult) -> sweeps.ShardRows:
+    """Catalog rows of one trained shard."""
+    problem = problems.get(config.problem)
+    C = result.params.shape[1]
+    records = [RunRows(run=run, seed=result.seeds[k], lr=result.lrs[k], status="ok" if n == C else "diverged",
+                       steps=result.steps[:n].tolist(), epochs=result.epochs[:n].tolist(),
+                       metrics={m: result.metrics[m][k, :n] for m in problem.metrics})
+               for k, (run, n) in enumerate(zip(runs, result.n_ckpts))]
+    return catalog_rows(problem, shard, records, result.params, result.wall_s)
 
 
 def collect_shard(store: Store, sweep: str, shard: int, data_root: str | None = None) -> dict:

@@ -19,12 +19,9 @@ import torch
 
 from gptpipe import data as datasets
 from gptpipe import problems
-from gptpipe.evaluation import checks
-from gptpipe.evaluation import baselines
-from gptpipe.evaluation import sampling
+from gptpipe.evaluation import baselines, checks, report, sampling
 from gptpipe.gpt.trainer import load_model
 from gptpipe.stages.train import code_version
-from gptpipe.evaluation import report
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
 from storage import catalog, evals, models, sweeps

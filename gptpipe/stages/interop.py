@@ -78,12 +78,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
 
 from gptpipe import problems
+from gptpipe.stages import collect
 from gptpipe.sweep.config import SweepConfig, SweepConfigError
 from gptpipe.sweep.recorder import DIVERGED_ABS
 from storage import catalog, evals, sweeps
@@ -449,59 +448,25 @@ def import_plan(store: Store, sweep: str) -> tuple[str, list]:
 
 
 def shard_rows(problem, layout: Layout, config: dict, shard: int, runs: list[int], plan: list, source: str) -> tuple[sweeps.ShardRows, dict]:
-    """Read one shard's runs from the official folders into the rows a collected shard commits."""
+    """Read one shard's runs from the official folders into the rows a collected shard commits (plus
+    where each run and checkpoint came from)."""
     t0 = time.perf_counter()
     C, P = config["n_ckpts"], config["n_params"]
     blocks = np.full((len(runs), C, P), np.nan, dtype=np.float32)
-    now = datetime.now(timezone.utc)
-    lr = config["recipe"].get("lr_min") if config["recipe"].get("lr_min") == config["recipe"].get("lr_max") else None
-    ck = {"run": [], "ckpt": [], "step": [], "epoch": [], **{m: [] for m in problem.metrics}, "source_key": []}
-    rr = {"run": [], "shard": [], "seed": [], "lr": [], "n_ckpts": [], "status": []}
-    for m in problem.metrics:
-        rr[f"best_{m}"], rr[f"final_{m}"] = [], []
-    rr.update({"digest": [], "wall_s": [], "created_at": [], "source_run": [], "source_dir": [], "source_ckpts": [], "note": []})
-    statuses: dict[str, int] = {}
+    recipe = config["recipe"]
+    lr = recipe.get("lr_min") if recipe.get("lr_min") == recipe.get("lr_max") else math.nan
+    records, statuses = [], {}
     for k, run in enumerate(runs):
         name, rel = plan[run]
         data = read_run(os.path.join(source, rel), name, problem, layout, C)
-        n = len(data.keys)
-        blocks[k, :n] = data.params
-        ck["run"] += [run] * n
-        ck["ckpt"] += list(range(n))
-        ck["step"] += data.steps
-        ck["epoch"] += data.epochs
-        ck["source_key"] += data.keys
-        for m in problem.metrics:
-            v = data.metrics[m]
-            ck[m] += v.tolist()
-            finite = v[np.isfinite(v)]
-            rr[f"best_{m}"].append(problems.best_of(problem, m, finite) if len(finite) else math.nan)
-            rr[f"final_{m}"].append(float(v[-1]) if n else math.nan)
-        rr["run"].append(run)
-        rr["shard"].append(shard)
-        rr["seed"].append(int(name) if name.isdigit() else -1)
-        rr["lr"].append(lr if lr is not None else math.nan)
-        rr["n_ckpts"].append(n)
-        rr["status"].append(data.status)
-        rr["digest"].append(params_store.digest(blocks[k, :n]))
-        rr["created_at"].append(now)
-        rr["source_run"].append(name)
-        rr["source_dir"].append(rel or ".")
-        rr["source_ckpts"].append(data.source_ckpts)
-        rr["note"].append("; ".join(data.notes))
+        blocks[k, : len(data.keys)] = data.params
+        records.append(collect.RunRows(
+            run=run, seed=int(name) if name.isdigit() else -1, lr=lr, status=data.status, steps=data.steps,
+            epochs=data.epochs, metrics=data.metrics, checkpoint_columns={"source_key": data.keys},
+            run_columns={"source_run": name, "source_dir": rel or ".", "source_ckpts": data.source_ckpts,
+                         "note": "; ".join(data.notes)}))
         statuses[data.status] = statuses.get(data.status, 0) + 1
-    wall = time.perf_counter() - t0
-    rr["wall_s"] = [wall / max(1, len(runs))] * len(runs)
-    ck_types = {"run": pa.int64(), "ckpt": pa.int32(), "step": pa.int64(), "epoch": pa.float64(), "source_key": pa.string()}
-    ck_types.update({m: pa.float64() for m in problem.metrics})
-    run_types = {"run": pa.int64(), "shard": pa.int32(), "seed": pa.int64(), "lr": pa.float64(), "n_ckpts": pa.int32(),
-                 "created_at": pa.timestamp("us", tz="UTC"), "source_ckpts": pa.int32(), "note": pa.string()}
-    rows = sweeps.ShardRows(
-        runs=list(runs), blocks=blocks,
-        checkpoints=pa.table({k: pa.array(v, type=ck_types.get(k)) for k, v in ck.items()}),
-        run_rows=pa.table({k: pa.array(v, type=run_types.get(k, pa.float64() if k.startswith(("best_", "final_")) else None))
-                           for k, v in rr.items()}),
-    )
+    rows = collect.catalog_rows(problem, shard, records, blocks, time.perf_counter() - t0)
     return rows, statuses
 
 
@@ -571,7 +536,7 @@ def checkpoint_vector(store: Store, sweep: str, run: int, ckpt: int) -> tuple[st
     if not 0 <= ckpt < row["n_ckpts"]:
         raise InteropError(f"run {run} of sweep {sweep!r} has {row['n_ckpts']} checkpoints (status {row['status']}); --ckpt {ckpt} is not one of them")
     vector = np.asarray(params_store.open_params(store, *sweeps.params_path(sweep))[run, ckpt], dtype=np.float32)
-    table = catalog.query(store, f"select * from checkpoints where sweep = '{sweep}' and run = {int(run)} and ckpt = {int(ckpt)}")
+    table = catalog.query(store, "select * from checkpoints where sweep = ? and run = ? and ckpt = ?", [sweep, int(run), int(ckpt)])
     meta = {"sweep": sweep, "run": str(run), "ckpt": str(ckpt)}
     for k, v in (table.to_pylist()[0].items() if table.num_rows else []):
         if k not in ("sweep", "run", "ckpt") and v is not None:

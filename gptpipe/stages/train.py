@@ -24,9 +24,10 @@ from gptpipe.gpt import distributed
 from gptpipe.gpt.pairs import StreamingPairs, resolve_symmetry
 from gptpipe.gpt.trainer import TrainConfig, Trainer
 from storage import catalog, models, sweeps
-from storage.store import Store, StoreError, open_store
+from storage.store import Store, StoreError, default_store_url, open_store
 
 HELDOUT_FRAC, HELDOUT_MAX = 0.1, 64
+SAVE_EVERY = 500  # steps between saves: what a crash can lose
 # Training sets up to this many bytes of parameters are read into memory; bigger ones are streamed
 # from the store in groups of whole runs (``gptpipe.pairs.StreamingPairs``). $GPTPIPE_MEMORY_BUDGET
 # (bytes) overrides it.
@@ -164,14 +165,15 @@ def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> Non
                 trainer.losses, loss_plot(trainer.losses, model))
 
 
-def run_training(data: TrainingData, store: str, model: str, preset: str = "tiny", steps: int | None = None,
-                 save_every: int = 500, seed: int = 0, device: str = "auto", batch_size: int | None = None,
+def run_training(data: TrainingData, store: str, model: str, preset: str | None = None, steps: int | None = None,
+                 save_every: int | None = None, seed: int = 0, device: str | None = None, batch_size: int | None = None,
                  on_progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Train (or resume) ``model`` on ``data`` until ``steps``; save every ``save_every`` steps (rank 0
     only). ``on_progress(step, target, recent loss)`` after each save."""
     st = open_store(store)
-    given = {k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v}
-    config = TrainConfig(preset=preset, seed=seed, device=device, **given)
+    given = {k: v for k, v in dict(preset=preset, steps=steps, device=device, batch_size=batch_size).items() if v}
+    config = TrainConfig(seed=seed, **given)
+    save_every = save_every or SAVE_EVERY
     config = replace(config, symmetry=resolve_symmetry(problems.get(data.problem), config.symmetry))  # the lineage names what was used
     lineage = {**data.lineage, "train_config": config.to_dict(), "best": data.best}
     main = distributed.is_main()
@@ -219,9 +221,9 @@ def run_training(data: TrainingData, store: str, model: str, preset: str = "tiny
             "streamed": data.streamed, "processes": distributed.world_size()}
 
 
-def train_distributed(sweeps: list[str], model: str, store: str | None = None, preset: str = "tiny", steps: int | None = None,
-                      metric: str | None = None, save_every: int = 500, seed: int = 0, device: str = "auto",
-                      batch_size: int | None = None, memory_budget: int | None = None) -> dict:
+def train_distributed(sweeps: list[str], model: str, store: str | None = None, preset: str | None = None,
+                      steps: int | None = None, metric: str | None = None, save_every: int | None = None, seed: int = 0,
+                      device: str | None = None, batch_size: int | None = None, memory_budget: int | None = None) -> dict:
     """``run_training`` on every rank of a ``torchrun`` job (no Prefect flow run: N processes would make
     N flow runs and Prefect's retries would desynchronise the ranks). Rank 0 writes to the store."""
     distributed.init_from_env()

@@ -4,7 +4,6 @@ schedule, the checkpoint steps, and the shape of what training K runs returns.""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -27,9 +26,10 @@ SPACINGS = ("linear", "log")
 LATER_DEFAULTS = {"data_order": "per_run", "checkpoint_spacing": "linear"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class SweepConfig:
-    """Everything that determines a sweep's checkpoints. Frozen into ``config.json`` at first collect."""
+    """Everything that determines a sweep's checkpoints. Frozen into ``config.json`` at first collect;
+    ``__post_init__`` fills in what was left to the problem (data source, recipe) and checks the rest."""
 
     problem: str
     runs: int
@@ -58,11 +58,11 @@ class SweepConfig:
         except problems.ProblemError as e:
             raise SweepConfigError(str(e)) from None
         if not self.data:
-            object.__setattr__(self, "data", problem.default_data)
+            self.data = problem.default_data
         recipe = {**DEFAULT_RECIPE, **problem.recipe}
         for name, value in recipe.items():
             if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
+                setattr(self, name, value)
         if self.data not in problem.data_sources:
             raise SweepConfigError(f"problem {self.problem} takes data from {', '.join(problem.data_sources)}, not {self.data!r}")
         for name in ("runs", "epochs", "shard_size", "batch_size"):
