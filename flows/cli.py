@@ -421,6 +421,52 @@ def export_params(
     typer.echo(f"{out}: {meta['problem']} state_dict for problems.get({meta['problem']!r}).module()")
 
 
+@app.command("prompt")
+def prompt_cmd(
+    input: str = typer.Argument(..., help="Your network's state_dict: .safetensors, or .pt/.pth from torch.save(module.state_dict())"),
+    out: str = typer.Argument(..., help="Where to write the new state_dict (.safetensors, or .pt/.pth)"),
+    target: float = typer.Option(..., help="The metric value to ask for (e.g. a test loss)"),
+    model: Optional[str] = typer.Option(None, help="G.pt model (default: the newest in the store)"),
+    store: Optional[str] = StoreOpt,
+    metric: Optional[str] = typer.Option(None, help="The metric of --target: must be the one the model was trained on"),
+    samples: Optional[int] = typer.Option(None, help="Candidates per update; the best is kept when the data is at hand (default 1)"),
+    steps: Optional[int] = typer.Option(None, help="Recursive G.pt updates (default 1)"),
+    current: Optional[float] = typer.Option(None, help="Your network's current metric, when the problem's data is not at hand"),
+    data_root: Optional[str] = typer.Option(None, help="Folder with the problem's torchvision data (mnist, cifar10)"),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (default 0)"),
+):
+    """Use a trained G.pt on your own network: new parameters that reach --target in one update."""
+    from gptpipe.stages import interop
+    from gptpipe.stages.prompt import TrainedGpt, read_state_dict
+    from storage import models
+    from storage.store import open_store
+
+    url = store or default_store_url()
+    with user_errors():
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise StoreError(f"folder {os.path.dirname(os.path.abspath(out))} does not exist")
+        state_dict = read_state_dict(input)
+        st = open_store(url)
+        gpt = TrainedGpt.load(st, model or models.newest(st), data_root)
+        if metric is not None and metric != gpt.metric:
+            raise StoreError(f"model {gpt.name} is prompted with {gpt.metric}, not {metric}")
+        result = gpt.update(state_dict, target, current=current, **given(samples=samples, steps=steps, seed=seed))
+    kept = result.state_dicts[:1] if result.achieved else result.state_dicts  # scored: the best; else every sample
+    outs = [out] if len(kept) == 1 else [_numbered(out, i) for i in range(len(kept))]
+    for sd, path in zip(kept, outs):
+        interop.write_state_dict(sd, path, {"problem": gpt.problem.name, "model": gpt.name, "metric": gpt.metric,
+                                           "requested": str(target)})
+    if result.note:
+        typer.echo(f"note: {result.note}", err=True)
+    got = f"{result.achieved[0]:.4g}" if result.achieved else "not scored (no data at hand)"
+    typer.echo(f"{gpt.metric}: start {result.start:.4g} -> {got} (requested {target:.4g}); wrote {', '.join(outs)}")
+
+
+def _numbered(path: str, i: int) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{i}{ext}"
+
+
 @store_app.command("serve")
 def store_serve(
     dir: str = typer.Option(os.path.join(os.path.expanduser("~"), ".gptpipe", "s3"), "--dir", help="Data folder"),

@@ -51,6 +51,8 @@ class DataError(Exception):
 
 @dataclass
 class Dataset:
+    """A data set as tensors: normalised inputs and integer labels of both splits."""
+
     x_train: torch.Tensor  # float32 [N, features]
     y_train: torch.Tensor  # int64 [N]
     x_test: torch.Tensor

@@ -91,6 +91,14 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def column(name: str) -> str:
+    """A column name to paste into SQL (a metric: ``best_{name}``); refused unless a plain identifier,
+    since values go in as parameters and only names are pasted."""
+    if not name.replace("_", "").isalnum():
+        raise CatalogError(f"not a column name: {name!r}")
+    return name
+
+
 def query(store: Store, sql: str, params: list | None = None) -> pa.Table:
     """Run SQL over the catalog, values bound to its ``?`` placeholders from ``params`` (never pasted into
     the text); one-line CatalogError if it does not parse or names a missing table."""

@@ -121,6 +121,8 @@ def pearson(requested, achieved) -> float:
 
 @dataclass
 class PromptResult:
+    """N start networks prompted with P values each: what was asked, what the samples achieve."""
+
     start_metric: np.ndarray  # [N]
     requested: np.ndarray  # [N, P]
     achieved: dict  # every metric of the problem -> [N, P]

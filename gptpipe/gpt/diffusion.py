@@ -28,6 +28,8 @@ SAMPLERS = ("ddpm", "ddim", "mean")
 
 
 class Diffusion:
+    """The DDPM noise schedule, the training loss and the samplers (x0-prediction)."""
+
     def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         self.timesteps = timesteps
         self.betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)

@@ -35,7 +35,8 @@ def best_of(problem, metric: str, values) -> float:
 
 
 class ProblemError(Exception):
-    pass
+    """An unknown problem name: one line for the user."""
+
 
 
 def get(name: str) -> Problem:

@@ -25,6 +25,8 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Layer:
+    """One tensor of a network: its ``state_dict`` key and shape."""
+
     name: str  # state_dict key
     shape: tuple[int, ...]
 

@@ -79,6 +79,8 @@ def split_flat(theta: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch
 
 
 class CartPolePolicy(Problem):
+    """The paper's CartPole policy: return of the argmax policy over fixed episodes (higher is better)."""
+
     trainer = "ppo"
     has_canonical_order = True
     metrics = ("return",)

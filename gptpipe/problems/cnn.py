@@ -38,6 +38,8 @@ SIDE, PAD = 32, 4
 
 
 class ConvClassifier(Classifier):
+    """The paper's CIFAR-10 network, K of them as one grouped convolution."""
+
     # G.pt's CIFAR-10 recipe: SGD Nesterov 0.9, weight decay 5e-4, batch 128, cosine, 50 epochs
     # (the per-run lr range is the sweep's, around the paper's 0.1)
     recipe = dict(epochs=50, lr_min=0.01, lr_max=0.3, momentum=0.9, nesterov=True, weight_decay=5e-4,

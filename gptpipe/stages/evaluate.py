@@ -37,6 +37,8 @@ TOP = 0  # the index of the prompt asking for the best value (prompts run from i
 
 @dataclass
 class EvalRequest:
+    """What to evaluate and how: the model, the evaluation's name, networks, prompts and samplers."""
+
     model: str
     eval: str
     networks: int = 32  # half held-out runs' initial checkpoints, half fresh random inits
@@ -84,18 +86,11 @@ def training_checkpoints(store: Store, lineage: dict, max_runs: int = 128, seed:
     train = np.setdiff1d(ok, lineage["heldout_runs"].get(sweep, []))
     chosen = np.sort(np.random.default_rng(seed).choice(train, size=min(max_runs, len(train)), replace=False))
     blocks = sweeps.read_blocks(store, sweep, chosen)
-    table = catalog.query(store, f"select run, ckpt, {_column(metric)} as m from checkpoints where sweep = ? and run in "
+    table = catalog.query(store, f"select run, ckpt, {catalog.column(metric)} as m from checkpoints where sweep = ? and run in "
                                  "(select unnest(?::bigint[]))", [sweep, chosen.tolist()])
     values = np.full(blocks.shape[:2], np.nan)
     values[np.searchsorted(chosen, np.asarray(table["run"])), np.asarray(table["ckpt"])] = np.asarray(table["m"], dtype=float)
     return blocks.reshape(-1, blocks.shape[-1]), values.ravel()
-
-
-def _column(metric: str) -> str:
-    """A metric name as a SQL column: the only text pasted into a query, so it must be a plain name."""
-    if not metric.replace("_", "").isalnum():
-        raise StoreError(f"not a metric name: {metric!r}")
-    return metric
 
 
 @dataclass
@@ -170,7 +165,7 @@ def memorisation_checks(store: Store, s: Session, req: EvalRequest, start: np.nd
     prompted, div_nets, sign = out["prompted"], out["div_nets"], problems.sign(s.problem, s.metric)
     training, train_values = training_checkpoints(store, s.lineage, seed=req.seed)
     best_agg = "max" if sign < 0 else "min"
-    stats = catalog.query(store, f"select {best_agg}(best_{_column(s.metric)}) as best, avg(final_{_column(s.metric)}) "
+    stats = catalog.query(store, f"select {best_agg}(best_{catalog.column(s.metric)}) as best, avg(final_{catalog.column(s.metric)}) "
                                  "as mean_final from runs where sweep = ? and status = 'ok'", [s.sweep]).to_pylist()[0]
     good = training[np.argsort(sign * train_values)[:32]]  # the 32 best training checkpoints
     nn_generated = checks.nearest_training_distance(prompted.params[:, TOP], training)
@@ -302,7 +297,7 @@ def best_run_lr(store: Store, sweep: str, metric: str, higher_is_better: bool = 
     """The learning rate of the sweep's best run: best ``metric`` reached, ties (many CartPole runs reach
     500) broken by the final value, then by the lowest run number, so every evaluation picks the same."""
     order = "desc" if higher_is_better else "asc"
-    m = _column(metric)
+    m = catalog.column(metric)
     return catalog.query(store, f"select lr from runs where sweep = ? and status = 'ok' "
                                 f"order by best_{m} {order}, final_{m} {order}, run limit 1", [sweep])["lr"][0].as_py()
 

@@ -594,8 +594,14 @@ def export(store: Store | str, out: str, *, sweep: str | None = None, run: int |
         problem_name, vector, meta = checkpoint_vector(store, sweep, int(run), int(ckpt))
     else:
         problem_name, vector, meta = eval_vector(store, eval, int(row))
-    tensors = state_dict(problem_name, vector)
     meta = {"problem": problem_name, "store": store.url, **meta}
+    write_state_dict(state_dict(problem_name, vector), out, meta)
+    return meta
+
+
+def write_state_dict(tensors: dict, out: str, meta: dict[str, str]) -> None:
+    """A ``state_dict`` as safetensors (with ``meta``), or as a plain torch file when ``out`` ends in
+    ``.pt``/``.pth``."""
     if out.endswith((".pt", ".pth")):
         import torch
 
@@ -604,4 +610,3 @@ def export(store: Store | str, out: str, *, sweep: str | None = None, run: int |
         from safetensors.torch import save_file
 
         save_file(tensors, out, metadata=meta)
-    return meta

@@ -40,6 +40,8 @@ def memory_budget() -> int:
 
 @dataclass
 class TrainingData:
+    """The training runs of one or more sweeps: parameters (or a reader for them) and metric values."""
+
     problem: str
     metric: str
     params: np.ndarray | None  # float32 [R, C, P] of the training runs; None when streamed
@@ -110,7 +112,7 @@ def load_training_data(store: Store, sweep_names: list[str], metric: str | None 
         for r, d in zip(runs["run"].to_pylist(), runs["digest"].to_pylist()):
             digest.update(f"{name}/{r}/{d};".encode())
         train_lists.append(train_ids)
-        table = catalog.query(store, f"select run, ckpt, {metric} as m from checkpoints where sweep = ?", [name])
+        table = catalog.query(store, f"select run, ckpt, {catalog.column(metric)} as m from checkpoints where sweep = ?", [name])
         grid = np.full((configs[name]["n_runs"], configs[name]["n_ckpts"]), np.nan)
         grid[np.asarray(table["run"]), np.asarray(table["ckpt"])] = np.asarray(table["m"], dtype=np.float64)
         values.append(grid[train_ids])

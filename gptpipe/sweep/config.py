@@ -13,7 +13,8 @@ from gptpipe import problems
 
 
 class SweepConfigError(ValueError):
-    pass
+    """A recipe that cannot be trained: one line for the user."""
+
 
 
 # The recipe of a problem that names no other (``problem.recipe`` overrides any of these).
