@@ -3,6 +3,7 @@ in-process (no server needed; set PREFECT_API_URL to record runs on a real one).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from storage.store import StoreError, default_store_url, redact
+from storage.store import StoreError, check_name, default_store_url, redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="G.pt as a pipeline: collect checkpoints, train G.pt, prompt it.")
 store_app = typer.Typer(no_args_is_help=True, help="Object storage for development.")
@@ -120,6 +121,8 @@ def collect(
     with user_errors():
         if runner not in RUNNERS:
             raise StoreError(f"unknown runner {runner!r} (choose from {', '.join(RUNNERS)})")
+        if workers is not None and workers < 1:
+            raise StoreError(f"--workers must be at least 1, got {workers}")
         recipe = given(data=data, epochs=epochs, checkpoints=checkpoints, shard_size=shard_size, seed=seed, lr_min=lr_min,
                        lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
         config = SweepConfig(problem=problem, runs=runs, **recipe)
@@ -201,9 +204,13 @@ def train(
 
     url = store or default_store_url()
     with user_errors():
-        sweeps_mod.check_name(model, "model")
+        check_name(model, "model")
         if preset is not None and preset not in PRESETS:
             raise StoreError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        if save_every is not None and save_every <= 0:
+            raise StoreError(f"--save-every must be positive, got {save_every}")
+        if memory_budget is not None and not (memory_budget >= 0 and math.isfinite(memory_budget)):
+            raise StoreError(f"--memory-budget must be a number of bytes, got {memory_budget}")
         if steps is not None and steps <= 0:
             raise StoreError(f"--steps must be positive, got {steps}")
         st = open_store(url)
@@ -263,7 +270,6 @@ def evaluate(
         model = model or models.newest(st)
         models.read_lineage(st, model)
         if eval:
-            sweeps.check_name(eval, "eval")
             evals.check_new(st, eval)
         from flows.evaluate import evaluate_flow
 
@@ -382,6 +388,8 @@ def import_gpt(
 
     url = store or default_store_url()
     with user_errors():
+        if workers is not None and workers < 1:
+            raise StoreError(f"--workers must be at least 1, got {workers}")
         config, _ = interop.check(url, sweep, problem, path, checkpoints, shard_size)
         from flows.interop import import_flow
 

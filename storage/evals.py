@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 
 from storage import catalog, params
 from storage.catalog import BASELINES, EVALS, RESULTS
-from storage.store import Store, StoreError
+from storage.store import Store, StoreError, check_name
 
 PARAMS, SUMMARY, REPORT, INDEX = "params.zarr", "summary.json", "report.md", "index.md"
 
 
 def exists(store: Store, name: str) -> bool:
     """Has evaluation ``name`` committed (written its results)?"""
+    check_name(name, "eval")
     return store.exists(EVALS, name, RESULTS)
 
 
@@ -46,6 +47,7 @@ def write(store: Store, name: str, vectors: np.ndarray, results: pa.Table, basel
           files: dict[str, bytes]) -> None:
     """Parameters, baselines, summary and report ``files`` first; ``results.parquet`` last, as the commit:
     an evaluation that crashed half-way is not in the ``evaluations`` table and its name can be reused."""
+    check_name(name, "eval")
     params.write_rows(store, (EVALS, name, PARAMS), vectors)
     catalog.write_table(store, baselines, EVALS, name, BASELINES)
     store.write_json(summary, EVALS, name, SUMMARY)

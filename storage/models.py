@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from storage.store import Store, StoreError
+from storage.store import Store, StoreError, check_name
 
 MODELS, STATE, LINEAGE, LOG, LOSS_PLOT = "models", "state.safetensors", "lineage.json", "train_log.csv", "train_loss.png"
 
 
 def exists(store: Store, model: str) -> bool:
+    check_name(model, "model")
     return store.exists(MODELS, model, STATE)
 
 
@@ -34,6 +35,7 @@ def newest(store: Store) -> str:
 
 
 def read_lineage(store: Store, model: str) -> dict:
+    check_name(model, "model")
     if not store.exists(MODELS, model, LINEAGE):
         raise StoreError(f"no model {model!r} in store {store.url} (models: {', '.join(names(store)) or 'none'})")
     return store.read_json(MODELS, model, LINEAGE)
@@ -51,6 +53,7 @@ def step(store: Store, model: str) -> int:
 
 def save(store: Store, model: str, state: bytes, lineage: dict, losses: list[float], loss_plot: bytes) -> None:
     """State, log and plot first, lineage last (see the module docstring)."""
+    check_name(model, "model")
     store.write_bytes(state, MODELS, model, STATE)
     log = "step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(losses))
     store.write_bytes(log.encode(), MODELS, model, LOG)

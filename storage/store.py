@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -22,6 +23,15 @@ DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".gptpipe", "store")
 
 class StoreError(Exception):
     """A problem the user can fix: its message is the one line they see."""
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(name: str, what: str = "sweep") -> None:
+    """Sweep, model and evaluation names: one folder of the store each, nothing else."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise StoreError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
 
 
 def default_store_url() -> str:
@@ -74,6 +84,11 @@ class Store:
         return isinstance(self.fs, LocalFileSystem)
 
     def path(self, *parts: str) -> str:
+        """The filesystem path of ``parts`` below the root; a part that is absolute or climbs out with
+        ``..`` is refused, whoever passed it (a flow parameter, a name in a file)."""
+        for part in parts:
+            if part.startswith(("/", "\\")) or ".." in part.replace("\\", "/").split("/"):
+                raise StoreError(f"path {part!r} leaves the store")
         return posixpath.join(self.root, *parts) if parts else self.root
 
     def full_url(self, *parts: str) -> str:

@@ -11,7 +11,6 @@ run ends up in the catalog exactly once however often a shard was attempted.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,15 +18,9 @@ import pyarrow as pa
 import zarr
 
 from storage import catalog, params
-from storage.store import Store, StoreError
+from storage.store import Store, StoreError, check_name
 
-SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 FORMAT = 1
-
-
-def check_name(name: str, what: str = "sweep") -> None:
-    if not SWEEP_NAME.match(name or ""):
-        raise StoreError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
 
 
 def config_path(sweep: str) -> tuple[str, ...]:

@@ -97,10 +97,32 @@ def test_cli_bad_inputs(small_store, cli, tmp_path):
         (["evaluate", "--store", small_store, "--model", "nope"], "no model 'nope'"),
         (["evaluate", "--store", str(tmp_path), "--model", "g"], "no model 'g'"),
         (["train", "--store", str(tmp_path / "missing"), "--sweep", "tiny", "--model", "m"], "does not exist"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--save-every", "0"], "--save-every must be positive"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--memory-budget", "nan"], "--memory-budget must be"),
+        (["train", "--store", small_store, "--sweep", "/etc", "--model", "m"], "leaves the store"),
+        (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--lr-max", "inf"], "lr_max < inf"),
+        (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", str(10**12)], "split it into sweeps"),
+        (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--workers", "-1"], "--workers must be"),
     ]:
         proc = cli(*args)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
-    assert not open_store(small_store).exists("models", "m")
+    assert not open_store(small_store).exists("models", "m") and not open_store(small_store).exists("sweeps", "x")
+
+
+def test_flows_refuse_names_that_leave_the_store(small_store, prefect_api, tmp_path):
+    """Deployed flows get their parameters from anyone who can start a run: names are checked where used."""
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+    from storage.store import StoreError
+
+    outside = tmp_path / "outside"
+    for call in (lambda: train_flow(store=small_store, sweeps=["tiny"], model=str(outside), steps=2),
+                 lambda: train_flow(store=small_store, sweeps=["../tiny"], model="m2", steps=2),
+                 lambda: evaluate_flow(store=small_store, model="g", eval=str(outside)),
+                 lambda: evaluate_flow(store=small_store, model="../g")):
+        with pytest.raises(StoreError, match="leaves the store|invalid .* name"):
+            call()
+    assert not outside.exists() and not open_store(small_store).exists("models", "m2")
 
 
 def test_catalog_sees_evaluations_json(small_store, cli):

@@ -211,3 +211,17 @@ def test_storage_layer_imports_no_upper_layers():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in {"torch", "prefect", "gptpipe", "flows"}, f"{path.name} imports {name}"
+
+
+def test_store_paths_never_leave_the_root(tmp_path):
+    from storage.store import StoreError, check_name
+
+    store = open_store(str(tmp_path), create=True)
+    assert store.path("catalog/runs/*/*.parquet") == f"{tmp_path}/catalog/runs/*/*.parquet"
+    for part in ("/etc", "..", "models/../../x", "a/..", "\\x"):
+        with pytest.raises(StoreError, match="leaves the store"):
+            store.path("models", part)
+    for name in ("..", ".x", "/abs", "a/b", "", None):
+        with pytest.raises(StoreError, match="invalid model name"):
+            check_name(name, "model")
+    check_name("demo-8192-lr0.1", "model")

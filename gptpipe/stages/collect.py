@@ -20,7 +20,7 @@ from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import RunsResult, SweepConfig, checkpoint_steps
 from storage import catalog, sweeps
 from storage import params as params_store
-from storage.store import Store, StoreError, is_object_store, open_store
+from storage.store import Store, StoreError, check_name, is_object_store, open_store
 
 
 def frozen_config(config: SweepConfig, dataset: datasets.Dataset) -> dict:
@@ -44,7 +44,7 @@ def check(store_url: str, sweep: str, config: SweepConfig, data_root: str | None
     """Everything that can be wrong with a collect, checked before anything is written: the sweep name,
     the data, the store (an object store must exist; a local folder is created later) and a reused
     name with another config. Returns the config to freeze."""
-    sweeps.check_name(sweep)
+    check_name(sweep)
     frozen = frozen_config(config, datasets.load_cached(config.data, data_root))
     try:
         store = open_store(store_url)

@@ -25,7 +25,7 @@ from gptpipe.stages.train import code_version
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
 from storage import catalog, evals, models, sweeps
-from storage.store import Store, StoreError
+from storage.store import Store
 
 
 ADAM_LR = 0.01
@@ -234,7 +234,6 @@ def baseline_rows(req: EvalRequest, sources: list[str], fresh: np.ndarray, base:
 def run(store: Store, req: EvalRequest) -> dict:
     """Evaluate ``req.model`` into ``evals/<req.eval>``; returns the summary."""
     t0 = time.perf_counter()
-    sweeps.check_name(req.eval, "eval")
     evals.check_new(store, req.eval)
     s = open_session(store, req)
     timings, clock = {}, time.perf_counter()

@@ -87,7 +87,7 @@ from gptpipe.sweep.config import SweepConfig, SweepConfigError
 from gptpipe.sweep.recorder import DIVERGED_ABS
 from storage import catalog, evals, sweeps
 from storage import params as params_store
-from storage.store import Store, StoreError, is_object_store, open_store
+from storage.store import Store, StoreError, check_name, is_object_store, open_store
 
 PLAN_FILE = "import.json"
 EPOCH_KEY = re.compile(r"^(?P<run>[^/]+)/ep(?P<epoch>\d+)_it(?P<it>\d+)\.pt$")
@@ -392,7 +392,7 @@ def frozen_config(problem_name: str, source: str, plan: list[tuple[str, str]], n
 
 def check(store_url: str, sweep: str, problem_name: str, source: str, n_ckpts: int, shard_size: int) -> tuple[dict, list]:
     """Everything that can be wrong with an import, checked before anything is written."""
-    sweeps.check_name(sweep)
+    check_name(sweep)
     layout_for(problem_name)
     if n_ckpts < 1:
         raise InteropError(f"--checkpoints must be positive, got {n_ckpts}")
@@ -547,7 +547,6 @@ def checkpoint_vector(store: Store, sweep: str, run: int, ckpt: int) -> tuple[st
 def eval_vector(store: Store, eval: str, row: int) -> tuple[str, np.ndarray, dict]:
     """``(problem, vector, metadata)`` of row ``row`` of an evaluation (``evals/<eval>/params.zarr`` is
     row-aligned with ``results.parquet``, which is written last and so marks a complete evaluation)."""
-    sweeps.check_name(eval, "eval")
     results = evals.read_results(store, eval)
     if not 0 <= row < results.num_rows:
         raise InteropError(f"evaluation {eval!r} has rows 0..{results.num_rows - 1}; --row {row} is not one of them")

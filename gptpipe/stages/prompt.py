@@ -88,7 +88,6 @@ class TrainedGpt:
         the problem's data needs one (mnist, cifar10) for scoring."""
         store = store if isinstance(store, Store) else open_store(store)
         model = model or models.newest(store)
-        sweeps.check_name(model, "model")
         lineage = models.read_lineage(store, model)
         net, diffusion, _ = load_model(models.read_state(store, model))
         problem, metric = problems.get(lineage["problem"]), lineage["metric"]

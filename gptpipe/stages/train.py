@@ -175,7 +175,9 @@ def run_training(data: TrainingData, store: str, model: str, preset: str | None 
     st = open_store(store)
     given = {k: v for k, v in dict(preset=preset, steps=steps, device=device, batch_size=batch_size).items() if v}
     config = TrainConfig(seed=seed, **given)
-    save_every = save_every or SAVE_EVERY
+    save_every = SAVE_EVERY if save_every is None else save_every
+    if save_every <= 0:
+        raise StoreError(f"save_every must be positive, got {save_every}")
     config = replace(config, symmetry=resolve_symmetry(problems.get(data.problem), config.symmetry))  # the lineage names what was used
     lineage = {**data.lineage, "train_config": config.to_dict(), "best": data.best}
     main = distributed.is_main()

@@ -22,6 +22,7 @@ DEFAULT_RECIPE = dict(epochs=25, lr_min=0.01, lr_max=0.3, momentum=0.9, nesterov
                       batch_size=128, schedule="cosine")
 
 
+MAX_RUNS = 10_000_000  # the paper's largest data set has ~100k runs; one params array row per run
 DATA_ORDERS = ("per_run", "shared")
 SPACINGS = ("linear", "log")
 LATER_DEFAULTS = {"data_order": "per_run", "checkpoint_spacing": "linear"}
@@ -71,8 +72,12 @@ class SweepConfig:
                 raise SweepConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.checkpoints < 2:
             raise SweepConfigError(f"--checkpoints must be at least 2 (init and final), got {self.checkpoints}")
-        if not 0 < self.lr_min <= self.lr_max:
-            raise SweepConfigError(f"need 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
+        if self.runs > MAX_RUNS:
+            raise SweepConfigError(f"--runs {self.runs} is more than one sweep holds ({MAX_RUNS:,}); split it into sweeps")
+        if not (0 < self.lr_min <= self.lr_max and math.isfinite(self.lr_max)):
+            raise SweepConfigError(f"need 0 < lr_min <= lr_max < inf, got {self.lr_min}, {self.lr_max}")
+        if not all(math.isfinite(getattr(self, name)) for name in ("momentum", "weight_decay")):
+            raise SweepConfigError(f"momentum and weight decay must be finite, got {self.momentum}, {self.weight_decay}")
         if self.schedule not in ("cosine", "constant"):
             raise SweepConfigError(f"unknown schedule {self.schedule!r} (cosine or constant)")
         if self.data_order not in DATA_ORDERS:
