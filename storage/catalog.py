@@ -59,8 +59,8 @@ def read_sweep_runs(store: Store, sweep: str) -> pa.Table | None:
 
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with views ``checkpoints``, ``runs`` and ``evaluations`` over the store
-    (a view exists once its table has at least one file)."""
+    """A DuckDB connection with views ``checkpoints``, ``runs``, ``evaluations`` and ``baselines`` over
+    the store (a view exists once its table has at least one file), locked to the store."""
     con = duckdb.connect()
     if not store.is_local:
         store.refresh()  # glob (ours and DuckDB's) reads s3fs's cached listings: see new shards
@@ -88,7 +88,18 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
         base = source(f"{EVALS}/*/{BASELINES}", hive=False)
         if base:  # only evaluations that committed (wrote results.parquet) count
             con.execute(f"create view baselines as select b.* from {base} b semi join (select distinct eval from evaluations) e using (eval)")
+    lock_down(con, store)
     return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+    """From here on the connection answers questions about the store and nothing else: no file outside
+    the store's root (no ``read_csv('/etc/passwd')``, no ``COPY ... TO`` elsewhere), no extension
+    installed or loaded, and no setting changed back."""
+    con.execute("set allowed_directories = ?", [[store.full_url().rstrip("/") + "/"]])
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+        con.execute(f"set {setting} = false")
+    con.execute("set lock_configuration = true")
 
 
 def column(name: str) -> str:

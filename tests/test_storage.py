@@ -151,6 +151,28 @@ def test_catalog_errors_are_one_line(store):
     assert str(e.value).startswith("SQL error") and "\n" not in str(e.value)
 
 
+def check_catalog_is_locked_to_the_store(store, outside):
+    """SQL answers questions about the store and nothing else."""
+    write_sweep(store, "a", {0: [0]})
+    for sql in (f"select * from read_csv('/etc/passwd')", "select * from read_text('/proc/self/environ')",
+                f"copy (select 1 as x) to '{outside}'", "set enable_external_access = true", "install httpfs"):
+        with pytest.raises(catalog.CatalogError) as e:
+            catalog.query(store, sql)
+        assert "\n" not in str(e.value), sql
+    assert not os.path.exists(outside)
+    assert catalog.query(store, "select count(*) as n from runs").to_pylist() == [{"n": 1}]
+
+
+def test_catalog_is_locked_to_the_store(store, tmp_path):
+    check_catalog_is_locked_to_the_store(store, str(tmp_path / "written.csv"))
+
+
+def test_a_quote_in_the_store_path_is_only_a_character(tmp_path):
+    store = open_store(str(tmp_path / "it's a store"), create=True)
+    check_catalog(store)
+    check_catalog_is_locked_to_the_store(open_store(str(tmp_path / "x'); copy (select 1) to 'y"), create=True), str(tmp_path / "y"))
+
+
 # -- s3server without a server -------------------------------------------------------------------
 
 

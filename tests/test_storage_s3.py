@@ -24,7 +24,7 @@ try:
 except ImportError:  # tests/ itself on sys.path (plain ``pytest`` without the repository root)
     from s3 import s3_env, s3_server, s3_store_url  # noqa: F401
 
-from test_storage import check_catalog, write_sweep
+from test_storage import check_catalog, check_catalog_is_locked_to_the_store, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,10 @@ def test_params_round_trip_on_s3(s3_store_url):
 
 def test_catalog_query_on_s3(s3_store_url):
     check_catalog(open_store(s3_store_url))
+
+
+def test_catalog_on_s3_is_locked_to_the_store(s3_store_url, tmp_path):
+    check_catalog_is_locked_to_the_store(open_store(s3_store_url), str(tmp_path / "written.csv"))
 
 
 def test_catalog_sees_shards_written_by_others(s3_store_url):
