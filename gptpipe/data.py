@@ -104,17 +104,31 @@ def _torchvision(name: str, root: str | None) -> Dataset:
     return _tensors(*splits)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, bytes and numpy arrays) and refuses any
+    other class: a file in that layout from anywhere must not run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def _cifar_batches(folder: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in names:
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+                batch = _ArraysOnly(f, encoding="latin1").load()
         except FileNotFoundError:
             raise DataError(f"cifar10: {path} is missing") from None
         except Exception as e:
-            raise DataError(f"cifar10: {path} is not a CIFAR-10 batch ({type(e).__name__})") from None
+            raise DataError(f"cifar10: {path} is not a CIFAR-10 batch ({type(e).__name__}: {str(e)[:120]})") from None
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         if "data" not in batch or "labels" not in batch:
             raise DataError(f"cifar10: {path} has no data/labels")

@@ -53,6 +53,28 @@ def test_reader_errors_are_one_line(tmp_path):
         data.load("cifar10", str(tmp_path))
 
 
+class _RunsCode:
+    """A pickle that would run a shell command when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_batch_that_would_run_code_is_refused_unrun(tmp_path):
+    write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _RunsCode(marker), b"labels": []}, f)
+    with pytest.raises(data.DataError, match=r"data_batch_3 is not a CIFAR-10 batch \(UnpicklingError: (posix|os|nt)\.system") as e:
+        data.load("cifar10", str(tmp_path))
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
 def test_layout_matches_the_module():
     problem = problems.get("cifar_cnn")
     assert problem.n_params == 5370
