@@ -411,6 +411,27 @@ def import_gpt(
     _echo_summary(f"sweep {sweep} in {url}", summary)
 
 
+@app.command()
+def verify(
+    sweep: str = typer.Option(..., help="Sweep to check"),
+    store: Optional[str] = StoreOpt,
+):
+    """Read back every committed run of a sweep and check it against the digest its commit recorded."""
+    from storage import sweeps
+    from storage.store import open_store
+
+    with user_errors():
+        check_name(sweep)
+        st = open_store(store or default_store_url())
+        n = len(sweeps.run_digests(st, sweep))
+        damaged = sweeps.verify(st, sweep)
+    for row in damaged:
+        typer.echo(f"  run {row['run']}: {row['problem']}", err=True)
+    typer.echo(f"sweep {sweep}: {n - len(damaged)} of {n} committed runs intact" + (f", {len(damaged)} damaged" if damaged else ""))
+    if damaged:
+        raise typer.Exit(1)
+
+
 @app.command("export")
 def export_params(
     out: str = typer.Argument(..., help="Output file: .safetensors (default) or .pt/.pth (torch state_dict)"),

@@ -100,13 +100,23 @@ def committed_runs(store: Store, sweep: str) -> pa.Table:
     return table.sort_by("run")
 
 
-def read_blocks(store: Store, sweep: str, runs: list[int] | np.ndarray) -> np.ndarray:
-    """Parameter blocks ``[len(runs), C, P]`` of the given runs, reading whole run-chunks (random row
-    reads from object storage are slow; whole chunks are fast)."""
+def run_digests(store: Store, sweep: str) -> dict[int, tuple[int, str]]:
+    """Each committed run's checkpoints and the digest of its block, as the commit recorded them."""
+    t = committed_runs(store, sweep)
+    return {r: (n, d) for r, n, d in zip(t["run"].to_pylist(), t["n_ckpts"].to_pylist(), t["digest"].to_pylist())}
+
+
+def read_blocks(store: Store, sweep: str, runs: list[int] | np.ndarray,
+                digests: dict[int, tuple[int, str]] | None = None) -> np.ndarray:
+    """Parameter blocks ``[len(runs), C, P]`` of the given committed runs, each verified against the
+    digest its commit recorded (``digests`` from ``run_digests``; read here when not given): a flipped
+    bit, a truncated or a missing chunk is one line naming the sweep and run, never data. Whole
+    run-chunks are read (random row reads from object storage are slow; whole chunks are fast)."""
     array = params.open_params(store, *params_path(sweep))
     runs = np.asarray(runs, dtype=np.int64)
     if len(runs) == 0:
         return np.empty((0, *array.shape[1:]), dtype=np.float32)
+    digests = run_digests(store, sweep) if digests is None else digests
     # contiguous ranges read as one slice each; zarr fetches their chunks concurrently
     out = np.empty((len(runs), *array.shape[1:]), dtype=np.float32)
     order = np.argsort(runs)
@@ -114,7 +124,50 @@ def read_blocks(store: Store, sweep: str, runs: list[int] | np.ndarray) -> np.nd
     breaks = np.flatnonzero(np.diff(sorted_runs) != 1) + 1
     start = 0
     for segment in np.split(sorted_runs, breaks):
-        block = array[int(segment[0]) : int(segment[-1]) + 1]
+        first, last = int(segment[0]), int(segment[-1])
+        try:
+            block = array[first : last + 1]
+        except Exception as e:  # a chunk the codec cannot decode: find the run it belongs to
+            bad = next((r for r in range(first, last + 1) if _unreadable(array, r)), first)
+            raise StoreError(f"sweep {sweep!r} run {bad}: its parameters cannot be read ({type(e).__name__}); "
+                             f"`gptpipe verify --sweep {sweep}` lists every damaged run") from None
         out[order[start : start + len(segment)]] = block
         start += len(segment)
+    for run, block in zip(runs.tolist(), out):
+        if problem := check_block(digests, run, block):
+            raise StoreError(f"sweep {sweep!r} run {run}: {problem}; `gptpipe verify --sweep {sweep}` lists every damaged run")
     return out
+
+
+def _unreadable(array: zarr.Array, run: int) -> bool:
+    try:
+        array[run]
+        return False
+    except Exception:
+        return True
+
+
+def check_block(digests: dict[int, tuple[int, str]], run: int, block: np.ndarray) -> str | None:
+    """What is wrong with run ``run``'s block, or None."""
+    if run not in digests:
+        return "not committed"
+    n, expected = digests[run]
+    if params.digest(block[:n]) != expected:
+        return "stored parameters do not match the digest of their commit (damaged or missing chunk)"
+    return None
+
+
+def verify(store: Store, sweep: str) -> list[dict]:
+    """Every committed run of ``sweep`` read back and checked against its digest; the damaged ones as
+    ``{"run", "problem"}`` rows (empty: all intact)."""
+    array = params.open_params(store, *params_path(sweep))
+    digests, damaged = run_digests(store, sweep), []
+    for run in sorted(digests):
+        try:
+            block = array[run]
+        except Exception as e:
+            damaged.append({"run": run, "problem": f"cannot be read ({type(e).__name__})"})
+            continue
+        if problem := check_block(digests, run, block):
+            damaged.append({"run": run, "problem": problem})
+    return damaged

@@ -100,6 +100,37 @@ def test_read_blocks_in_any_order(store_url):
     np.testing.assert_array_equal(sweeps.read_blocks(store, "s5", runs), np.stack([arr[r] for r in runs]))
 
 
+@pytest.mark.parametrize("damage", ["flip_a_bit", "truncate", "delete"])
+def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path, damage):
+    from tests.conftest import run_cli
+
+    url = str(tmp_path / "store")
+    collect.prepare(url, "s", small_config(), None)
+    store = open_store(url)
+    for shard in range(3):
+        collect.collect_shard(store, "s", shard)
+    assert sweeps.verify(store, "s") == [] and "10 of 10 committed runs intact" in run_cli("verify", "--store", url, "--sweep", "s").stdout
+    (chunk,) = [p for p in store.fs.find(store.path("sweeps", "s", "params.zarr")) if "/c/5/" in p]
+    raw = bytearray(store.fs.cat_file(chunk))
+    if damage == "flip_a_bit":
+        raw[len(raw) // 2] ^= 0x10
+        store.fs.pipe_file(chunk, bytes(raw))
+    elif damage == "truncate":
+        store.fs.pipe_file(chunk, bytes(raw[: len(raw) // 2]))
+    else:
+        store.fs.rm(chunk)
+    with pytest.raises(StoreError, match="sweep 's' run 5: ") as e:
+        sweeps.read_blocks(store, "s", [4, 5, 6])
+    assert "\n" not in str(e.value)
+    assert sweeps.read_blocks(store, "s", [4, 6]).shape == (2, 4, 760)  # the other runs read as before
+    assert [row["run"] for row in sweeps.verify(store, "s")] == [5]
+    proc = run_cli("verify", "--store", url, "--sweep", "s")
+    assert proc.returncode == 1 and "run 5:" in proc.stderr and "9 of 10 committed runs intact, 1 damaged" in proc.stdout
+    proc = run_cli("export", str(tmp_path / "r5.safetensors"), "--store", url, "--sweep", "s", "--run", "5", "--ckpt", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "run 5" in proc.stderr
+    assert not (tmp_path / "r5.safetensors").exists()
+
+
 def test_bad_sweep_name(store_url):
     with pytest.raises(StoreError, match="invalid sweep name"):
         collect.prepare(store_url, "../x", small_config(), None)

@@ -86,7 +86,6 @@ from gptpipe.stages import collect
 from gptpipe.sweep.config import SweepConfig, SweepConfigError
 from gptpipe.sweep.recorder import DIVERGED_ABS
 from storage import catalog, evals, sweeps
-from storage import params as params_store
 from storage.store import Store, StoreError, check_name, is_object_store, open_store
 
 PLAN_FILE = "import.json"
@@ -535,7 +534,7 @@ def checkpoint_vector(store: Store, sweep: str, run: int, ckpt: int) -> tuple[st
     row = runs.slice(ids.index(run), 1).to_pylist()[0]
     if not 0 <= ckpt < row["n_ckpts"]:
         raise InteropError(f"run {run} of sweep {sweep!r} has {row['n_ckpts']} checkpoints (status {row['status']}); --ckpt {ckpt} is not one of them")
-    vector = np.asarray(params_store.open_params(store, *sweeps.params_path(sweep))[run, ckpt], dtype=np.float32)
+    vector = sweeps.read_blocks(store, sweep, [run])[0, ckpt]  # verified against the run's digest
     table = catalog.query(store, "select * from checkpoints where sweep = ? and run = ? and ckpt = ?", [sweep, int(run), int(ckpt)])
     meta = {"sweep": sweep, "run": str(run), "ckpt": str(ckpt)}
     for k, v in (table.to_pylist()[0].items() if table.num_rows else []):

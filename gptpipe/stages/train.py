@@ -133,6 +133,7 @@ def run_reader(store: Store, sweep_names: list[str], train_lists: list[np.ndarra
     """``read(idx)``: blocks ``[len(idx), C, P]`` of training-set positions ``idx`` (the concatenation of
     every sweep's training runs, in order), read as whole run-chunks from the store."""
     offsets = np.cumsum([0] + [len(t) for t in train_lists])
+    digests = [sweeps.run_digests(store, name) for name in sweep_names]  # read once, checked on every read
 
     def read(idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -140,7 +141,7 @@ def run_reader(store: Store, sweep_names: list[str], train_lists: list[np.ndarra
         for k, name in enumerate(sweep_names):
             mine = np.flatnonzero((idx >= offsets[k]) & (idx < offsets[k + 1]))
             if len(mine):
-                parts.append(sweeps.read_blocks(store, name, train_lists[k][idx[mine] - offsets[k]]))
+                parts.append(sweeps.read_blocks(store, name, train_lists[k][idx[mine] - offsets[k]], digests[k]))
                 order.append(mine)
         out = np.concatenate(parts)
         result = np.empty_like(out)
