@@ -116,16 +116,21 @@ class Store:
         """Write a whole object so that readers see either nothing or all of it. Object stores give
         that for a single PUT; on a local disk we write a temporary file and rename it."""
         target = self.path(*parts)
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        if self.is_local:
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        else:
-            self.fs.pipe_file(target, data)
+        except OSError as e:  # e.g. a full disk: no temporary file left behind, the old object intact
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise StoreError(f"cannot write {'/'.join(parts)} in store {self.url}: {e.strerror or e}") from None
 
     def write_json(self, obj, *parts: str) -> None:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)

@@ -147,6 +147,17 @@ def test_writes_work_on_a_disk_with_under_one_percent_free(nearly_full_disk):
         assert client.get_object(Bucket=server.bucket, Key="a/b.bin")["Body"].read() == b"x" * 100_000
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(nearly_full_disk):
+    from storage.store import StoreError
+
+    store = open_store(str(nearly_full_disk(16, 1)), create=True)
+    store.write_bytes(b"old", "a", "b.bin")
+    with pytest.raises(StoreError, match="cannot write a/b.bin in store .*: No space left on device") as e:
+        store.write_bytes(b"x" * (4 * 2**20), "a", "b.bin")
+    assert "\n" not in str(e.value)
+    assert store.ls("a") == ["b.bin"] and store.fs.cat_file(store.path("a", "b.bin")) == b"old"
+
+
 def test_too_little_free_disk_is_one_line_and_starts_nothing(nearly_full_disk):
     disk = nearly_full_disk(64, MIN_FREE_MIB // 2)
     server = SeaweedS3(disk / "data")
