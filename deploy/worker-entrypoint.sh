@@ -11,6 +11,14 @@
 set -eu
 
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server API, e.g. http://prefect-server:4200/api}"
+# the placeholders of .env.example are no secrets: refuse to start with them
+for var in AWS_SECRET_ACCESS_KEY POSTGRES_PASSWORD; do
+    eval "value=\${$var:-}"
+    if [ "$value" = "change-me" ]; then
+        echo "error: $var is still the placeholder 'change-me' of .env.example; set a real secret in .env" >&2
+        exit 2
+    fi
+done
 pool="${GPTPIPE_POOL:-gptpipe}"
 export GPTPIPE_REPO="${GPTPIPE_REPO:-$(pwd)}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1

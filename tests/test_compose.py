@@ -217,3 +217,12 @@ def test_prefect_yaml_entrypoints_are_real_flows():
     assert inspect.signature(evaluate_flow.fn).parameters["model"].default is None
     script = (REPO / "deploy" / "worker-entrypoint.sh").read_text()
     assert "deploy/prefect.yaml" in script and 'GPTPIPE_POOL:-gptpipe' in script
+
+
+@pytest.mark.parametrize("var", ["AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD"])
+def test_worker_refuses_the_placeholder_secrets(var, tmp_path):
+    """.env.example's "change-me" is no secret: the worker entrypoint stops at once, in one line."""
+    env = {"PATH": os.environ["PATH"], "PREFECT_API_URL": "http://127.0.0.1:9/api", var: "change-me"}
+    proc = subprocess.run(["sh", str(REPO / "deploy" / "worker-entrypoint.sh")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and var in proc.stderr
