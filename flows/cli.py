@@ -257,7 +257,7 @@ def evaluate(
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     from gptpipe.gpt.diffusion import SAMPLERS
-    from storage import evals, models, sweeps
+    from storage import evals, models
     from storage.store import open_store
 
     url = store or default_store_url()
@@ -424,8 +424,7 @@ def verify(
     with user_errors():
         check_name(sweep)
         st = open_store(store or default_store_url())
-        n = len(sweeps.run_digests(st, sweep))
-        damaged = sweeps.verify(st, sweep)
+        n, damaged = sweeps.verify(st, sweep)
     for row in damaged:
         typer.echo(f"  run {row['run']}: {row['problem']}", err=True)
     typer.echo(f"sweep {sweep}: {n - len(damaged)} of {n} committed runs intact" + (f", {len(damaged)} damaged" if damaged else ""))
@@ -468,16 +467,13 @@ def prompt_cmd(
     """Use a trained G.pt on your own network: new parameters that reach --target in one update."""
     from gptpipe.stages import interop
     from gptpipe.stages.prompt import TrainedGpt, read_state_dict
-    from storage import models
     from storage.store import open_store
 
     url = store or default_store_url()
     with user_errors():
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise StoreError(f"folder {os.path.dirname(os.path.abspath(out))} does not exist")
+        interop.check_out_folder(out)
         state_dict = read_state_dict(input)
-        st = open_store(url)
-        gpt = TrainedGpt.load(st, model or models.newest(st), data_root)
+        gpt = TrainedGpt.load(open_store(url), model, data_root)
         if metric is not None and metric != gpt.metric:
             raise StoreError(f"model {gpt.name} is prompted with {gpt.metric}, not {metric}")
         result = gpt.update(state_dict, target, current=current, **given(samples=samples, steps=steps, seed=seed))

@@ -157,9 +157,9 @@ def check_block(digests: dict[int, tuple[int, str]], run: int, block: np.ndarray
     return None
 
 
-def verify(store: Store, sweep: str) -> list[dict]:
-    """Every committed run of ``sweep`` read back and checked against its digest; the damaged ones as
-    ``{"run", "problem"}`` rows (empty: all intact)."""
+def verify(store: Store, sweep: str) -> tuple[int, list[dict]]:
+    """Every committed run of ``sweep`` read back and checked against its digest: how many were
+    checked, and the damaged ones as ``{"run", "problem"}`` rows (empty: all intact)."""
     array = params.open_params(store, *params_path(sweep))
     digests, damaged = run_digests(store, sweep), []
     for run in sorted(digests):
@@ -170,4 +170,4 @@ def verify(store: Store, sweep: str) -> list[dict]:
             continue
         if problem := check_block(digests, run, block):
             damaged.append({"run": run, "problem": problem})
-    return damaged
+    return len(digests), damaged

@@ -109,7 +109,7 @@ def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path,
     store = open_store(url)
     for shard in range(3):
         collect.collect_shard(store, "s", shard)
-    assert sweeps.verify(store, "s") == [] and "10 of 10 committed runs intact" in run_cli("verify", "--store", url, "--sweep", "s").stdout
+    assert sweeps.verify(store, "s") == (10, []) and "10 of 10 committed runs intact" in run_cli("verify", "--store", url, "--sweep", "s").stdout
     (chunk,) = [p for p in store.fs.find(store.path("sweeps", "s", "params.zarr")) if "/c/5/" in p]
     raw = bytearray(store.fs.cat_file(chunk))
     if damage == "flip_a_bit":
@@ -123,7 +123,8 @@ def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path,
         sweeps.read_blocks(store, "s", [4, 5, 6])
     assert "\n" not in str(e.value)
     assert sweeps.read_blocks(store, "s", [4, 6]).shape == (2, 4, 760)  # the other runs read as before
-    assert [row["run"] for row in sweeps.verify(store, "s")] == [5]
+    n, damaged = sweeps.verify(store, "s")
+    assert n == 10 and [row["run"] for row in damaged] == [5]
     proc = run_cli("verify", "--store", url, "--sweep", "s")
     assert proc.returncode == 1 and "run 5:" in proc.stderr and "9 of 10 committed runs intact, 1 damaged" in proc.stdout
     proc = run_cli("export", str(tmp_path / "r5.safetensors"), "--store", url, "--sweep", "s", "--run", "5", "--ckpt", "1")

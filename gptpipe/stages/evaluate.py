@@ -21,7 +21,7 @@ from gptpipe import data as datasets
 from gptpipe import problems
 from gptpipe.evaluation import baselines, checks, report, sampling
 from gptpipe.gpt.trainer import load_model
-from gptpipe.stages.train import code_version
+from gptpipe.stages.train import code_version, sampling_defaults
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
 from storage import catalog, evals, models, sweeps
@@ -120,10 +120,10 @@ def open_session(store: Store, req: EvalRequest) -> Session:
     model, diffusion, _ = load_model(models.read_state(store, req.model))
     sweep = lineage["sweeps"][0]
     recipe = sweeps.read_config(store, sweep)["recipe"]
-    train_config = lineage.get("train_config", {})
+    sampler, steps = sampling_defaults(lineage)
     return Session(model, diffusion, problems.get(lineage["problem"]), lineage, lineage["metric"], float(lineage["best"]),
                    sweep, recipe, datasets.load_cached(recipe["data"], req.data_root),
-                   req.sampler or train_config.get("sampler", "ddim"), req.sample_steps or train_config.get("sample_steps", 1),
+                   req.sampler or sampler, req.sample_steps or steps,
                    torch.Generator().manual_seed(req.seed))
 
 

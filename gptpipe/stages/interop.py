@@ -583,9 +583,7 @@ def export(store: Store | str, out: str, *, sweep: str | None = None, run: int |
         raise InteropError("--sweep needs --run and --ckpt")
     if by_eval and (eval is None or row is None):
         raise InteropError("--eval needs --row")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise InteropError(f"folder {parent} does not exist")
+    check_out_folder(out)
     if isinstance(store, str):
         store = open_store(store)
     if by_ckpt:
@@ -595,6 +593,13 @@ def export(store: Store | str, out: str, *, sweep: str | None = None, run: int |
     meta = {"problem": problem_name, "store": store.url, **meta}
     write_state_dict(state_dict(problem_name, vector), out, meta)
     return meta
+
+
+def check_out_folder(out: str) -> None:
+    """The folder an output file goes into must exist (checked before anything is read or written)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise InteropError(f"folder {parent} does not exist")
 
 
 def write_state_dict(tensors: dict, out: str, meta: dict[str, str]) -> None:

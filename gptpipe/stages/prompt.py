@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from gptpipe import problems
+from gptpipe import data as datasets
 from gptpipe.data import DataError
 from gptpipe.evaluation import sampling
 from gptpipe.gpt.diffusion import Diffusion
 from gptpipe.gpt.model import Gpt
 from gptpipe.gpt.trainer import load_model
+from gptpipe.stages.train import sampling_defaults
 from storage import catalog, models, sweeps
 from storage.store import Store, StoreError, open_store
 
@@ -95,12 +97,11 @@ class TrainedGpt:
         (value,) = catalog.query(store, f"select {worst}({catalog.column(metric)}) as v from checkpoints where sweep in "
                                         "(select unnest(?::varchar[]))", [lineage["sweeps"]])["v"].to_pylist()
         try:
-            dataset, scored = problem.load_data(sweeps.read_config(store, lineage["sweeps"][0])["recipe"]["data"], data_root), True
+            dataset, scored = datasets.load_cached(sweeps.read_config(store, lineage["sweeps"][0])["recipe"]["data"], data_root), True
         except DataError:
             dataset, scored = None, False
-        train = lineage.get("train_config", {})
         return cls(model, net, diffusion, problem, metric, (float(lineage["best"]), float(value)), dataset, scored,
-                   train.get("sampler", "ddim"), train.get("sample_steps", 1))
+                   *sampling_defaults(lineage))
 
     def vector(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat parameters ``[P]`` of a ``state_dict`` of this model's problem; one line naming the

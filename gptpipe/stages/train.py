@@ -162,6 +162,12 @@ def lineage_matches(old: dict, new: dict) -> list[str]:
     return [k for k in a if json.dumps(a[k], sort_keys=True) != json.dumps(b[k], sort_keys=True)]
 
 
+def sampling_defaults(lineage: dict) -> tuple[str, int]:
+    """The sampler and its steps a model is sampled with unless told otherwise (saved with it)."""
+    train_config = lineage.get("train_config", {})
+    return train_config.get("sampler", "ddim"), train_config.get("sample_steps", 1)
+
+
 def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> None:
     models.save(store, model, trainer.state_dict_bytes(),
                 {**lineage, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 2), "code_version": code_version()},
