@@ -192,6 +192,9 @@ def train(
     metric: Optional[str] = typer.Option(None, help="Metric to condition on (default: the problem's, test_loss)"),
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default), cpu, cuda"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)"),
+    pairing: Optional[str] = typer.Option(None, help="Training pairs: uniform (the paper), init, mixed (the default), "
+                                          "two-way (mixed, a quarter reversed: targets worse than the start)"),
     save_every: Optional[int] = typer.Option(None, help="Save (and resume from) every N steps (default: the train stage's)"),
     memory_budget: Optional[float] = typer.Option(None, help="Bytes of training parameters read into memory; bigger "
                                                   "training sets are streamed from the store (default 2 GiB, $GPTPIPE_MEMORY_BUDGET)"),
@@ -213,18 +216,25 @@ def train(
             raise StoreError(f"--memory-budget must be a number of bytes, got {memory_budget}")
         if steps is not None and steps <= 0:
             raise StoreError(f"--steps must be positive, got {steps}")
+        if lr is not None and not (0 < lr < 1):
+            raise StoreError(f"--lr must be between 0 and 1, got {lr}")
+        from gptpipe.gpt.trainer import PAIRINGS
+
+        if pairing is not None and pairing not in PAIRINGS:
+            raise StoreError(f"unknown --pairing {pairing!r} (choose from {', '.join(PAIRINGS)})")
         st = open_store(url)
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
         budget = int(memory_budget) if memory_budget is not None else None
-        options = given(preset=preset, steps=steps, save_every=save_every, device=device, batch_size=batch_size)
+        options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing)
         from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
             from gptpipe.stages.train import train_distributed
 
-            summary = train_distributed(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget, **options)
+            summary = train_distributed(store=url, sweeps=list(sweep), model=model, metric=metric, options=options,
+                                        save_every=save_every, memory_budget=budget)
             if int(os.environ.get("RANK", "0")) == 0:
                 _echo_summary(f"model {model} in {url}/models/{model}", summary)
             return
@@ -232,14 +242,15 @@ def train(
 
         target = steps or _preset_steps(preset)
         with progress_bar(f"train {model}", target, lambda: models.step(st, model)):
-            summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget, **options)
+            summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
+                                 **given(save_every=save_every), **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
 def _preset_steps(preset: str | None) -> int:
     from gptpipe.gpt.trainer import TrainConfig
 
-    return TrainConfig(**given(preset=preset)).steps
+    return TrainConfig.for_preset(**given(preset=preset)).steps
 
 
 @app.command()
@@ -323,6 +334,7 @@ class Demo:
     shard_size: int | None = None
     runner: str = "thread"
     memory_budget: float | None = None
+    pairing: str | None = None  # None: TrainConfig's default
 
 
 DEMOS = {
@@ -366,7 +378,7 @@ def demo(
                 f"avg(final_{metric}) as final_{metric} from runs where sweep = '{d.name}' group by 1 order by 1",
             store=url, format="table")
     train(sweep=[d.name], model=d.name, store=url, preset=None, steps=d.steps, metric=None, batch_size=None,
-          device=None, save_every=None, memory_budget=d.memory_budget)
+          device=None, lr=None, pairing=d.pairing, save_every=None, memory_budget=d.memory_budget)
     evaluate(model=d.name, store=url, eval=None, networks=d.networks, prompts=d.prompts, recursive=None, sampler=None,
              sample_steps=None, seed=None, data_root=None)
 

@@ -18,7 +18,8 @@ def load_data(store_url: str, sweeps: list[str], metric: str | None, seed: int, 
 @flow(name="train", log_prints=True, retries=1)
 def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: str | None = None, steps: int | None = None,
                metric: str | None = None, save_every: int | None = None, seed: int = 0, device: str | None = None,
-               batch_size: int | None = None, memory_budget: int | None = None) -> dict:
+               batch_size: int | None = None, lr: float | None = None, pairing: str | None = None,
+               memory_budget: int | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
@@ -34,7 +35,9 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
         else:
             update_progress_artifact(state["artifact"], progress=100.0 * step / target)
 
-    summary = train.run_training(data, store, model, preset, steps, save_every, seed, device, batch_size, on_progress=progress)
+    options = {k: v for k, v in dict(preset=preset, steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr,
+                                     pairing=pairing).items() if v is not None}
+    summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
     create_markdown_artifact(key=artifact_key("model", model), description=f"G.pt {model}",
                              markdown=summary_markdown(f"G.pt `{model}`", summary))
     return summary

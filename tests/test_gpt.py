@@ -10,7 +10,7 @@ from gptpipe import problems
 from gptpipe.evaluation import sampling as evaluation
 from gptpipe.gpt import model as gpt
 from gptpipe.gpt.pairs import gather_pairs
-from gptpipe.gpt.trainer import Trainer, TrainConfig, load_model
+from gptpipe.gpt.trainer import PAIRINGS, Trainer, TrainConfig, load_model
 
 DIGITS = problems.get("digits_mlp")
 MNIST = problems.get("mnist_mlp")
@@ -143,6 +143,27 @@ def test_symmetry_of_training_pairs():
     del saved["train_config"]["symmetry"]
     assert lineage_matches(saved, {**saved, "train_config": TrainConfig(symmetry="permute").to_dict()}) == []
     assert lineage_matches(saved, {**saved, "train_config": TrainConfig(symmetry="canonical").to_dict()}) == ["train_config"]
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_pairings_draw_checkpoints_of_one_run_in_the_stated_order(pairing):
+    from gptpipe.gpt.pairs import REVERSED_FRAC, sample_pair_indices
+
+    n_valid = torch.tensor([2, 5, 40, 40])
+    run, i, j = sample_pair_indices(n_valid, 20_000, torch.Generator().manual_seed(0), pairing)
+    assert (i != j).all() and (i >= 0).all() and (j >= 0).all()
+    assert (torch.maximum(i, j) < n_valid[run]).all()
+    backward = (i > j).float().mean().item()
+    assert backward == pytest.approx(REVERSED_FRAC, abs=0.02) if pairing == "two-way" else backward == 0
+    if pairing == "init":
+        assert (i == 0).all()
+
+
+def test_paper_preset_trains_with_the_papers_settings_unless_told_otherwise():
+    paper = TrainConfig.for_preset(preset="paper")
+    assert (paper.lr, paper.batch_size, paper.ema, paper.weight_decay, paper.grad_clip) == (4e-4, 1024, 0.9999, 0.1, 0.75)
+    assert TrainConfig.for_preset(preset="paper", lr=1e-4).lr == 1e-4
+    assert TrainConfig.for_preset(preset="tiny") == TrainConfig() == TrainConfig.for_preset()
 
 
 def test_canonical_model_samples_from_the_canonical_start_and_answers_in_the_starts_order():

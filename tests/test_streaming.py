@@ -85,6 +85,6 @@ def test_run_training_streams_over_budget_and_saves(store):
     from gptpipe.stages.train import run_training
 
     data = train_stage.load_training_data(store, ["s"], budget=0)
-    summary = run_training(data, store.url, "streamed", steps=4, save_every=2, batch_size=16)
+    summary = run_training(data, store.url, "streamed", dict(steps=4, batch_size=16), save_every=2)
     assert summary["streamed"] and summary["step"] == 4
     assert models.read_lineage(store, "streamed")["step"] == 4

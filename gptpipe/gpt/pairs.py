@@ -1,6 +1,6 @@
 """Where G.pt's training pairs come from.
 
-A training example is a pair of checkpoints (start i, target j), i < j, of one run. Two sources:
+A training example is a pair of checkpoints (start i, target j) of one run, i < j but for "two-way" pairing. Two sources:
 
 - **in memory** (``Trainer`` with ``params [R, C, P]``): small sweeps are cached in memory and every
   batch draws pairs from all runs at once (the default while the training set fits the memory budget).
@@ -26,6 +26,11 @@ import numpy as np
 import torch
 
 
+# "two-way" pairing: trained only on forward pairs of PPO runs (whose returns mostly rise), a model answers
+# a prompt below the start with an improvement anyway (docs/gpt-ablations.md, CartPole)
+REVERSED_FRAC = 0.25
+
+
 def valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     """Checkpoints usable per run: the leading ones with finite parameters and metric."""
     ok = torch.isfinite(params).all(-1) & torch.isfinite(metric)
@@ -34,10 +39,11 @@ def valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
 
 def sample_pair_indices(n_valid: torch.Tensor, n: int, generator: torch.Generator, pairing: str = "mixed",
                         init_frac: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(run, i, j)`` index tensors ``[n]`` with i < j < n_valid[run] (every n_valid >= 2).
+    """``(run, i, j)`` index tensors ``[n]`` with i != j, both < n_valid[run] (every n_valid >= 2).
 
     "uniform" (the paper): a spacing uniform in 1..last, then a start uniform among those that fit;
-    "init": i = 0; "mixed": a fraction ``init_frac`` with i = 0, the rest uniform."""
+    "init": i = 0; "mixed": a fraction ``init_frac`` with i = 0, the rest uniform; "two-way": "mixed"
+    with a quarter of the pairs reversed (i > j), so the model also sees targets worse than its start."""
     g = generator
     run = torch.randint(0, len(n_valid), (n,), generator=g)
     last = (n_valid[run] - 1).float()  # >= 1
@@ -50,6 +56,9 @@ def sample_pair_indices(n_valid: torch.Tensor, n: int, generator: torch.Generato
         j = torch.where(from_init, j_init, i + spacing)
     else:
         j = i + spacing
+    if pairing == "two-way":
+        backward = torch.rand(n, generator=g) < REVERSED_FRAC
+        i, j = torch.where(backward, j, i), torch.where(backward, i, j)
     return run, i, j
 
 

@@ -40,7 +40,12 @@ from gptpipe.gpt.model import UNIT_TOKENS, Gpt, GptConfig, Normalizer, fit_unit_
 from gptpipe.gpt.pairs import SYMMETRIES, StreamingPairs, gather_pairs, resolve_symmetry, sample_pair_indices, valid_counts
 
 FORMAT = "gptpipe.gpt/1"
-PAIRINGS = ("uniform", "init", "mixed")
+PAIRINGS = ("uniform", "init", "mixed", "two-way")
+# Training settings that come with a model preset (``TrainConfig.for_preset``); the dataclass defaults are
+# the CPU demo's. "paper": the paper's MNIST configuration (configs/train/*.yaml of its code release).
+PRESET_TRAINING: dict[str, dict] = {
+    "paper": dict(lr=4e-4, batch_size=1024, ema=0.9999, weight_decay=0.1, grad_clip=0.75, beta2=0.999),
+}
 
 
 @dataclass
@@ -62,7 +67,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     autocast: str = "auto"  # "auto" (bf16 on CUDA; on CPU bf16 from width 256 up), "bf16", "none"
     normalization: str = "layer"  # per-layer scales, or "global" (one scale)
-    pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0)
+    pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0), "two-way" (mixed, a quarter reversed)
     init_frac: float = 0.5
     symmetry: str = "auto"  # hidden-unit order of training pairs: "permute", "canonical", "none" (pairs.resolve_symmetry)
     unit_tokens: bool | None = None  # one shared-type token per hidden unit (problems with ``unit_axes``); None = the preset's choice
@@ -80,6 +85,11 @@ class TrainConfig:
             raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, not {self.symmetry!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, not {self.autocast!r}")
+
+    @classmethod
+    def for_preset(cls, **given) -> "TrainConfig":
+        """The preset's training settings (``PRESET_TRAINING``) under what the caller ``given``."""
+        return cls(**{**PRESET_TRAINING.get(given.get("preset", cls.preset), {}), **given})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,7 +236,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------------
     def sample_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(run, i, j)`` index tensors ``[n]`` with i < j < n_valid[run] (runs held in memory)."""
+        """``(run, i, j)`` index tensors ``[n]`` with i != j < n_valid[run] (runs held in memory)."""
         return sample_pair_indices(self.n_valid, n, generator or self.generator, self.config.pairing, self.config.init_frac)
 
     def batch(self, n: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -174,14 +174,14 @@ def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> Non
                 trainer.losses, loss_plot(trainer.losses, model))
 
 
-def run_training(data: TrainingData, store: str, model: str, preset: str | None = None, steps: int | None = None,
-                 save_every: int | None = None, seed: int = 0, device: str | None = None, batch_size: int | None = None,
+def run_training(data: TrainingData, store: str, model: str, options: dict | None = None, save_every: int | None = None,
                  on_progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train (or resume) ``model`` on ``data`` until ``steps``; save every ``save_every`` steps (rank 0
-    only). ``on_progress(step, target, recent loss)`` after each save."""
+    """Train (or resume) ``model`` on ``data`` until its steps are done; save every ``save_every`` steps
+    (rank 0 only). ``options``: ``TrainConfig`` fields the user set (the rest: the preset's, see
+    ``TrainConfig.for_preset``). ``on_progress(step, target, recent loss)`` after each save."""
     st = open_store(store)
-    given = {k: v for k, v in dict(preset=preset, steps=steps, device=device, batch_size=batch_size).items() if v}
-    config = TrainConfig(seed=seed, **given)
+    config = TrainConfig.for_preset(**(options or {}))
+    seed = config.seed
     save_every = SAVE_EVERY if save_every is None else save_every
     if save_every <= 0:
         raise StoreError(f"save_every must be positive, got {save_every}")
@@ -232,15 +232,15 @@ def run_training(data: TrainingData, store: str, model: str, preset: str | None 
             "streamed": data.streamed, "processes": distributed.world_size()}
 
 
-def train_distributed(sweeps: list[str], model: str, store: str | None = None, preset: str | None = None,
-                      steps: int | None = None, metric: str | None = None, save_every: int | None = None, seed: int = 0,
-                      device: str | None = None, batch_size: int | None = None, memory_budget: int | None = None) -> dict:
+def train_distributed(sweeps: list[str], model: str, store: str | None = None, metric: str | None = None,
+                      options: dict | None = None, save_every: int | None = None, memory_budget: int | None = None) -> dict:
     """``run_training`` on every rank of a ``torchrun`` job (no Prefect flow run: N processes would make
     N flow runs and Prefect's retries would desynchronise the ranks). Rank 0 writes to the store."""
     distributed.init_from_env()
     try:
         store = store or default_store_url()
+        seed = (options or {}).get("seed", 0)
         data = load_training_data(open_store(store), sweeps, metric, seed, memory_budget)
-        return run_training(data, store, model, preset, steps, save_every, seed, device, batch_size)
+        return run_training(data, store, model, options, save_every)
     finally:
         distributed.shutdown()
