@@ -7,6 +7,8 @@ from typing import Callable
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
+from gptpipe.evaluation import pages
+
 
 def artifact_key(prefix: str, name: str) -> str:
     """A Prefect artifact key (lower-case letters, digits and dashes) for ``name``."""
@@ -18,6 +20,11 @@ def summary_markdown(title: str, summary: dict) -> str:
     lines = [f"# {title}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
     return "\n".join(lines)
+
+
+def picture(alt: str, png: bytes) -> str:
+    """A markdown image that travels with the artifact (a relative path would be a broken image in the UI)."""
+    return f"![{alt}]({pages.data_uri(pages.compact_png(png))})"
 
 
 def run_shards(submit: Callable[[int], object], todo: list[int], total: int, description: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.artifacts import artifact_key, run_shards, summary_markdown
+from flows.artifacts import artifact_key, picture, run_shards, summary_markdown
 from gptpipe.stages import collect
 from gptpipe.sweep.config import SweepConfig
 from storage.store import default_store_url, open_store
@@ -46,7 +46,9 @@ def collect_flow(
     config = SweepConfig(problem=problem, runs=runs, **{k: v for k, v in recipe.items() if v is not None})
     todo = collect.prepare(store, sweep, config, data_root)
     run_shards(lambda s: collect_shard.submit(store, sweep, s, data_root, torch_threads), todo, config.n_shards, f"collect {sweep}")
-    summary = collect.summarize(open_store(store), sweep)
-    create_markdown_artifact(markdown=summary_markdown(f"Sweep `{sweep}`", summary), key=artifact_key("sweep", sweep),
-                             description=f"sweep {sweep}")
+    st = open_store(store)
+    summary = collect.summarize(st, sweep)
+    create_markdown_artifact(markdown=summary_markdown(f"Sweep `{sweep}`", summary) + "\n\n"
+                             + picture("the sweep at a glance", collect.sweep_plot(st, sweep)),
+                             key=artifact_key("sweep", sweep), description=f"sweep {sweep}")
     return summary

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from gptpipe.evaluation import pages
 from gptpipe.stages import evaluate as eval_stage
 from storage import evals, models
 from storage.store import default_store_url, open_store
@@ -27,7 +28,12 @@ def evaluate_flow(store: str | None = None, model: str | None = None, eval: str 
     request = eval_stage.EvalRequest(model=model, eval=eval, data_root=data_root, **{k: v for k, v in settings.items() if v is not None})
     summary = eval_stage.run(st, request)
     report = evals.read_summary(st, eval)  # what the store holds, not what we think it holds
-    create_markdown_artifact(key="eval-report", description=f"evaluation {eval}", markdown=evals.read_report(st, eval))
+    files = evals.report_files(st, eval)
+    create_markdown_artifact(key="eval-report", description=f"evaluation {eval}",
+                             markdown=pages.inline_images(files["report.md"].decode(), files))
+    index = evals.read_index(st)
+    create_markdown_artifact(key="eval-index", description="every evaluation in the store, with the trend",
+                             markdown=pages.inline_images(index[evals.INDEX].decode(), index))
     headline = [{"quantity": k, "value": v} for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     create_table_artifact(key="eval-summary", table=headline, description=f"headline numbers of {eval}")
     create_link_artifact(key="eval-link", link=evals.report_url(st, eval), description=f"report of {eval}")

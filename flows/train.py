@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from flows.artifacts import artifact_key, summary_markdown
+from flows.artifacts import artifact_key, picture, summary_markdown
 from gptpipe.stages import train
+from storage import models
 from storage.store import default_store_url, open_store
 
 
@@ -38,6 +39,8 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
     options = {k: v for k, v in dict(preset=preset, steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr,
                                      pairing=pairing).items() if v is not None}
     summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
+    st = open_store(store)
     create_markdown_artifact(key=artifact_key("model", model), description=f"G.pt {model}",
-                             markdown=summary_markdown(f"G.pt `{model}`", summary))
+                             markdown=summary_markdown(f"G.pt `{model}`", summary) + "\n\n"
+                             + picture("training loss", models.read_loss_plot(st, model)))
     return summary

@@ -4,9 +4,11 @@
     params.zarr        float32 [row, param]: row i holds the parameters that achieved row i of results
     baselines.parquet  the same start networks under the sweep's recipe and SGD/Adam curves
     summary.json       headline numbers (also the source of ``evals/index.md``)
-    report.md, *.png   the human report
+    report.md, *.png   the human report (markdown, plots beside it)
+    report.html        the same report in one self-contained file (plots inside: opens offline, from any store)
     results.parquet    one row per (network, prompt, step, sample); written last = the commit
-``evals/index.md``     every committed evaluation, newest first
+``evals/index.md``, ``evals/index.html``, ``evals/trend.png``
+                       every committed evaluation, newest first, under a plot of how they changed
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from storage import catalog, params
 from storage.catalog import BASELINES, EVALS, RESULTS
 from storage.store import Store, StoreError, check_name
 
-PARAMS, SUMMARY, REPORT, INDEX = "params.zarr", "summary.json", "report.md", "index.md"
+PARAMS, SUMMARY, REPORT, REPORT_HTML = "params.zarr", "summary.json", "report.md", "report.html"
+INDEX, TREND = "index.md", "trend.png"
 
 
 def exists(store: Store, name: str) -> bool:
@@ -66,16 +69,30 @@ def summaries(store: Store) -> list[dict]:
     return sorted(out, key=lambda s: s.get("created_at", ""), reverse=True)
 
 
-def read_report(store: Store, name: str) -> str:
-    return store.fs.cat_file(store.path(EVALS, name, REPORT)).decode()
+def read_file(store: Store, name: str, file: str) -> bytes:
+    """One file of evaluation ``name``'s report (``report.md``, a plot)."""
+    return store.fs.cat_file(store.path(EVALS, name, file))
+
+
+def report_files(store: Store, name: str) -> dict[str, bytes]:
+    """``report.md`` and the plots it shows, name -> bytes."""
+    return {f: read_file(store, name, f) for f in [REPORT, *store.ls(EVALS, name)] if f == REPORT or f.endswith(".png")}
 
 
 def report_url(store: Store, name: str) -> str:
-    return store.full_url(EVALS, name, REPORT)
+    """Where the self-contained HTML report is (``report.md`` for evaluations written before it)."""
+    return store.full_url(EVALS, name, REPORT_HTML if store.exists(EVALS, name, REPORT_HTML) else REPORT)
 
 
-def write_index(store: Store, markdown: str) -> None:
-    store.write_bytes(markdown.encode(), EVALS, INDEX)
+def write_index(store: Store, files: dict[str, bytes]) -> None:
+    """``evals/index.md``, ``index.html`` and the plot they show."""
+    for file, data in files.items():
+        store.write_bytes(data, EVALS, file)
+
+
+def read_index(store: Store) -> dict[str, bytes]:
+    """``index.md`` and the plot it shows."""
+    return {f: store.fs.cat_file(store.path(EVALS, f)) for f in (INDEX, TREND)}
 
 
 def read_results(store: Store, name: str) -> pa.Table:

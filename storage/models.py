@@ -4,6 +4,7 @@
     state.safetensors   raw + EMA weights, optimiser state, configs, step (resumable; no pickle)
     train_log.csv       step, loss
     train_loss.png      the training loss curve
+    card.html           the model card: lineage, training curve and settings, its evaluations (one file)
     lineage.json        sweeps, catalog digest, held-out runs, the training config, code version;
                         written last: a model whose lineage names step S has a state of at least step S
 """
@@ -14,7 +15,7 @@ from datetime import datetime, timezone
 
 from storage.store import Store, StoreError, check_name
 
-MODELS, STATE, LINEAGE, LOG, LOSS_PLOT = "models", "state.safetensors", "lineage.json", "train_log.csv", "train_loss.png"
+MODELS, STATE, LINEAGE, LOG, LOSS_PLOT, CARD = "models", "state.safetensors", "lineage.json", "train_log.csv", "train_loss.png", "card.html"
 
 
 def exists(store: Store, model: str) -> bool:
@@ -60,3 +61,11 @@ def save(store: Store, model: str, state: bytes, lineage: dict, losses: list[flo
     store.write_bytes(loss_plot, MODELS, model, LOSS_PLOT)
     now = datetime.now(timezone.utc).isoformat()
     store.write_json({**lineage, "created_at": lineage.get("created_at", now), "updated_at": now}, MODELS, model, LINEAGE)
+
+
+def read_loss_plot(store: Store, model: str) -> bytes:
+    return store.fs.cat_file(store.path(MODELS, model, LOSS_PLOT))
+
+
+def write_card(store: Store, model: str, html: bytes) -> None:
+    store.write_bytes(html, MODELS, model, CARD)

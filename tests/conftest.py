@@ -57,7 +57,8 @@ def prefect_server(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",  # tests/test_pipeline.py opens artifacts in the UI, as a user does
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
     }
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")
@@ -66,7 +67,7 @@ def prefect_server(tmp_path_factory):
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_http(f"{api}/health", timeout=90)
-        yield {"api_url": api, "home": home}
+        yield {"api_url": api, "ui_url": f"http://127.0.0.1:{port}", "home": home}
     finally:
         proc.terminate()
         try:

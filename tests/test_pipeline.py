@@ -1,6 +1,8 @@
 """collect -> train -> evaluate through the flows, on a real Prefect server, checked from the store."""
 
 import json
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,6 +90,44 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
                                      "and requested = (select min(requested) from evaluations where eval = 'e1') group by network "
                                      "having count(*) > 1").to_pylist()
     assert diversity and all(r["n"] == 8 for r in diversity)
+
+
+def latest_artifact(api_url: str, key: str) -> dict:
+    request = urllib.request.Request(f"{api_url}/artifacts/filter", headers={"content-type": "application/json"},
+                                     data=json.dumps({"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).encode())
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)[0]
+
+
+def test_reports_show_every_picture_in_a_browser(small_store, prefect_server, prefect_api):
+    """What a user opens: the artifacts in the Prefect UI, report.html and the index as files, the model card."""
+    from flows.evaluate import evaluate_flow
+    from tests.browser import loaded_images, page
+
+    evaluate_flow(store=small_store, model="g", eval="seen", networks=4, prompts=3, recursive=2)
+    store = open_store(small_store)
+    report = store.fs.cat_file(store.path("evals", "seen", "report.md")).decode()
+    pictures = report.count("![")
+    assert pictures == len([f for f in store.ls("evals", "seen") if f.endswith(".png")]) >= 9  # every plot is shown
+    root = Path(store.path())
+    opened = {}
+    with page() as pg:
+        for key, at_least in (("eval-report", pictures), ("eval-index", 1), ("model-g", 1), ("sweep-tiny", 1)):
+            pg.goto(f"{prefect_server['ui_url']}/artifacts/artifact/{latest_artifact(prefect_server['api_url'], key)['id']}")
+            opened[key] = loaded_images(pg, at_least)
+        for name, path, at_least in (("report.html", root / "evals" / "seen" / "report.html", pictures),
+                                     ("index.html", root / "evals" / "index.html", 1),
+                                     ("card.html", root / "models" / "g" / "card.html", 1)):
+            pg.goto(path.as_uri())
+            opened[name] = loaded_images(pg, at_least)
+            assert "seen" in pg.content()  # the evaluation is listed (the card lists its model's evaluations)
+        errors = pg.errors
+    for name, images in opened.items():
+        assert images and all(i["width"] > 0 for i in images), (name, [i for i in images if i["width"] == 0])
+        if name != "eval-report" and not name.endswith("html"):
+            assert any(i["src"].startswith("data:image/png") for i in images), name
+    assert errors == []
+    assert len(latest_artifact(prefect_server["api_url"], "eval-report")["data"]) < 1_500_000  # quick to load
 
 
 def test_cli_bad_inputs(small_store, cli, tmp_path):

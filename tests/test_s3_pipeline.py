@@ -70,7 +70,7 @@ def test_pipeline_on_s3_through_the_cli(cli, s3_store_url, s3_server):
     assert json.loads(out.stdout) == [{"runs": 24, "ckpts": 120}]
     run("train", "--store", s3_store_url, "--sweep", "s3d", "--model", "g", "--steps", "4", "--batch-size", "16")
     out = run("evaluate", "--store", s3_store_url, "--eval", "e1", "--networks", "4", "--prompts", "3", "--recursive", "2")
-    assert f"{s3_store_url}/evals/e1/report.md" in out.stdout
+    assert f"{s3_store_url}/evals/e1/report.html" in out.stdout
     store = open_store(s3_store_url)
     assert catalog.query(store, "select count(*) as n from evaluations where eval = 'e1'").to_pylist()[0]["n"] >= 4 * 3
     check_exactly_once(store, "s3d", 24)
@@ -78,7 +78,9 @@ def test_pipeline_on_s3_through_the_cli(cli, s3_store_url, s3_server):
     index = store.fs.cat_file(store.path("evals", "index.md")).decode()
     assert "e1" in index
     lineage = json.dumps(store.read_json("models", "g", "lineage.json"))
-    for text in outputs + [report, index, lineage, prefect_records()]:
+    pages = [store.fs.cat_file(store.path(*p)).decode() for p in (("evals", "e1", "report.html"), ("evals", "index.html"),
+                                                                  ("models", "g", "card.html"))]
+    for text in outputs + [report, index, lineage, prefect_records(), *pages]:
         assert secret not in text
 
 

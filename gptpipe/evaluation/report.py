@@ -1,4 +1,4 @@
-"""The human side of an evaluation (no I/O): plots, ``report.md`` and the text of ``evals/index.md``.
+"""The human side of an evaluation (no I/O): its plots and ``report.md`` (pages.py makes them into pages).
 
 Every number in the report is recomputable from ``results.parquet`` / ``baselines.parquet`` with
 ``gptpipe catalog`` (the report prints the SQL for its headline numbers).
@@ -14,7 +14,21 @@ import pyarrow as pa
 from gptpipe.evaluation.baselines import EVAL_STEPS
 
 
-def _plt():
+# One colour per source in every plot and page, readable on white and on the Prefect UI's dark theme
+# (plots carry their own white background).
+COLORS = {"gpt": "tab:orange", "heldout": "tab:purple", "fresh": "tab:orange", "recipe": "tab:blue", "adam": "tab:green",
+          "start": "dimgrey", "copies": "grey", "bad": "tab:red"}
+METRIC_LABELS = {"test_loss": "test loss (cross-entropy, nats)", "train_loss": "train loss (cross-entropy, nats)",
+                 "test_error": "test error (fraction wrong)", "train_error": "train error (fraction wrong)",
+                 "return": "return (steps balanced, max 500)"}
+
+
+def metric_label(metric: str) -> str:
+    """``metric`` with its unit, for an axis."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def plt_module():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,17 +37,17 @@ def _plt():
     return plt
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    _plt().close(fig)
+    plt_module().close(fig)
     return buf.getvalue()
 
 
 def loss_plot(losses: list[float], title: str) -> bytes:
     """The training curve of G.pt ``title``: every step and a running mean, log scale."""
-    plt = _plt()
+    plt = plt_module()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     y = np.asarray(losses, dtype=float)
     if len(y):
@@ -43,19 +57,19 @@ def loss_plot(losses: list[float], title: str) -> bytes:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("diffusion loss")
-    ax.set_title(f"G.pt {title}")
+    ax.set_title(f"Training loss of G.pt {title}")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def alignment_plot(rows: dict, summary: dict) -> bytes:
     """Requested vs achieved for every one-step prompt, held-out runs and fresh inits, with y = x."""
-    plt = _plt()
+    plt = plt_module()
     fig, ax = plt.subplots(figsize=(5.2, 5))
     step = np.asarray(rows["step"])
     grid = (step == 1) & (np.asarray(rows["sample"]) == 0)
     req, ach, src = np.asarray(rows["requested"]), np.asarray(rows["achieved"]), np.asarray(rows["source"])
-    for name, color in (("heldout_run", "tab:blue"), ("fresh_init", "tab:orange")):
+    for name, color in (("heldout_run", COLORS["heldout"]), ("fresh_init", COLORS["fresh"])):
         m = grid & (src == name)
         if m.any():
             ax.scatter(req[m], ach[m], s=8, alpha=0.5, color=color,
@@ -63,16 +77,16 @@ def alignment_plot(rows: dict, summary: dict) -> bytes:
     lo = float(np.nanmin([req.min(), np.nanmin(ach)]))
     hi = float(np.nanmax([req.max(), np.nanpercentile(ach, 99)]))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="achieved = requested")
-    ax.set_xlabel(f"requested {summary['metric']}")
-    ax.set_ylabel(f"achieved {summary['metric']}")
+    ax.set_xlabel(f"requested {metric_label(summary['metric'])}")
+    ax.set_ylabel(f"achieved {metric_label(summary['metric'])}")
     ax.set_title(f"Prompt alignment, {summary['model']} (one G.pt step)")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def curves_plot(rows: dict, summary: dict, n: int = 6) -> bytes:
     """A few networks prompted across the range: each line is one start network."""
-    plt = _plt()
+    plt = plt_module()
     fig, ax = plt.subplots(figsize=(6, 4))
     grid = (np.asarray(rows["step"]) == 1) & (np.asarray(rows["sample"]) == 0)
     net = np.asarray(rows["network"])
@@ -85,61 +99,61 @@ def curves_plot(rows: dict, summary: dict, n: int = 6) -> bytes:
         ax.plot(req[m][order], ach[m][order], style, marker="o", ms=3, label=f"network {k} ({src[m][0].replace('_', ' ')})")
     lo, hi = req.min(), req.max()
     ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-    ax.set_xlabel(f"requested {summary['metric']}")
-    ax.set_ylabel(f"achieved {summary['metric']}")
-    ax.set_title("Prompting across a range of values")
+    ax.set_xlabel(f"requested {metric_label(summary['metric'])}")
+    ax.set_ylabel(f"achieved {metric_label(summary['metric'])}")
+    ax.set_title("Prompting across a range of values (solid: held-out runs, dashed: fresh inits)")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def one_step_plot(summary: dict, metric: str) -> bytes:
     """Fresh random inits: the start, one G.pt update, the sweep's recipe (SGD; PPO for cartpole, where an
     epoch is a PPO iteration) after 1 and 25 epochs, recursive updates."""
-    plt = _plt()
+    plt = plt_module()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
     labels = ["start", "G.pt 1 step", "recipe 1 epoch", "recipe 25 epochs"]
     values = [summary[f"start_{metric}_mean"], summary[f"one_step_best_prompt_{metric}_mean"],
               summary[f"sgd_1_epoch_{metric}_mean"], summary[f"sgd_25_epochs_{metric}_mean"]]
-    a.bar(labels, values, color=["grey", "tab:orange", "tab:blue", "tab:blue"])
+    a.bar(labels, values, color=[COLORS["start"], COLORS["gpt"], COLORS["recipe"], COLORS["recipe"]])
     for i, v in enumerate(values):
         a.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-    a.set_ylabel(f"mean {metric} (fresh inits)")
+    a.set_ylabel(f"mean {metric_label(metric)}\n(fresh inits)")
     a.set_title("One update from a random init")
     a.tick_params(axis="x", labelsize=8)
     rec = summary[f"recursive_{metric}_mean"]
-    b.plot(range(1, len(rec) + 1), rec, marker="o", color="tab:orange", label="G.pt, prompted with the best value")
-    b.axhline(summary[f"sgd_25_epochs_{metric}_mean"], color="tab:blue", ls="--", label="recipe 25 epochs")
+    b.plot(range(1, len(rec) + 1), rec, marker="o", color=COLORS["gpt"], label="G.pt, prompted with the best value")
+    b.axhline(summary[f"sgd_25_epochs_{metric}_mean"], color=COLORS["recipe"], ls="--", label="recipe 25 epochs")
     b.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     b.set_xlabel("G.pt updates")
-    b.set_ylabel(f"mean {metric}")
+    b.set_ylabel(f"mean {metric_label(metric)}")
     b.set_title("Recursive prompting")
     b.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def optimiser_plot(summary: dict, metric: str) -> bytes:
     """SGD and Adam from the same fresh inits, against optimiser steps; G.pt's one update as a line."""
-    plt = _plt()
+    plt = plt_module()
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = np.asarray(summary["optimiser_steps"], dtype=float)
     x = np.where(steps == 0, 0.5, steps)  # log axis: step 0 drawn at 0.5
-    for name, color in (("sgd", "tab:blue"), ("adam", "tab:green")):
+    for name, color in (("sgd", COLORS["recipe"]), ("adam", COLORS["adam"])):
         ax.plot(x, summary[f"{name}_curve_{metric}_mean"], marker="o", ms=3, color=color,
                 label=f"{name.upper()} (lr {summary['best_lr' if name == 'sgd' else 'adam_lr']:.3g})")
-    ax.axhline(summary[f"one_step_best_prompt_{metric}_mean"], color="tab:orange", lw=2, label="G.pt, one update")
-    ax.axhline(summary["sweep_best"], color="grey", ls=":", label="best checkpoint in the sweep")
+    ax.axhline(summary[f"one_step_best_prompt_{metric}_mean"], color=COLORS["gpt"], lw=2, label="G.pt, one update")
+    ax.axhline(summary["sweep_best"], color=COLORS["copies"], ls=":", label="best checkpoint in the sweep")
     ax.set_xscale("log")
     ax.set_xlabel("optimiser steps (batch 128; 0 drawn at 0.5)")
-    ax.set_ylabel(f"mean {metric} (fresh inits)")
+    ax.set_ylabel(f"mean {metric_label(metric)} (fresh inits)")
     ax.set_title("One G.pt update vs optimiser steps")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def diversity_plot(diversity: dict, rows: dict, metric: str) -> bytes:
     """Several samples for the same (network, best prompt): what each achieves, and how far apart
     the samples are compared with how far they moved from the start."""
-    plt = _plt()
+    plt = plt_module()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
     net, sample, step = np.asarray(rows["network"]), np.asarray(rows["sample"]), np.asarray(rows["step"])
     req, ach = np.asarray(rows["requested"]), np.asarray(rows["achieved"])
@@ -154,23 +168,23 @@ def diversity_plot(diversity: dict, rows: dict, metric: str) -> bytes:
         moved += np.linalg.norm(samples - diversity["start"][i], axis=1).tolist()
     a.axhline(best, color="k", ls="--", lw=1, label="requested")
     a.set_xticks(range(len(diversity["nets"])), [f"net {n}" for n in diversity["nets"]])
-    a.set_ylabel(f"achieved {metric}")
+    a.set_ylabel(f"achieved {metric_label(metric)}")
     a.set_title("Samples for the same prompt")
     a.legend(fontsize=8)
-    b.hist(pairwise, bins=20, alpha=0.7, label="between samples")
-    b.hist(moved, bins=20, alpha=0.7, label="sample to its start")
+    b.hist(pairwise, bins=20, alpha=0.7, color=COLORS["gpt"], label="between samples")
+    b.hist(moved, bins=20, alpha=0.7, color=COLORS["start"], label="sample to its start")
     b.set_xlabel("parameter distance (L2)")
     b.set_title("Distinct solutions?")
     b.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def landscape_plot(landscape: dict, diversity: dict, metric: str) -> bytes:
     """The metric over the sweep's top-2 principal directions, with starts and samples drawn on it."""
-    plt = _plt()
+    plt = plt_module()
     fig, ax = plt.subplots(figsize=(6, 5))
     cs = ax.contourf(landscape["a"], landscape["b"], landscape["values"], levels=20, cmap="viridis")
-    fig.colorbar(cs, ax=ax, label=metric)
+    fig.colorbar(cs, ax=ax, label=metric_label(metric))
     ax.scatter(*landscape["train"].T, s=1, c="white", alpha=0.15, label="training checkpoints")
     n = len(diversity["nets"])
     pts = landscape["points"]
@@ -185,7 +199,7 @@ def landscape_plot(landscape: dict, diversity: dict, metric: str) -> bytes:
     ax.set_xlabel("principal direction 1")
     ax.set_ylabel("principal direction 2")
     ax.set_title(f"{metric} landscape: starts (x) and G.pt samples (o)")
-    return _png(fig)
+    return png(fig)
 
 
 def first_layer_images(layers, theta) -> np.ndarray | None:
@@ -214,7 +228,7 @@ def first_layer_images(layers, theta) -> np.ndarray | None:
 def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_units: int = 16) -> bytes:
     """Rows: frames of a latent walk (noise slerped between two draws, same start and prompt); columns:
     the first layer's units drawn as images; each unit keeps one colour scale across frames."""
-    plt = _plt()
+    plt = plt_module()
     F, U = images.shape[:2]
     U = min(U, max_units)
     rgb = images.ndim == 5
@@ -236,28 +250,32 @@ def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_un
             if f == 0:
                 ax.set_title(f"unit {u}", fontsize=6)
     fig.suptitle(f"Latent walk: first-layer weights per frame (row label: achieved {metric})", fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def nn_plot(nn: dict, summary: dict) -> bytes:
-    """Left: distances to the nearest training checkpoint, G.pt's samples against held-out runs' own
-    final checkpoints. Right: the metric against that distance, G.pt against training checkpoints plus
-    noise (Zeng et al. 2025: a copier sits on or below the noise curve)."""
+    """The memorisation picture (Zeng et al. 2025, who found published weight generators mostly copy
+    their training checkpoints). Left: distance to the nearest training checkpoint, G.pt's samples
+    against held-out runs' own final checkpoints. Right: the metric against that distance, every G.pt
+    sample against the best training checkpoints plus noise at several scales: a copier sits on the
+    noise curve, a model that learned the task beats it at the same distance."""
     metric, copies = summary["metric"], summary["copies_plus_noise"]
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.hist(nn["generated"], bins=20, alpha=0.7, label="G.pt samples (best prompt)")
-    a.hist(nn["heldout_final"], bins=20, alpha=0.7, label="held-out runs' final checkpoints")
-    a.set_xlabel("distance to the nearest training checkpoint (L2)")
-    a.set_title("Memorisation check")
+    plt = plt_module()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.hist(nn["generated"], bins=20, alpha=0.7, color=COLORS["gpt"], label="G.pt samples (best prompt)")
+    a.hist(nn["heldout_final"], bins=20, alpha=0.7, color=COLORS["heldout"], label="held-out runs' final checkpoints")
+    a.set_xlabel("distance to the nearest training checkpoint (L2 over all parameters)")
+    a.set_ylabel("networks")
+    a.set_title("How far from the training checkpoints?")
     a.legend(fontsize=8)
-    b.plot([c["distance"] for c in copies], [c[metric] for c in copies], "o-", label="best training checkpoints + noise")
-    b.plot([summary["nn_distance_generated_median"]], [summary["generated_best_prompt_mean"]], "r*", markersize=12, label="G.pt samples (median distance)")
-    b.set_xlabel("distance from a training checkpoint (L2)")
-    b.set_ylabel(metric)
-    b.set_title("Better than copies plus noise?")
+    b.scatter(nn["generated"], nn["generated_values"], s=10, alpha=0.6, color=COLORS["gpt"], label="G.pt samples (best prompt)")
+    b.plot([c["distance"] for c in copies], [c[metric] for c in copies], "o-", color=COLORS["copies"],
+           label="best training checkpoints + noise")
+    b.set_xlabel("distance from a training checkpoint (L2 over all parameters)")
+    b.set_ylabel(metric_label(metric))
+    b.set_title("Better than copies plus noise at the same distance?")
     b.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _header(summary: dict) -> list[str]:
@@ -299,13 +317,20 @@ def _one_step(summary: dict) -> list[str]:
         lines.append(f"| {metric} | {summary[f'start_{metric}_mean']:.4g} | {summary[f'one_step_best_prompt_{metric}_mean']:.4g} | "
                      f"{summary[f'one_step_best_prompt_{metric}_best']:.4g} | {summary[f'sgd_1_epoch_{metric}_mean']:.4g} | "
                      f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} |")
-    lines += ["", f"![one step](one_step_{m}.png)", "",
-              "The baselines start from the same networks with the sweep's recipe at the learning rate of its best run.", ""]
-    if f"sgd_curve_{m}_mean" in summary:  # optimiser curves need a differentiable training loss (not RL)
-        lines += [f"![optimisers](optimisers_{m}.png)", "",
-                  f"Steps to match G.pt's one update: SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
+    lines.append("")
+    for shown in plotted_metrics(summary):
+        lines += [f"![one step, {shown}](one_step_{shown}.png)", ""]
+        if f"sgd_curve_{shown}_mean" in summary:  # optimiser curves need a differentiable training loss (not RL)
+            lines += [f"![optimisers, {shown}](optimisers_{shown}.png)", ""]
+    if f"sgd_curve_{m}_mean" in summary:
+        lines += [f"Steps to match G.pt's one update ({m}): SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
                   f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).", ""]
     return lines
+
+
+def plotted_metrics(summary: dict) -> list[str]:
+    """The metrics the one-update plots are drawn in: loss and error for classifiers, else the prompted one."""
+    return [m for m in dict.fromkeys(("test_loss", "test_error", summary["metric"])) if f"start_{m}_mean" in summary]
 
 
 def _diversity_and_checks(summary: dict) -> list[str]:
@@ -381,11 +406,10 @@ def render(summary: dict, results: pa.Table, landscape: dict, diversity: dict, n
     rows = results.to_pydict()
     metric = summary["metric"]
     files = {"alignment.png": alignment_plot(rows, summary), "curves.png": curves_plot(rows, summary)}
-    for m in dict.fromkeys(("test_loss", "test_error", metric)):
-        if f"start_{m}_mean" in summary:
-            files[f"one_step_{m}.png"] = one_step_plot(summary, m)
-            if f"sgd_curve_{m}_mean" in summary:
-                files[f"optimisers_{m}.png"] = optimiser_plot(summary, m)
+    for m in plotted_metrics(summary):
+        files[f"one_step_{m}.png"] = one_step_plot(summary, m)
+        if f"sgd_curve_{m}_mean" in summary:
+            files[f"optimisers_{m}.png"] = optimiser_plot(summary, m)
     if len(diversity["nets"]):
         files["diversity.png"] = diversity_plot(diversity, rows, metric)
         files["landscape.png"] = landscape_plot(landscape, diversity, "test_error" if "test_error" in rows else metric)
@@ -394,20 +418,3 @@ def render(summary: dict, results: pa.Table, landscape: dict, diversity: dict, n
         files["latent_walk.png"] = latent_walk_plot(walk["images"], walk["values"], metric)
     files["report.md"] = markdown(summary).encode()
     return files
-
-
-def index_markdown(summaries: list[dict]) -> str:
-    """``evals/index.md``: every evaluation (newest first) with its headline numbers."""
-    lines = ["# Evaluations", "", "Each row in its model's own metric: the start networks' mean, then after one G.pt update "
-             "prompted with the sweep's best value, then after one epoch of the sweep's recipe.", "",
-             "| eval | created | model | step | metric | R² held-out | R² fresh | start | G.pt 1 step | recipe 1 epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    nan = float("nan")
-    for s in summaries:
-        m = s.get("metric", "test_loss")
-        shown = "test_error" if "one_step_best_prompt_test_error_mean" in s else m  # classifiers: error reads best
-        lines.append(f"| [{s['eval']}]({s['eval']}/report.md) | {s.get('created_at', '')[:16]} | {s['model']} | {s.get('model_step')} | "
-                     f"{shown} | {s.get('r2_heldout_run', nan):.3f} | {s.get('r2_fresh_init', nan):.3f} | "
-                     f"{s.get(f'start_{shown}_mean', nan):.3f} | {s.get(f'one_step_best_prompt_{shown}_mean', nan):.3f} | "
-                     f"{s.get(f'sgd_1_epoch_{shown}_mean', nan):.3f} |")
-    return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from gptpipe import data as datasets
 from gptpipe import problems
+from gptpipe.evaluation import pages
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import RunsResult, SweepConfig, checkpoint_steps
 from storage import catalog, sweeps
@@ -158,3 +159,12 @@ def summarize(store: Store, sweep: str) -> dict:
         select count(*) as runs, count(*) filter (status = 'ok') as ok, count(*) filter (status = 'diverged') as diverged,
                sum(n_ckpts) as checkpoints, min(lr) as lr_min, max(lr) as lr_max, {best}, sum(wall_s) as compute_s
         from runs where sweep = ?""", [sweep]).to_pylist()[0]
+
+
+def sweep_plot(store: Store, sweep: str) -> bytes:
+    """The sweep at a glance (``pages.sweep_plot``) in its problem's primary metric, from the catalog."""
+    problem = problems.get(sweeps.read_config(store, sweep)["problem"])
+    m = catalog.column(problem.primary)
+    runs = catalog.query(store, f"select lr, status, best_{m}, final_{m} from runs where sweep = ?", [sweep]).to_pydict()
+    return pages.sweep_plot(runs, problem.primary, problem.primary in problem.higher_is_better,
+                            f"Sweep {sweep}: {len(runs['lr'])} runs of {problem.name}")

@@ -19,9 +19,9 @@ import torch
 
 from gptpipe import data as datasets
 from gptpipe import problems
-from gptpipe.evaluation import baselines, checks, report, sampling
+from gptpipe.evaluation import baselines, checks, pages, report, sampling
 from gptpipe.gpt.trainer import load_model
-from gptpipe.stages.train import code_version, sampling_defaults
+from gptpipe.stages.train import code_version, sampling_defaults, write_card
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
 from storage import catalog, evals, models, sweeps
@@ -186,7 +186,7 @@ def memorisation_checks(store: Store, s: Session, req: EvalRequest, start: np.nd
             "copies_plus_noise": [{"distance": d, **v} for d, v in copies.items()],
             f"copies_plus_noise_{s.metric}_at_generated_distance": copies[nn_median][s.metric],
         },
-        "nn": {"generated": nn_generated, "heldout_final": nn_heldout},
+        "nn": {"generated": nn_generated, "generated_values": prompted.achieved[s.metric][:, TOP], "heldout_final": nn_heldout},
         "landscape": checks.pca_landscape(s.problem, s.dataset, training, points, landscape_metric),
     }
 
@@ -269,8 +269,10 @@ def run(store: Store, req: EvalRequest) -> dict:
                  "extra": out["div_params"].reshape(len(div_nets), max(req.diversity_samples - 1, 0), -1)}
     results = pa.table(rows)
     files = report.render(summary, results, checked["landscape"], diversity, checked["nn"], walk)
+    files["report.html"] = pages.html_page(f"Evaluation {req.eval}", files["report.md"].decode(), files)
     evals.write(store, req.eval, np.stack(vectors), results, pa.table(base_rows), summary, files)
-    evals.write_index(store, report.index_markdown(evals.summaries(store)))
+    evals.write_index(store, pages.index_files(evals.summaries(store)))
+    write_card(store, req.model)
     return summary
 
 

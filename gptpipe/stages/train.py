@@ -19,11 +19,12 @@ from typing import Callable
 import numpy as np
 
 from gptpipe import problems
+from gptpipe.evaluation import pages
 from gptpipe.evaluation.report import loss_plot
 from gptpipe.gpt import distributed
 from gptpipe.gpt.pairs import StreamingPairs, resolve_symmetry
 from gptpipe.gpt.trainer import TrainConfig, Trainer
-from storage import catalog, models, sweeps
+from storage import catalog, evals, models, sweeps
 from storage.store import Store, StoreError, default_store_url, open_store
 
 HELDOUT_FRAC, HELDOUT_MAX = 0.1, 64
@@ -172,6 +173,14 @@ def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> Non
     models.save(store, model, trainer.state_dict_bytes(),
                 {**lineage, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 2), "code_version": code_version()},
                 trainer.losses, loss_plot(trainer.losses, model))
+    write_card(store, model)
+
+
+def write_card(store: Store, model: str) -> None:
+    """(Re)write ``models/<model>/card.html`` from what the store holds: after each save and each evaluation."""
+    mine = [s for s in evals.summaries(store) if s.get("model") == model]
+    models.write_card(store, model, pages.model_card(model, models.read_lineage(store, model),
+                                                     models.read_loss_plot(store, model), mine))
 
 
 def run_training(data: TrainingData, store: str, model: str, options: dict | None = None, save_every: int | None = None,
