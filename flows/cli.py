@@ -44,11 +44,12 @@ def given(**options) -> dict:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from gptpipe.data import DataError
+    from gptpipe.gpt.trainer import DeviceError
     from gptpipe.problems import ProblemError
     from gptpipe.sweep.config import SweepConfigError
     from storage.s3server import S3ServerError
 
-    return (StoreError, DataError, ProblemError, SweepConfigError, S3ServerError)
+    return (StoreError, DataError, DeviceError, ProblemError, SweepConfigError, S3ServerError)
 
 
 @contextmanager
@@ -193,6 +194,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default), cpu, cuda"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)"),
+    force: bool = typer.Option(False, "--force", help="Train a GPU-sized preset (paper) even where no GPU is visible"),
     pairing: Optional[str] = typer.Option(None, help="Training pairs: uniform (the paper), init, mixed (the default), "
                                           "two-way (mixed, a quarter reversed: targets worse than the start)"),
     save_every: Optional[int] = typer.Option(None, help="Save (and resume from) every N steps (default: the train stage's)"),
@@ -222,6 +224,11 @@ def train(
 
         if pairing is not None and pairing not in PAIRINGS:
             raise StoreError(f"unknown --pairing {pairing!r} (choose from {', '.join(PAIRINGS)})")
+        from gptpipe.gpt.trainer import resolve_device
+
+        if resolve_device(device or "auto").type == "cpu" and preset in GPU_PRESETS and not force:
+            raise StoreError(f"the {preset} preset is sized for a GPU and would train for days on this CPU (no CUDA device "
+                             f"visible); use --preset tiny or small, or add --force")
         st = open_store(url)
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
@@ -247,6 +254,9 @@ def train(
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
+GPU_PRESETS = ("paper",)  # ~392M parameters at mnist_mlp size: refused on the CPU unless --force
+
+
 def _preset_steps(preset: str | None) -> int:
     from gptpipe.gpt.trainer import TrainConfig
 
@@ -265,6 +275,7 @@ def evaluate(
     sample_steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the model's)"),
     seed: Optional[int] = typer.Option(None, help="Seed of fresh inits and sampling (default: EvalRequest's)"),
     data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
+    device: Optional[str] = typer.Option(None, help="Where G.pt samples: auto (CUDA when present; the default), cpu, cuda"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     from gptpipe.gpt.diffusion import SAMPLERS
@@ -277,6 +288,10 @@ def evaluate(
             raise StoreError("--networks and --prompts must be at least 2")
         if sampler and sampler not in SAMPLERS:
             raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if device is not None:
+            from gptpipe.gpt.trainer import resolve_device
+
+            resolve_device(device)  # a device that is not here: one line now
         st = open_store(url)
         model = model or models.newest(st)
         models.read_lineage(st, model)
@@ -287,7 +302,7 @@ def evaluate(
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
-                                            sample_steps=sample_steps, seed=seed))
+                                            sample_steps=sample_steps, seed=seed, device=device))
     _print_summary(url, summary)
 
 
@@ -378,9 +393,9 @@ def demo(
                 f"avg(final_{metric}) as final_{metric} from runs where sweep = '{d.name}' group by 1 order by 1",
             store=url, format="table")
     train(sweep=[d.name], model=d.name, store=url, preset=None, steps=d.steps, metric=None, batch_size=None,
-          device=None, lr=None, pairing=d.pairing, save_every=None, memory_budget=d.memory_budget)
+          device=None, lr=None, force=False, pairing=d.pairing, save_every=None, memory_budget=d.memory_budget)
     evaluate(model=d.name, store=url, eval=None, networks=d.networks, prompts=d.prompts, recursive=None, sampler=None,
-             sample_steps=None, seed=None, data_root=None)
+             sample_steps=None, seed=None, data_root=None, device=None)
 
 
 @app.command("import-gpt")

@@ -23,6 +23,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # One intra-op thread per process: with servers and CLI subprocesses sharing two cores, OpenMP's
 # spinning threads slow small kernels by 10x or more (measured: test_gpt 102 s -> 8 s).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests compare with CPU tensors and run tiny models: pinned to the CPU on a GPU machine too (what "auto"
+# picks is tested in tests/test_device.py; the GPU itself by bench/gpu_check.py).
+os.environ.setdefault("GPTPIPE_DEVICE", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

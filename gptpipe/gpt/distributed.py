@@ -19,14 +19,22 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_from_env(backend: str | None = None) -> bool:
-    """Join the process group described by torchrun's environment; False (and nothing done) when the
-    process was not started by torchrun (WORLD_SIZE unset or 1)."""
+def backend_for(device: str) -> str:
+    """NCCL for GPU training, gloo for CPU training, whatever the node has: the requested device
+    ("cpu", "cuda", or "auto" = CUDA when present) decides, not the hardware alone."""
+    if device == "auto":
+        device = os.environ.get("GPTPIPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group described by torchrun's environment, with the backend for ``device``;
+    False (and nothing done) when the process was not started by torchrun (WORLD_SIZE unset or 1)."""
     if dist.is_available() and dist.is_initialized():
         return True
     if env_world_size() <= 1:
         return False
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -102,13 +103,28 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+class DeviceError(ValueError):
+    """A device that is not here."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """"auto" = CUDA when present (under torchrun: this process's LOCAL_RANK GPU), else CPU."""
+    """"auto" = ``$GPTPIPE_DEVICE`` when set (the tests pin it to cpu), else CUDA when present, else CPU;
+    "cuda" under torchrun is this process's LOCAL_RANK GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = os.environ.get("GPTPIPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} asked for, but torch sees no CUDA device (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     if name == "cuda" and distributed.active():
         return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """What a run ran on, for logs, lineages and reports: "cuda:0 (NVIDIA H200)", "cpu (2 threads)"."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def use_bf16(config: TrainConfig, gpt_config: GptConfig, device: torch.device) -> bool:

@@ -20,7 +20,7 @@ import torch
 from gptpipe import data as datasets
 from gptpipe import problems
 from gptpipe.evaluation import baselines, checks, pages, report, sampling
-from gptpipe.gpt.trainer import load_model
+from gptpipe.gpt.trainer import describe_device, load_model
 from gptpipe.stages.train import code_version, sampling_defaults, write_card
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
@@ -51,6 +51,7 @@ class EvalRequest:
     sample_steps: int = 0  # 0 = the model's default
     seed: int = 0
     walk_frames: int = 8  # frames of the latent walk in the report (0: none)
+    device: str = "auto"  # where G.pt samples: "auto" (CUDA when present), "cpu", "cuda"; networks are scored on the CPU
 
 
 def start_networks(store: Store, lineage: dict, problem, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -117,7 +118,7 @@ class Session:
 
 def open_session(store: Store, req: EvalRequest) -> Session:
     lineage = models.read_lineage(store, req.model)
-    model, diffusion, _ = load_model(models.read_state(store, req.model))
+    model, diffusion, _ = load_model(models.read_state(store, req.model), device=req.device)
     sweep = lineage["sweeps"][0]
     recipe = sweeps.read_config(store, sweep)["recipe"]
     sampler, steps = sampling_defaults(lineage)
@@ -288,8 +289,8 @@ def run_summary(s: Session, req: EvalRequest, base: dict, one_step: float, n_div
         **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[s.metric].mean(1), baselines.EVAL_STEPS, one_step, higher)
            for name, c in curves.items()},
         "diversity_networks": n_diversity, "diversity_samples": req.diversity_samples,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, sampling on "
+                   f"{describe_device(next(s.model.parameters()).device)}",
         "train_wall_s": s.lineage.get("train_wall_s"),
     }
 

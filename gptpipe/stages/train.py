@@ -23,7 +23,7 @@ from gptpipe.evaluation import pages
 from gptpipe.evaluation.report import loss_plot
 from gptpipe.gpt import distributed
 from gptpipe.gpt.pairs import StreamingPairs, resolve_symmetry
-from gptpipe.gpt.trainer import TrainConfig, Trainer
+from gptpipe.gpt.trainer import TrainConfig, Trainer, describe_device
 from storage import catalog, evals, models, sweeps
 from storage.store import Store, StoreError, default_store_url, open_store
 
@@ -215,6 +215,9 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
             print(f"resuming {model} at step {trainer.step}")
     else:
         trainer = Trainer(data.problem, data.params, data.metric_values, config, stream=stream)
+    lineage["device"] = describe_device(trainer.device)  # what "auto" became: a slow run on the CPU says so
+    if main:
+        print(f"training {model} on {lineage['device']}")
     target = config.steps
 
     def save():
@@ -245,7 +248,7 @@ def train_distributed(sweeps: list[str], model: str, store: str | None = None, m
                       options: dict | None = None, save_every: int | None = None, memory_budget: int | None = None) -> dict:
     """``run_training`` on every rank of a ``torchrun`` job (no Prefect flow run: N processes would make
     N flow runs and Prefect's retries would desynchronise the ranks). Rank 0 writes to the store."""
-    distributed.init_from_env()
+    distributed.init_from_env((options or {}).get("device", "auto"))
     try:
         store = store or default_store_url()
         seed = (options or {}).get("seed", 0)

@@ -1,0 +1,48 @@
+"""Where work runs: what "auto" picks with and without a visible GPU, the DDP backend, and the one-line
+refusals for a device that is not here. Each case runs in a fresh process, as CUDA is read once."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+PROBE = ("import torch; from gptpipe.gpt.trainer import resolve_device; from gptpipe.gpt.distributed import backend_for; "
+         "print(resolve_device('auto').type, backend_for('auto'), backend_for('cpu'), backend_for('cuda'), int(torch.cuda.is_available()))")
+
+
+def probe(**env_changes) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTPIPE_DEVICE", "CUDA_VISIBLE_DEVICES")}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("visible", [None, ""], ids=["CUDA_VISIBLE_DEVICES unset", "CUDA_VISIBLE_DEVICES empty"])
+def test_auto_follows_the_visible_gpu_and_the_backend_follows_the_device(visible):
+    device, auto_backend, cpu_backend, cuda_backend, has_cuda = probe(CUDA_VISIBLE_DEVICES=visible)
+    assert device == ("cuda" if has_cuda == "1" else "cpu")
+    if visible == "":
+        assert device == "cpu"
+    assert auto_backend == ("nccl" if device == "cuda" else "gloo")
+    assert (cpu_backend, cuda_backend) == ("gloo", "nccl")  # --device cpu under torchrun on a GPU node: gloo
+
+
+def test_gptpipe_device_pins_auto():
+    device, auto_backend, *_ = probe(GPTPIPE_DEVICE="cpu")
+    assert (device, auto_backend) == ("cpu", "gloo")
+
+
+def test_a_device_that_is_not_here_is_one_line(tmp_path):
+    no_gpu = {"CUDA_VISIBLE_DEVICES": "", "GPTPIPE_DEVICE": ""}
+    store = str(tmp_path / "store")
+    for args, message in [
+        (["train", "--store", store, "--sweep", "s", "--model", "m", "--preset", "paper"], "sized for a GPU"),
+        (["train", "--store", store, "--sweep", "s", "--model", "m", "--device", "cuda"], "torch sees no CUDA device"),
+        (["evaluate", "--store", store, "--model", "m", "--device", "cuda"], "torch sees no CUDA device"),
+    ]:
+        proc = run_cli(*args, env=no_gpu)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
+    assert not (tmp_path / "store").exists()
