@@ -379,6 +379,17 @@ class Gpt(nn.Module):
             nn.init.zeros_(self.final_modulation.weight)
             nn.init.zeros_(self.final_modulation.bias)
 
+    def flops_per_sample(self, training: bool = True) -> float:
+        """Matmul FLOPs for one (x_t, start) sample: the chunk encoders and decoders, each block's
+        projections, MLP and attention (as nanoGPT's ``estimate_mfu`` counts them); a training step is
+        forward + backward = 3 forward passes. Small per-sample terms (conditioning) are left out."""
+        c, tok = self.config, self.tokenizer
+        T, L, D = tok.n_tokens, tok.chunk_len, c.width
+        seq = T * (1 if c.fuse_inputs else 2) + (4 if c.conditioning == "tokens" else 0)
+        io = 2 * (2 * L) * D * T + 2 * D * L * T  # encoders (x_t and start) + decoder
+        blocks = c.depth * (2 * (4 + 2 * c.mlp_ratio) * D * D * seq + 4 * seq * seq * D)
+        return float(io + blocks) * (3 if training else 1)
+
     def scalars(self, t, start_metric, target_metric) -> list[torch.Tensor]:
         """The four conditioning scalars, each embedded: ``[B, E]`` x 4."""
         t = t.float() / self.config.timesteps
