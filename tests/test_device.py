@@ -46,3 +46,18 @@ def test_a_device_that_is_not_here_is_one_line(tmp_path):
         proc = run_cli(*args, env=no_gpu)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
     assert not (tmp_path / "store").exists()
+
+
+def test_the_prepared_gpu_check_runs_reduced_on_the_cpu(tmp_path):
+    """bench/gpu_check.py is what runs on a GPU machine when one is lent: CPU-sized here so it cannot rot."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_check import main
+
+    out = tmp_path / "check.json"
+    result = main(["--reduced", "--device", "cpu", "--out", str(out)])
+    assert result == __import__("json").loads(out.read_text())
+    c = result["correctness"]
+    assert c["loss_last"] < c["loss_first"] and c["resume_equal"] and c["samples_max_abs_diff_vs_cpu"] == 0.0
+    fp32 = next(r for r in result["training"] if r["precision"] == "fp32")
+    assert fp32["steps_per_s"] > 0 and 0 < fp32["mfu"] and fp32["model_tflops"] > 0
+    assert result["sampling"]["ddim10_samples_per_s_cpu"] > 0
