@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptpipe import problems  # noqa: E402
 from gptpipe.evaluation.sampling import sample  # noqa: E402
-from gptpipe.gpt.trainer import TrainConfig, Trainer, cpu_has_bf16, describe_device, load_model, resolve_device  # noqa: E402
+from gptpipe.gpt.trainer import (TrainConfig, Trainer, cpu_has_bf16, describe_device, load_model,  # noqa: E402
+                                 matmul_peak_flops, resolve_device)
 
 PROBLEM = problems.get("mnist_mlp")
 
@@ -48,18 +49,6 @@ def synthetic_sweep(runs: int, checkpoints: int, seed: int = 0) -> tuple[torch.T
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of an n x n matmul in ``dtype``: the ceiling model-FLOPs utilisation is measured against."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
 def correctness(device: torch.device, reduced: bool) -> dict:
@@ -104,7 +93,7 @@ def throughput(device: torch.device, reduced: bool) -> list[dict]:
         sync(device)
         steps_per_s = n / (time.perf_counter() - t)
         dtype = torch.bfloat16 if autocast == "bf16" else torch.float32
-        peak = matmul_peak(device, dtype, 1024 if reduced else 8192)
+        peak = matmul_peak_flops(device, dtype, 1024 if reduced else 8192)
         flops = trainer.model.flops_per_sample(training=True) * config.batch_size * steps_per_s
         rows.append({"preset": preset, "precision": "bf16" if autocast == "bf16" else "fp32", "batch_size": config.batch_size,
                      "model_params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1),

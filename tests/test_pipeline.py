@@ -40,6 +40,7 @@ def test_train_writes_model_and_resumes(small_store, prefect_api):
     lineage = store.read_json("models", "g", "lineage.json")
     assert lineage["step"] == 4 and lineage["sweeps"] == ["tiny"] and len(lineage["heldout_runs"]["tiny"]) == 4
     assert lineage["device"].startswith("cpu (")  # what "auto" became, recorded
+    assert 0 < lineage["mfu"] < 1
     assert store.fs.cat_file(store.path("models", "g", "train_loss.png"))[:4] == b"\x89PNG"
     log = store.fs.cat_file(store.path("models", "g", "train_log.csv")).decode().splitlines()
     assert log[0] == "step,loss" and len(log) == 5

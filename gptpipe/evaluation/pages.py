@@ -150,7 +150,8 @@ def model_card(model: str, lineage: dict, loss_png: bytes, summaries: list[dict]
     config = lineage.get("train_config", {})
     lines = [f"# G.pt `{model}`", "",
              f"Problem `{lineage.get('problem')}`, conditioned on `{lineage.get('metric')}`; trained {lineage.get('step')} steps "
-             f"({lineage.get('train_wall_s')} s) on {lineage.get('training_runs')} runs of sweeps {', '.join(lineage.get('sweeps', []))} "
+             f"({lineage.get('train_wall_s')} s on {lineage.get('device', 'an unrecorded device')}, model-FLOPs utilisation "
+             f"{lineage.get('mfu', float('nan')):.1%}) on {lineage.get('training_runs')} runs of sweeps {', '.join(lineage.get('sweeps', []))} "
              f"(catalog digest `{str(lineage.get('catalog_digest', ''))[:12]}`); code {lineage.get('code_version')}; "
              f"created {str(lineage.get('created_at', ''))[:16]}, updated {str(lineage.get('updated_at', ''))[:16]}.", "",
              "![training loss](train_loss.png)", "", "## Training settings", "", "| setting | value |", "|---|---|"]

@@ -136,6 +136,20 @@ def use_bf16(config: TrainConfig, gpt_config: GptConfig, device: torch.device) -
     return device.type == "cuda" or (cpu_has_bf16() and gpt_config.width * gpt_config.depth >= 768)
 
 
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` on ``device``: the ceiling model-FLOPs utilisation is read against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Without it bf16 is emulated:
     on a 2-core AMD EPYC with AVX2 only, a `tiny` mnist_mlp step took 22.3 s in bf16 against 1.5 s in fp32."""

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from gptpipe import problems
 from gptpipe.evaluation import pages
 from gptpipe.evaluation.report import loss_plot
 from gptpipe.gpt import distributed
 from gptpipe.gpt.pairs import StreamingPairs, resolve_symmetry
-from gptpipe.gpt.trainer import TrainConfig, Trainer, describe_device
+from gptpipe.gpt.trainer import TrainConfig, Trainer, describe_device, matmul_peak_flops
 from storage import catalog, evals, models, sweeps
 from storage.store import Store, StoreError, default_store_url, open_store
 
@@ -216,11 +217,15 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
     else:
         trainer = Trainer(data.problem, data.params, data.metric_values, config, stream=stream)
     lineage["device"] = describe_device(trainer.device)  # what "auto" became: a slow run on the CPU says so
+    peak = matmul_peak_flops(trainer.device, torch.bfloat16 if trainer.bf16 else torch.float32)
     if main:
-        print(f"training {model} on {lineage['device']}")
+        print(f"training {model} on {lineage['device']} (matmul peak {peak / 1e9:.0f} GFLOP/s)")
     target = config.steps
 
     def save():
+        # model-FLOPs utilisation, as nanoGPT's estimate_mfu: the model's FLOPs per second against the peak
+        per_device = config.batch_size / distributed.world_size()
+        lineage["mfu"] = round(trainer.model.flops_per_sample() * per_device * trainer.step / max(trainer.wall_s, 1e-9) / peak, 4)
         if main:
             save_model(st, model, trainer, lineage)
         distributed.barrier()  # no rank runs ahead of a save it might resume from
@@ -233,7 +238,7 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
             if on_progress is not None:
                 on_progress(trainer.step, target, recent)
             if main:
-                print(f"step {trainer.step}/{target}: loss {recent:.4f}")
+                print(f"step {trainer.step}/{target}: loss {recent:.4f}, model-FLOPs utilisation {lineage['mfu']:.1%}")
         if not trainer.losses:
             save()
     finally:
