@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows.artifacts import artifact_key, picture, summary_markdown
+from flows.runners import set_torch_threads
 from gptpipe.stages import train
 from storage import models
 from storage.store import default_store_url, open_store
@@ -20,13 +21,15 @@ def load_data(store_url: str, sweeps: list[str], metric: str | None, seed: int, 
 def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: str | None = None, steps: int | None = None,
                metric: str | None = None, save_every: int | None = None, seed: int = 0, device: str | None = None,
                batch_size: int | None = None, lr: float | None = None, pairing: str | None = None,
-               memory_budget: int | None = None) -> dict:
+               memory_budget: int | None = None, torch_threads: int | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
-    ``memory_budget`` (bytes): bigger training sets are streamed from the store (default 2 GiB). A
-    setting left None is ``TrainConfig``'s (or the train stage's) default."""
+    ``memory_budget`` (bytes): bigger training sets are streamed from the store (default 2 GiB).
+    ``torch_threads``: see ``flows.runners.set_torch_threads``. A setting left None is ``TrainConfig``'s
+    (or the train stage's) default."""
     store = store or default_store_url()
+    print(f"{set_torch_threads(torch_threads)} torch threads")
     data = load_data(store, sweeps, metric, seed, memory_budget)
     state = {"artifact": None}
 

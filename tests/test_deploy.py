@@ -43,6 +43,13 @@ def deployed(prefect_server):
     return env
 
 
+def test_deploying_without_the_repository_path_fails_at_deploy_time(deployed):
+    env = {k: v for k, v in deployed.items() if k != "GPTPIPE_REPO"}
+    proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "train", "--prefect-file", "deploy/prefect.yaml"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode != 0 and "GPTPIPE_REPO must be this repository" in proc.stdout + proc.stderr
+
+
 def _children(pid: int) -> list[int]:
     """Every descendant of ``pid`` (from /proc)."""
     parents: dict[int, list[int]] = {}

@@ -61,3 +61,19 @@ def test_the_prepared_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     fp32 = next(r for r in result["training"] if r["precision"] == "fp32")
     assert fp32["steps_per_s"] > 0 and 0 < fp32["mfu"] and fp32["model_tflops"] > 0
     assert result["sampling"]["ddim10_samples_per_s_cpu"] > 0
+
+
+def test_flows_take_their_share_of_the_workers_cores(monkeypatch):
+    import torch
+
+    from flows.runners import set_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("GPTPIPE_TORCH_THREADS", raising=False)
+        assert set_torch_threads(None) == before  # nothing said: torch's own choice ($OMP_NUM_THREADS) stays
+        monkeypatch.setenv("GPTPIPE_TORCH_THREADS", "2")
+        assert set_torch_threads(None) == 2 == torch.get_num_threads()
+        assert set_torch_threads(1) == 1  # a run's own parameter wins
+    finally:
+        torch.set_num_threads(before)
