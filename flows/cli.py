@@ -3,11 +3,13 @@ in-process (no server needed; set PREFECT_API_URL to record runs on a real one).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -32,6 +34,38 @@ def _exit_cleanly_on_sigterm() -> None:
     without running ``atexit``: the temporary Prefect server a command started would live on, orphaned.
     Turned into a normal exit, the server is stopped; an interrupted sweep resumes as after any crash."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def prefect_server() -> None:
+    """Where no Prefect API is set, start Prefect's temporary server now, under a watchdog: Prefect stops
+    it at a normal exit, but after a SIGKILL of this command only the watchdog does (Prefect would
+    start the same server on first use, unguarded)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from storage.watchdog import kill_with_parent
+
+    server = SubprocessASGIServer()  # the one instance Prefect's clients use
+    guards = []
+
+    def guard():  # as soon as the server process exists: start() then waits seconds for it to answer
+        while server.server_process is None and not guards:
+            time.sleep(0.02)
+        if server.server_process is not None:
+            guards.append(kill_with_parent(server.server_process.pid))
+
+    watcher = threading.Thread(target=guard, daemon=True)
+    watcher.start()
+    try:
+        server.start()
+    finally:
+        guards.append(None)  # stops the watcher if start() failed before there was a process
+        watcher.join()
+    for watchdog in filter(None, guards):
+        atexit.register(lambda w=watchdog: (w.kill(), w.wait()))  # runs before Prefect's own stop (LIFO)
 
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")
@@ -139,6 +173,7 @@ def collect(
             except StoreError:
                 return 0
 
+        prefect_server()
         with progress_bar(f"collect {sweep}", config.n_shards, committed):
             summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data_root=data_root,
                            torch_threads=torch_threads_per_task(workers), **recipe)
@@ -248,6 +283,7 @@ def train(
         from flows.train import train_flow
 
         target = steps or _preset_steps(preset)
+        prefect_server()
         with progress_bar(f"train {model}", target, lambda: models.step(st, model)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
                                  **given(save_every=save_every), **options)
@@ -299,6 +335,7 @@ def evaluate(
             evals.check_new(st, eval)
         from flows.evaluate import evaluate_flow
 
+        prefect_server()
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
@@ -429,6 +466,7 @@ def import_gpt(
             except StoreError:
                 return 0
 
+        prefect_server()
         with progress_bar(f"import {sweep}", interop.n_shards(config), committed):
             summary = flow(store=url, sweep=sweep, problem=problem, source=path, checkpoints=checkpoints, shard_size=shard_size)
         bad = interop.report_rows(open_store(url), sweep)

@@ -29,6 +29,8 @@ import time
 import weakref
 from pathlib import Path
 
+from storage.watchdog import kill_with_parent
+
 DEFAULT_BUCKET = "gptpipe"
 DEFAULT_REGION = "us-east-1"
 MEMORY_LIMIT = "512MiB"
@@ -130,8 +132,13 @@ def new_credentials() -> tuple[str, str]:
     return "GP" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)
 
 
-def _terminate(proc: subprocess.Popen, timeout: float = STOP_GRACE_S, sock_dir: str | None = None) -> None:
-    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL what is left of weed's session."""
+def _terminate(proc: subprocess.Popen, timeout: float = STOP_GRACE_S, sock_dir: str | None = None,
+               watchdog: subprocess.Popen | None = None) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL what is left of weed's session; the
+    watchdog goes first (stopped in order, weed's pid must not be killed again once it is free)."""
+    if watchdog is not None:
+        watchdog.kill()
+        watchdog.wait()
     if proc.poll() is None:
         try:
             proc.send_signal(signal.SIGTERM)
@@ -190,6 +197,7 @@ class SeaweedS3:
         self._sock_dir: str | None = None
         self._log = None
         self._finalizer = None
+        self._watchdog: subprocess.Popen | None = None
 
     def __repr__(self) -> str:  # never shows the secret
         state = "running" if self.running else "stopped"
@@ -321,8 +329,10 @@ class SeaweedS3:
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop weed in order
         )
         # weed runs in its own session and would outlive us: if stop() is never called (an exception,
-        # a forgotten server), stop it when this object is collected or the interpreter exits
-        self._finalizer = weakref.finalize(self, _terminate, self._proc, STOP_GRACE_S, self._sock_dir)
+        # a forgotten server), stop it when this object is collected or the interpreter exits, and if
+        # this process is killed outright (SIGKILL: nothing of ours runs), a watchdog kills weed
+        self._watchdog = kill_with_parent(self._proc.pid)
+        self._finalizer = weakref.finalize(self, _terminate, self._proc, STOP_GRACE_S, self._sock_dir, self._watchdog)
 
     def _client(self):
         import botocore.session
@@ -376,7 +386,7 @@ class SeaweedS3:
             self._finalizer.detach()
             self._finalizer = None
         if proc is not None:
-            _terminate(proc, timeout)
+            _terminate(proc, timeout, watchdog=self._watchdog)
             self._remove_stale_sockets()
         if self._log is not None:
             self._log.close()

@@ -115,9 +115,11 @@ def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
         assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
 
 
-def test_sigterm_stops_the_temporary_prefect_server(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_command_leaves_no_temporary_prefect_server(tmp_path, sig):
     """With no server configured a command starts its own; SIGTERM (kill, a timeout, a container stop)
-    must not leave it running."""
+    stops it in order, and SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not
+    leave it running either."""
     import psutil
 
     args = [str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", "t", "--problem", "digits_mlp",
@@ -140,8 +142,8 @@ def test_sigterm_stops_the_temporary_prefect_server(tmp_path):
         time.sleep(0.2)
     assert server is not None, "no temporary Prefect server was started"
     time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
     gone, alive = psutil.wait_procs([server], timeout=20)
     assert not alive, "the temporary Prefect server outlived its command"
 

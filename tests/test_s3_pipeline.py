@@ -167,6 +167,23 @@ def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"{text!r} not printed within {timeout} s:\n{content}")
 
 
+def test_store_serve_killed_outright_takes_weed_with_it(tmp_path):
+    import psutil
+
+    port = free_ports(1)[0]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen([str(BIN / "gptpipe"), "store", "serve", "--dir", str(tmp_path / "s3"), "--port", str(port)],
+                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_text(log, "Ctrl-C", serve)
+    weed = [p for p in psutil.Process(serve.pid).children(recursive=True) if "weed" in " ".join(p.cmdline())]
+    assert weed, "gptpipe store serve started no weed"
+    serve.kill()
+    serve.wait(10)
+    gone, alive = psutil.wait_procs(weed, timeout=15)
+    assert not alive, "weed outlived gptpipe store serve"
+
+
 def test_store_serve_as_a_user_runs_it(tmp_path):
     """``gptpipe store serve`` in a terminal; a second shell sources its credentials and collects into
     it; Ctrl-C (SIGTERM here) stops it cleanly. A taken port is one clear line."""
