@@ -187,6 +187,22 @@ def test_layout_reader(official):
     assert interop.read_run(str(root / "000000"), "000000", PROBLEM, layout, 8).status == "short"
 
 
+def test_damaged_runs_json_is_recorded_and_the_import_goes_on(official, tmp_path):
+    import shutil
+
+    root, truth = official
+    damaged = tmp_path / "mnist" / "000000"
+    shutil.copytree(root / "000000", damaged)
+    (damaged / "runs.json").write_bytes(b'{"checkpoints": {"000000/ep000_it')  # cut off mid-write
+    _, layout = interop.layout_for("mnist_mlp")
+    data = interop.read_run(str(damaged), "000000", PROBLEM, layout, C)
+    assert data.status == "corrupt" and "runs.json unreadable: JSONDecodeError" in data.notes
+    np.testing.assert_array_equal(data.params, truth["000000"][1])  # the parameters are kept, metrics unknown
+    assert np.isnan(data.metrics["test_loss"]).all()
+    summary = interop.import_all(str(tmp_path / "store"), "d", "mnist_mlp", str(tmp_path / "mnist"), n_ckpts=C, shard_size=2)
+    assert summary["runs"] == 1 and summary.get("corrupt") == 1
+
+
 def test_import_round_trip(official, tmp_path):
     root, truth = official
     url = str(tmp_path / "store")

@@ -59,7 +59,8 @@ Every run gets a ``runs`` row, whatever was wrong with it, with ``status``:
                    checkpoints before it
 ``arch_mismatch``  ``_arch`` sizes (or the vector length) differ from the problem's layers: nothing
                    imported (``n_ckpts`` 0)
-``corrupt``        an LMDB error or a key listed in ``runs.json`` that is missing: checkpoints before it kept
+``corrupt``        an LMDB error, a key listed in ``runs.json`` that is missing, or a ``runs.json`` that is not
+                   JSON: checkpoints before it kept (all of them, metrics unknown, for a damaged ``runs.json``)
 ``short``          finished and clean but fewer checkpoints than the sweep's ``n_ckpts``
 ``truncated``      more checkpoints than the sweep's ``n_ckpts``: the first ``n_ckpts`` imported
 
@@ -177,17 +178,22 @@ def _step(layout: Layout, match: re.Match) -> tuple[int, float]:
 
 
 @functools.lru_cache(maxsize=8)
-def _runs_json(folder: str) -> dict | None:
+def _runs_json(folder: str) -> dict | str | None:
+    """The folder's runs.json; None without one; the reason (a string) when it cannot be read."""
     path = os.path.join(folder, "runs.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)  # Python's json reads the Infinity/NaN json.dump writes
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)  # Python's json reads the Infinity/NaN json.dump writes
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        return f"runs.json unreadable: {type(e).__name__}"
+    return data if isinstance(data, dict) else "runs.json unreadable: not a JSON object"
 
 
 def _run_json(folder: str, run: str) -> dict | None:
     data = _runs_json(folder)
-    if data is None:
+    if not isinstance(data, dict):
         return None
     if isinstance(data.get(run), dict) and "checkpoints" in data[run]:
         return data[run]  # a merged folder: {run: runs.json}
@@ -332,6 +338,9 @@ def _read_run(folder: str, run: str, problem, layout: Layout, n_ckpts: int) -> R
         statuses.add("unfinished")
         notes.append("no DONE.txt")
     info = _run_json(folder, run)
+    if isinstance(unreadable := _runs_json(folder), str):  # a damaged file is recorded, the import goes on
+        statuses.add("corrupt")
+        notes.append(unreadable)
     try:
         env = _open_lmdb(folder)
     except lmdb.Error as e:
