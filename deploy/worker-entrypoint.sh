@@ -3,6 +3,7 @@
 # works the same on a plain machine with the project installed).
 #
 #   PREFECT_API_URL         the Prefect server's API (required)
+#   PREFECT_API_AUTH_STRING user:password where the server requires basic auth (docker-compose.yml does)
 #   GPTPIPE_POOL            work pool (default gptpipe; deploy/prefect.yaml uses gptpipe)
 #   GPTPIPE_WORKER_QUEUES   space-separated work queues to poll (default: all of the pool's)
 #   GPTPIPE_DEPLOY=1        (re)create the deployments of deploy/prefect.yaml first
@@ -12,9 +13,9 @@ set -eu
 
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server API, e.g. http://prefect-server:4200/api}"
 # the placeholders of .env.example are no secrets: refuse to start with them
-for var in AWS_SECRET_ACCESS_KEY POSTGRES_PASSWORD; do
+for var in AWS_SECRET_ACCESS_KEY POSTGRES_PASSWORD PREFECT_API_AUTH_STRING; do
     eval "value=\${$var:-}"
-    if [ "$value" = "change-me" ]; then
+    if [ "$value" = "change-me" ] || [ "${value#*:}" = "change-me" ]; then
         echo "error: $var is still the placeholder 'change-me' of .env.example; set a real secret in .env" >&2
         exit 2
     fi

@@ -120,6 +120,11 @@ def test_env_wiring_matches_the_code(compose, env_example):
             assert re.fullmatch(rf"\$\{{{key}:\?[^}}]*\}}", raw[key]), raw[key]
         assert set(services[worker]["depends_on"]) >= {"prefect-server", "seaweedfs"}
 
+    # the server requires basic auth and the workers send the same user:password, both from .env
+    server_auth = _env(services["prefect-server"])["PREFECT_SERVER_API_AUTH_STRING"]
+    assert re.fullmatch(r"\$\{PREFECT_AUTH:\?[^}]*\}", server_auth), server_auth
+    assert all(_env(services[w])["PREFECT_API_AUTH_STRING"] == server_auth for w in ("worker", "worker-gpu"))
+
     db_url = interpolate(_env(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"], env_example)
     pg = {k: interpolate(v, env_example) for k, v in _env(services["postgres"]).items()}
     assert db_url == f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
@@ -219,10 +224,44 @@ def test_prefect_yaml_entrypoints_are_real_flows():
     assert "deploy/prefect.yaml" in script and 'GPTPIPE_POOL:-gptpipe' in script
 
 
-@pytest.mark.parametrize("var", ["AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD"])
-def test_worker_refuses_the_placeholder_secrets(var, tmp_path):
+@pytest.mark.parametrize("var,value", [("AWS_SECRET_ACCESS_KEY", "change-me"), ("POSTGRES_PASSWORD", "change-me"),
+                                       ("PREFECT_API_AUTH_STRING", "admin:change-me")])
+def test_worker_refuses_the_placeholder_secrets(var, value, tmp_path):
     """.env.example's "change-me" is no secret: the worker entrypoint stops at once, in one line."""
-    env = {"PATH": os.environ["PATH"], "PREFECT_API_URL": "http://127.0.0.1:9/api", var: "change-me"}
+    env = {"PATH": os.environ["PATH"], "PREFECT_API_URL": "http://127.0.0.1:9/api", var: value}
     proc = subprocess.run(["sh", str(REPO / "deploy" / "worker-entrypoint.sh")], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=30)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and var in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_prefect_api_refuses_clients_without_the_password(tmp_path):
+    """The compose server's setting on a real server: a worker's client without the password gets 401,
+    with PREFECT_API_AUTH_STRING it creates the pool; the health probe the compose file uses needs none."""
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import free_port, wait_http
+
+    port, auth = free_port(), "admin:s3cret-for-this-test"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}, "PREFECT_HOME": str(tmp_path),
+           "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env={**env, "PREFECT_SERVER_API_AUTH_STRING": auth}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_http(f"{api}/health", timeout=90)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(urllib.request.Request(f"{api}/work_pools/filter", data=b"{}", method="POST"))
+        client = {**env, "PREFECT_API_URL": api}
+        denied = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "p", "--type", "process"], env=client,
+                                capture_output=True, text=True, timeout=120)
+        assert denied.returncode != 0
+        allowed = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "p", "--type", "process"],
+                                 env={**client, "PREFECT_API_AUTH_STRING": auth}, capture_output=True, text=True, timeout=120)
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        assert auth not in denied.stdout + denied.stderr + allowed.stdout + allowed.stderr
+    finally:
+        server.terminate()
+        server.wait(30)
