@@ -10,6 +10,7 @@ import hashlib
 
 import numpy as np
 import zarr
+from zarr.errors import ContainsArrayError
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from zarr.storage import FsspecStore, LocalStore
 
@@ -36,13 +37,16 @@ def create_params(store: Store, parts: tuple[str, ...], n_runs: int, n_ckpts: in
         return arr
     except FileNotFoundError:
         pass
-    return zarr.create_array(
-        _zarr_store(store, *parts),
-        shape=shape,
-        chunks=(1, n_ckpts, n_params),
-        dtype="float32",
-        fill_value=np.nan,
-    )
+    try:
+        return zarr.create_array(
+            _zarr_store(store, *parts),
+            shape=shape,
+            chunks=(1, n_ckpts, n_params),
+            dtype="float32",
+            fill_value=np.nan,
+        )
+    except ContainsArrayError:  # another collect of the sweep created it between our look and now
+        return create_params(store, parts, n_runs, n_ckpts, n_params)
 
 
 def write_rows(store: Store, parts: tuple[str, ...], matrix: np.ndarray, rows_per_chunk: int = 1024) -> zarr.Array:

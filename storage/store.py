@@ -8,6 +8,7 @@ so they cannot end up in shell history, logs or run parameters.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -132,8 +133,44 @@ class Store:
                 os.remove(tmp)
             raise StoreError(f"cannot write {'/'.join(parts)} in store {self.url}: {e.strerror or e}") from None
 
+    def create_bytes(self, data: bytes, *parts: str) -> bool:
+        """Write a whole object only if there is none yet; False (nothing written) if another writer was
+        first. Atomic on a local disk (a hard link fails on an existing name) and on S3 (a PUT with
+        If-None-Match: *), so of two writers racing exactly one wins."""
+        target = self.path(*parts)
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as e:  # SeaweedFS answers 412 without naming the condition: s3fs says EINVAL
+                if e.errno == errno.EINVAL and self.exists(*parts):
+                    return False
+                raise
+            self.refresh(*parts)
+            return True
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise StoreError(f"cannot write {'/'.join(parts)} in store {self.url}: {e.strerror or e}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     def write_json(self, obj, *parts: str) -> None:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
+
+    def create_json(self, obj, *parts: str) -> bool:
+        return self.create_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
 
     def ls(self, *parts: str) -> list[str]:
         """Names (not paths) directly below ``parts``; empty if the folder does not exist."""

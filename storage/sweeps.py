@@ -7,11 +7,22 @@ Commit protocol for one shard: (1) write each run's parameter chunk, (2) write t
 ``checkpoints`` file, (3) write the shard's ``runs`` file. Step 3 is the commit: until it exists the
 shard does not count, and a later collect redoes it, overwriting the same chunks and files, so every
 run ends up in the catalog exactly once however often a shard was attempted.
+
+Two collects of one sweep at once (two machines, a retried deployment next to a stuck one): the first
+to write ``config.json`` freezes it (a conditional create) and the other must agree with it; a shard is
+trained by whoever holds its claim, ``sweeps/<sweep>/claims/shard-NNNNNN.json``, created the same way
+and renewed while training. The other collect waits for that shard's commit instead of redoing it, and
+takes the claim over only once it is stale: not renewed for ``LEASE_S``, or its process on this host is gone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +74,8 @@ def prepare(store: Store, sweep: str, config: dict) -> zarr.Array:
     """Freeze ``config`` (from ``full_config``) as the sweep's config, or check it equals the one frozen
     before, and create the parameter array."""
     if not check_config(store, sweep, config):
-        store.write_json(config, *config_path(sweep))
+        if not store.create_json(config, *config_path(sweep)):  # another collect froze it first: it must agree
+            check_config(store, sweep, config)
     return params.create_params(store, params_path(sweep), config["n_runs"], config["n_ckpts"], config["n_params"])
 
 
@@ -171,3 +183,65 @@ def verify(store: Store, sweep: str) -> tuple[int, list[dict]]:
         if problem := check_block(digests, run, block):
             damaged.append({"run": run, "problem": problem})
     return len(digests), damaged
+
+
+LEASE_S = 120.0  # a claim not renewed for this long belongs to a collect that is gone
+RENEW_S = 20.0
+
+
+def claim_path(sweep: str, shard: int) -> tuple[str, ...]:
+    return ("sweeps", sweep, "claims", f"shard-{shard:06d}.json")
+
+
+def _stale(claim: dict) -> bool:
+    if time.time() - claim.get("at", 0) > LEASE_S:
+        return True
+    if claim.get("host") == socket.gethostname():
+        try:
+            os.kill(int(claim["pid"]), 0)
+        except ProcessLookupError:
+            return True  # its process died on this host: no need to wait out the lease
+        except (OSError, KeyError, ValueError):
+            pass
+    return False
+
+
+@dataclass
+class ShardClaim:
+    """This process's right to train one shard; renewed in the background until released (``with``)."""
+
+    store: Store
+    path: tuple[str, ...]
+    owner: dict
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> "ShardClaim":
+        def renew():
+            while not self._stop.wait(RENEW_S):
+                self.store.write_json({**self.owner, "at": time.time()}, *self.path)
+
+        threading.Thread(target=renew, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        try:
+            self.store.fs.rm_file(self.store.path(*self.path))
+        except FileNotFoundError:
+            pass
+
+
+def claim_shard(store: Store, sweep: str, shard: int) -> ShardClaim | None:
+    """The claim on ``shard`` if nobody else holds a live one (else None: another collect trains it)."""
+    path = claim_path(sweep, shard)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "at": time.time()}
+    if store.create_json(owner, *path):
+        return ShardClaim(store, path, owner)
+    try:
+        held = store.read_json(*path)
+    except FileNotFoundError:  # released between our create and this read: try again next time
+        return None
+    if not _stale(held):
+        return None
+    store.write_json(owner, *path)  # taking over a stale claim
+    return ShardClaim(store, path, owner)

@@ -135,3 +135,48 @@ def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path,
 def test_bad_sweep_name(store_url):
     with pytest.raises(StoreError, match="invalid sweep name"):
         collect.prepare(store_url, "../x", small_config(), None)
+
+
+def test_two_collects_of_one_sweep_train_each_shard_once(tmp_path, monkeypatch):
+    """Two collectors racing over the same shards (threads here, processes or machines in use): every
+    shard is trained by one of them, the other waits for its commit, every run lands exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(collect, "CLAIM_POLL_S", 0.05)
+    url, config = str(tmp_path / "store"), small_config(runs=12, shard_size=4)
+    with ThreadPoolExecutor(2) as pool:
+        todos = list(pool.map(lambda _: collect.prepare(url, "race", config, None), range(2)))
+    assert todos == [[0, 1, 2], [0, 1, 2]]
+    trained = []
+    real_train = collect.train_runs
+    monkeypatch.setattr(collect, "train_runs", lambda *a: trained.append(a[1][0]) or real_train(*a))
+
+    def collector(order):
+        return [collect.collect_shard(open_store(url), "race", s) for s in order]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(collector, ([0, 1, 2], [0, 1, 2])))
+    assert sorted(trained) == [0, 4, 8]  # each shard's first run: every shard trained exactly once
+    assert sum(r.get("skipped", False) for rs in results for r in rs) == 3
+    store = open_store(url)
+    assert catalog.query(store, "select count(*) as n, count(distinct run) as d from runs").to_pylist() == [{"n": 12, "d": 12}]
+    assert store.ls("sweeps", "race", "claims") == []  # released after each commit
+
+
+def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store = open_store(str(tmp_path), create=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    held = {"host": __import__("socket").gethostname(), "token": "other"}
+    for claim, taken in (({**held, "pid": int(dead), "at": time.time()}, True),  # its process is gone
+                         ({**held, "pid": os.getppid(), "at": time.time() - sweeps.LEASE_S - 1}, True),  # not renewed
+                         ({**held, "pid": os.getppid(), "at": time.time()}, False)):  # alive and renewed
+        store.write_json(claim, *sweeps.claim_path("s", 0))
+        got = sweeps.claim_shard(store, "s", 0)
+        assert (got is not None) == taken, claim
+        if got is not None:
+            assert store.read_json(*sweeps.claim_path("s", 0))["token"] == got.owner["token"]

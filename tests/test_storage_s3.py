@@ -197,3 +197,16 @@ def test_serve_forever_prints_endpoint_not_secret(tmp_path, monkeypatch):
         thread.join(30)
     assert result.get("rc") == 0
     assert "stopping" in out.getvalue()
+
+
+def test_of_two_writers_of_a_new_object_exactly_one_wins(s3_store_url, tmp_path):
+    """A sweep's config is frozen by the first collect that writes it: racing writers, local and S3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for url in (s3_store_url, str(tmp_path)):
+        stores = [open_store(url) for _ in range(8)]  # separate clients, as separate processes would have
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(lambda k: stores[k].create_json({"writer": k}, "race", "config.json"), range(8)))
+        assert won.count(True) == 1, (url, won)
+        assert open_store(url).read_json("race", "config.json") == {"writer": won.index(True)}
+        assert not [f for f in open_store(url).ls("race") if ".tmp-" in f]

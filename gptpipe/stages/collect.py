@@ -130,16 +130,25 @@ def shard_rows(config: SweepConfig, runs: list[int], shard: int, result: RunsRes
     return catalog_rows(problem, shard, records, result.params, result.wall_s)
 
 
+CLAIM_POLL_S = 2.0  # how often a collect waiting for another's shard looks for its commit
+
+
 def collect_shard(store: Store, sweep: str, shard: int, data_root: str | None = None) -> dict:
     """Train one shard's runs as one batched computation and commit them. Returns a small summary."""
     t0 = time.perf_counter()
     config = config_from_store(store, sweep)
-    if shard in sweeps.committed_shards(store, sweep):  # a retry after the commit landed
-        return {"shard": shard, "skipped": True}
-    runs = list(config.shard_runs(shard))
-    result = train_runs(config, runs, datasets.load_cached(config.data, data_root))
-    rows = shard_rows(config, runs, shard, result)
-    sweeps.commit_shard(store, sweep, shard, rows, sweeps.writable_params(store, sweep))
+    claim = None
+    while claim is None:  # another collect of this sweep may be training the shard: wait for its commit
+        if shard in sweeps.committed_shards(store, sweep):  # a retry after the commit landed, or the other's
+            return {"shard": shard, "skipped": True}
+        claim = sweeps.claim_shard(store, sweep, shard)
+        if claim is None:
+            time.sleep(CLAIM_POLL_S)
+    with claim:
+        runs = list(config.shard_runs(shard))
+        result = train_runs(config, runs, datasets.load_cached(config.data, data_root))
+        rows = shard_rows(config, runs, shard, result)
+        sweeps.commit_shard(store, sweep, shard, rows, sweeps.writable_params(store, sweep))
     primary = problems.get(config.problem).primary
     return {
         "shard": shard,
