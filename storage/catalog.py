@@ -110,11 +110,19 @@ def column(name: str) -> str:
     return name
 
 
+READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
 def query(store: Store, sql: str, params: list | None = None) -> pa.Table:
     """Run SQL over the catalog, values bound to its ``?`` placeholders from ``params`` (never pasted into
     the text); one-line CatalogError if it does not parse or names a missing table."""
     con = connect(store)
     try:
+        # questions only: a COPY ... TO inside the store could overwrite a committed shard
+        kinds = {s.type for s in duckdb.extract_statements(sql)}
+        if not kinds <= READ_STATEMENTS:
+            raise CatalogError("only questions are answered (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN), "
+                               f"not {', '.join(sorted(k.name for k in kinds - READ_STATEMENTS))}")
         relation = con.sql(sql, params=params)
         return relation.to_arrow_table() if relation is not None else pa.table({})
     except duckdb.Error as e:

@@ -160,7 +160,17 @@ def check_catalog_is_locked_to_the_store(store, outside):
             catalog.query(store, sql)
         assert "\n" not in str(e.value), sql
     assert not os.path.exists(outside)
+    # inside the store too: SQL reads, it never writes (a COPY could overwrite a committed shard)
+    shard = store.path("catalog", "runs", "sweep=a", "shard-000000.parquet")
+    before = store.fs.cat_file(shard)
+    for sql in (f"copy (select * from runs) to '{shard}' (format parquet)", "create table t as select 1",
+                "attach 'x.db'", "select 1; copy (select 1) to 'y.csv'"):
+        with pytest.raises(catalog.CatalogError, match="only questions are answered|SQL error") as e:
+            catalog.query(store, sql)
+        assert "\n" not in str(e.value), sql
+    assert store.fs.cat_file(shard) == before
     assert catalog.query(store, "select count(*) as n from runs").to_pylist() == [{"n": 1}]
+    assert catalog.query(store, "describe runs").num_rows > 0 and catalog.query(store, "show tables").num_rows >= 1
 
 
 def test_catalog_is_locked_to_the_store(store, tmp_path):
