@@ -481,6 +481,8 @@ def import_gpt(
 def verify(
     sweep: str = typer.Option(..., help="Sweep to check"),
     store: Optional[str] = StoreOpt,
+    repair: bool = typer.Option(False, "--repair", help="Take back the commits of shards with damaged runs, so that "
+                                "re-running the collect (or import) command trains them again"),
 ):
     """Read back every committed run of a sweep and check it against the digest its commit recorded."""
     from storage import sweeps
@@ -493,6 +495,9 @@ def verify(
     for row in damaged:
         typer.echo(f"  run {row['run']}: {row['problem']}", err=True)
     typer.echo(f"sweep {sweep}: {n - len(damaged)} of {n} committed runs intact" + (f", {len(damaged)} damaged" if damaged else ""))
+    if damaged and repair:
+        shards = sweeps.uncommit_damaged(st, sweep, damaged)
+        typer.echo(f"uncommitted shards {', '.join(map(str, shards))}: re-run the sweep's collect (or import) command to redo them")
     if damaged:
         raise typer.Exit(1)
 

@@ -42,6 +42,16 @@ def write_shard(store: Store, kind: str, sweep: str, shard: int, table: pa.Table
     write_table(store, table, "catalog", kind, f"sweep={sweep}", shard_file(shard))
 
 
+def remove_shard(store: Store, sweep: str, shard: int) -> None:
+    """Take a shard's commit back: its ``runs`` file (the commit) first, then its ``checkpoints`` file,
+    so that at no moment does a committed shard lack its checkpoints."""
+    for kind in ("runs", "checkpoints"):
+        path = store.path("catalog", kind, f"sweep={sweep}", shard_file(shard))
+        if store.fs.exists(path):
+            store.fs.rm_file(path)
+    store.refresh()
+
+
 def committed_shards(store: Store, sweep: str) -> set[int]:
     names = store.ls("catalog", "runs", f"sweep={sweep}")
     return {int(n[len("shard-") : -len(".parquet")]) for n in names if n.startswith("shard-") and n.endswith(".parquet")}

@@ -185,6 +185,19 @@ def verify(store: Store, sweep: str) -> tuple[int, list[dict]]:
     return len(digests), damaged
 
 
+def uncommit_damaged(store: Store, sweep: str, damaged: list[dict]) -> list[int]:
+    """Take back the commits of the shards holding ``damaged`` runs (``verify``'s rows), so that the same
+    collect (or import) command trains them again; returns those shards."""
+    runs = [row["run"] for row in damaged]
+    if not runs:
+        return []
+    shards = sorted({r["shard"] for r in catalog.query(store, "select distinct shard from runs where sweep = ? and run in "
+                                                                "(select unnest(?))", [sweep, runs]).to_pylist()})
+    for shard in shards:
+        catalog.remove_shard(store, sweep, shard)
+    return shards
+
+
 LEASE_S = 120.0  # a claim not renewed for this long belongs to a collect that is gone
 RENEW_S = 20.0
 

@@ -130,6 +130,13 @@ def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path,
     proc = run_cli("export", str(tmp_path / "r5.safetensors"), "--store", url, "--sweep", "s", "--run", "5", "--ckpt", "1")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "run 5" in proc.stderr
     assert not (tmp_path / "r5.safetensors").exists()
+    # repair: the damaged run's shard is uncommitted, the same collect redoes it, bit for bit
+    digest = sweeps.run_digests(store, "s")[5]
+    proc = run_cli("verify", "--store", url, "--sweep", "s", "--repair")
+    assert proc.returncode == 1 and "uncommitted shards 1:" in proc.stdout
+    assert collect.prepare(url, "s", small_config(), None) == [1]
+    collect.collect_shard(open_store(url), "s", 1)
+    assert sweeps.verify(open_store(url), "s") == (10, []) and sweeps.run_digests(open_store(url), "s")[5] == digest
 
 
 def test_bad_sweep_name(store_url):
