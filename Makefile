@@ -25,8 +25,10 @@ $(CHROMIUM):
 demo: $(STAMP)
 	$(BIN)/gptpipe demo
 
+# Two test processes, each test file whole in one of them (its module fixtures built once): the
+# integration tests mostly wait on servers and subprocesses, so two cores run them in ~2/3 of the time.
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

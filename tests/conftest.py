@@ -99,6 +99,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bo
     return proc
 
 
+def invoke(*args: str) -> tuple[int, str]:
+    """``gptpipe ARGS`` in this process (typer's runner): for input checks that end before any flow
+    runs, a second per call instead of a fresh interpreter's five. Returns the exit status and the output
+    (stdout and stderr together)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
 @pytest.fixture
 def cli(prefect_api):
     """``gptpipe`` subprocesses recording their flow runs on the session's Prefect server."""

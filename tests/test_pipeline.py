@@ -12,6 +12,7 @@ import torch
 from gptpipe import data, problems
 from storage import catalog, params
 from storage.store import open_store
+from tests.conftest import invoke
 from tests.test_cifar import write_cifar
 
 pytestmark = pytest.mark.slow
@@ -132,7 +133,7 @@ def test_reports_show_every_picture_in_a_browser(small_store, prefect_server, pr
     assert len(latest_artifact(prefect_server["api_url"], "eval-report")["data"]) < 1_500_000  # quick to load
 
 
-def test_cli_bad_inputs(small_store, cli, tmp_path):
+def test_cli_bad_inputs(small_store, tmp_path):
     for args, message in [
         (["train", "--store", small_store, "--sweep", "nope", "--model", "m"], "no sweep 'nope'"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--preset", "huge"], "unknown preset"),
@@ -146,8 +147,8 @@ def test_cli_bad_inputs(small_store, cli, tmp_path):
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", str(10**12)], "split it into sweeps"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--workers", "-1"], "--workers must be"),
     ]:
-        proc = cli(*args)
-        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, (args, proc.stderr)
+        status, output = invoke(*args)
+        assert status == 2 and message in output and output.strip().count("\n") == 0, (args, output)
     assert not open_store(small_store).exists("models", "m") and not open_store(small_store).exists("sweeps", "x")
 
 
