@@ -278,13 +278,14 @@ class Trainer:
             pairs = self.stream.next()
         else:
             pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, self.symmetry)
-        d = self.device
-        return {
-            "theta_i": pairs["theta_i"].to(d), "theta_j": pairs["theta_j"].to(d),
-            "metric_i": pairs["metric_i"].to(d), "metric_j": pairs["metric_j"].to(d),
-            "t": self.diffusion.sample_t(n, g, c.t_high_frac).to(d),
-            "noise": torch.randn(n, self.problem.n_params, generator=g).to(d),
+        batch = {
+            "theta_i": pairs["theta_i"], "theta_j": pairs["theta_j"], "metric_i": pairs["metric_i"], "metric_j": pairs["metric_j"],
+            "t": self.diffusion.sample_t(n, g, c.t_high_frac),
+            "noise": torch.randn(n, self.problem.n_params, generator=g),  # drawn on the host: the same numbers on any device
         }
+        if self.device.type == "cuda":  # page-locked host memory: the copies run alongside the previous step's kernels
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
 
     def loss_on(self, model: Gpt, b: dict[str, torch.Tensor]) -> torch.Tensor:
         start = self.normalizer.normalize(b["theta_i"])
@@ -297,6 +298,11 @@ class Trainer:
     def optimize(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimiser step on ``batch`` (this process's share); returns the batch loss (under DDP the
         mean over all ranks' batches, i.e. the loss of the global batch)."""
+        return self._step(batch).item()
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``optimize`` with the loss left on the device: reading it waits for the GPU, so ``step_many``
+        reads a whole chunk's losses at once."""
         self.train_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -313,14 +319,13 @@ class Trainer:
             loss = loss.clone()
             torch.distributed.all_reduce(loss)
             loss /= self.world
-        return loss.item()
+        return loss
 
     def step_many(self, n: int) -> list[float]:
         """``n`` optimiser steps; returns their losses."""
-        out = []
         t0 = time.perf_counter()
-        for _ in range(n):
-            out.append(self.optimize(self.batch()))
+        losses = [self._step(self.batch()) for _ in range(n)]
+        out = torch.stack(losses).float().tolist() if losses else []  # one wait for the device per chunk
         self.wall_s += time.perf_counter() - t0
         self.losses.extend(out)
         return out
