@@ -36,6 +36,11 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+# Prefect's own default (20 s) is about what the temporary server needs on 2 idle cores (17 s measured):
+# on a busy machine a command would fail before its first shard
+SERVER_START_TIMEOUT_S = 120
+
+
 def prefect_server() -> None:
     """Where no Prefect API is set, start Prefect's temporary server now, under a watchdog: Prefect stops
     it at a normal exit, but after a SIGKILL of this command only the watchdog does (Prefect would
@@ -60,7 +65,7 @@ def prefect_server() -> None:
     watcher = threading.Thread(target=guard, daemon=True)
     watcher.start()
     try:
-        server.start()
+        server.start(timeout=SERVER_START_TIMEOUT_S)
     finally:
         guards.append(None)  # stops the watcher if start() failed before there was a process
         watcher.join()
