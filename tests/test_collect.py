@@ -150,10 +150,10 @@ def test_two_collects_of_one_sweep_train_each_shard_once(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     monkeypatch.setattr(collect, "CLAIM_POLL_S", 0.05)
-    url, config = str(tmp_path / "store"), small_config(runs=12, shard_size=4)
-    with ThreadPoolExecutor(2) as pool:
-        todos = list(pool.map(lambda _: collect.prepare(url, "race", config, None), range(2)))
-    assert todos == [[0, 1, 2], [0, 1, 2]]
+    url, config = str(tmp_path / "store"), small_config(runs=24, shard_size=4, epochs=1)
+    with ThreadPoolExecutor(3) as pool:
+        todos = list(pool.map(lambda _: collect.prepare(url, "race", config, None), range(3)))
+    assert todos == [list(range(6))] * 3
     trained = []
     real_train = collect.train_runs
     monkeypatch.setattr(collect, "train_runs", lambda *a: trained.append(a[1][0]) or real_train(*a))
@@ -161,12 +161,12 @@ def test_two_collects_of_one_sweep_train_each_shard_once(tmp_path, monkeypatch):
     def collector(order):
         return [collect.collect_shard(open_store(url), "race", s) for s in order]
 
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(collector, ([0, 1, 2], [0, 1, 2])))
-    assert sorted(trained) == [0, 4, 8]  # each shard's first run: every shard trained exactly once
-    assert sum(r.get("skipped", False) for rs in results for r in rs) == 3
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(collector, (list(range(6)), list(range(6)), list(range(6))[::-1])))
+    assert sorted(trained) == [0, 4, 8, 12, 16, 20]  # each shard's first run: every shard trained exactly once
+    assert sum(r.get("skipped", False) for rs in results for r in rs) == 12
     store = open_store(url)
-    assert catalog.query(store, "select count(*) as n, count(distinct run) as d from runs").to_pylist() == [{"n": 12, "d": 12}]
+    assert catalog.query(store, "select count(*) as n, count(distinct run) as d from runs").to_pylist() == [{"n": 24, "d": 24}]
     assert store.ls("sweeps", "race", "claims") == []  # released after each commit
 
 

@@ -145,6 +145,8 @@ def collect_shard(store: Store, sweep: str, shard: int, data_root: str | None = 
         if claim is None:
             time.sleep(CLAIM_POLL_S)
     with claim:
+        if shard in sweeps.committed_shards(store, sweep):  # committed by the holder we waited for, who then let go
+            return {"shard": shard, "skipped": True}
         runs = list(config.shard_runs(shard))
         result = train_runs(config, runs, datasets.load_cached(config.data, data_root))
         rows = shard_rows(config, runs, shard, result)
