@@ -206,9 +206,14 @@ def claim_path(sweep: str, shard: int) -> tuple[str, ...]:
     return ("sweeps", sweep, "claims", f"shard-{shard:06d}.json")
 
 
+_HELD: set[str] = set()  # tokens of the claims this process holds right now
+
+
 def _stale(claim: dict) -> bool:
     if time.time() - claim.get("at", 0) > LEASE_S:
         return True
+    if claim.get("host") == socket.gethostname() and claim.get("pid") == os.getpid():
+        return claim.get("token") not in _HELD  # ours, left by an attempt that failed (its release failed too)
     if claim.get("host") == socket.gethostname():
         try:
             os.kill(int(claim["pid"]), 0)
@@ -233,14 +238,16 @@ class ShardClaim:
             while not self._stop.wait(RENEW_S):
                 self.store.write_json({**self.owner, "at": time.time()}, *self.path)
 
+        _HELD.add(self.owner["token"])
         threading.Thread(target=renew, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        _HELD.discard(self.owner["token"])
         try:
             self.store.fs.rm_file(self.store.path(*self.path))
-        except FileNotFoundError:
+        except OSError:  # gone already, or the store is away (the failure that ended the attempt): it goes stale
             pass
 
 

@@ -181,7 +181,8 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
     held = {"host": __import__("socket").gethostname(), "token": "other"}
     for claim, taken in (({**held, "pid": int(dead), "at": time.time()}, True),  # its process is gone
                          ({**held, "pid": os.getppid(), "at": time.time() - sweeps.LEASE_S - 1}, True),  # not renewed
-                         ({**held, "pid": os.getppid(), "at": time.time()}, False)):  # alive and renewed
+                         ({**held, "pid": os.getppid(), "at": time.time()}, False),  # alive and renewed
+                         ({**held, "pid": os.getpid(), "at": time.time()}, True)):  # ours, from a failed attempt
         store.write_json(claim, *sweeps.claim_path("s", 0))
         got = sweeps.claim_shard(store, "s", 0)
         assert (got is not None) == taken, claim
