@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests compare with CPU tensors and run tiny models: pinned to the CPU on a GPU machine too (what "auto"
 # picks is tested in tests/test_device.py; the GPU itself by bench/gpu_check.py).
 os.environ.setdefault("GPTPIPE_DEVICE", "cpu")
+# Whatever a test leaves to the default store lands in a scratch folder, never in the user's ~/.gptpipe/store
+os.environ["GPTPIPE_STORE"] = tempfile.mkdtemp(prefix="gptpipe-test-store-")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -31,9 +31,12 @@ def prefect_cmd(*args: str, env: dict, timeout: float = 120) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server):
-    """The work pool and the repository's deployments, made the way docs/deploy.md says."""
-    env = {**os.environ, "PREFECT_API_URL": prefect_server["api_url"], "GPTPIPE_REPO": str(REPO)}
+def deployed(prefect_server, tmp_path_factory):
+    """The work pool and the repository's deployments, made the way docs/deploy.md says. Every worker
+    started from this environment defaults to a store of its own: the nightly schedule fires at 03:00
+    UTC on the test server too, and must not evaluate the user's ~/.gptpipe/store."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["api_url"], "GPTPIPE_REPO": str(REPO),
+           "GPTPIPE_STORE": str(tmp_path_factory.mktemp("worker-default-store"))}
     existing = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", POOL], capture_output=True, text=True, env=env)
     if existing.returncode != 0:
         prefect_cmd("work-pool", "create", POOL, "--type", "process", env=env)
