@@ -116,31 +116,18 @@ class Store:
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole object so that readers see either nothing or all of it. Object stores give
         that for a single PUT; on a local disk we write a temporary file and rename it."""
-        target = self.path(*parts)
         if not self.is_local:
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(self.path(*parts), data)
             return
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        try:
-            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except OSError as e:  # e.g. a full disk: no temporary file left behind, the old object intact
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise StoreError(f"cannot write {'/'.join(parts)} in store {self.url}: {e.strerror or e}") from None
+        self._write_local(data, parts, os.replace)
 
     def create_bytes(self, data: bytes, *parts: str) -> bool:
         """Write a whole object only if there is none yet; False (nothing written) if another writer was
         first. Atomic on a local disk (a hard link fails on an existing name) and on S3 (a PUT with
         If-None-Match: *), so of two writers racing exactly one wins."""
-        target = self.path(*parts)
         if not self.is_local:
             try:
-                self.fs.pipe_file(target, data, mode="create")
+                self.fs.pipe_file(self.path(*parts), data, mode="create")
             except FileExistsError:
                 return False
             except OSError as e:  # SeaweedFS answers 412 without naming the condition: s3fs says EINVAL
@@ -149,6 +136,17 @@ class Store:
                 raise
             self.refresh(*parts)
             return True
+        try:
+            self._write_local(data, parts, os.link)
+        except FileExistsError:
+            return False
+        return True
+
+    def _write_local(self, data: bytes, parts: tuple[str, ...], publish) -> None:
+        """``data`` into a synced temporary file beside the target, then ``publish(tmp, target)`` (rename:
+        replace; link: create only). The temporary file never outlives the call; a failure (a full disk)
+        is one line naming the store, the old object intact. FileExistsError passes through."""
+        target = self.path(*parts)
         tmp = f"{target}.tmp-{uuid.uuid4().hex}"
         try:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
@@ -156,10 +154,9 @@ class Store:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.link(tmp, target)
-            return True
+            publish(tmp, target)
         except FileExistsError:
-            return False
+            raise
         except OSError as e:
             raise StoreError(f"cannot write {'/'.join(parts)} in store {self.url}: {e.strerror or e}") from None
         finally:
