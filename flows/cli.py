@@ -105,17 +105,28 @@ def user_errors():
 def progress_bar(description: str, total: int, poll, every: float = 0.5):
     """A rich progress bar fed by ``poll()`` (e.g. committed shards in the store) from a thread, so the
     flow itself needs to know nothing about terminals."""
+    with progress_bars([(description, total, poll)], every):
+        yield
+
+
+@contextmanager
+def progress_bars(bars: list[tuple[str, int, object]], every: float = 0.5):
+    """``progress_bar`` for several ``(description, total, poll)`` at once, e.g. a pipeline's stages."""
     stop = threading.Event()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not console.is_terminal and "GPTPIPE_PROGRESS" not in os.environ) as bar:
-        tid = bar.add_task(description, total=total)
+        tasks = [(bar.add_task(description, total=total), poll) for description, total, poll in bars]
 
-        def watch():
-            while not stop.wait(every):
+        def update():
+            for tid, poll in tasks:
                 try:
                     bar.update(tid, completed=poll())
                 except Exception:
                     pass
+
+        def watch():
+            while not stop.wait(every):
+                update()
 
         thread = threading.Thread(target=watch, daemon=True)
         thread.start()
@@ -124,10 +135,7 @@ def progress_bar(description: str, total: int, poll, every: float = 0.5):
         finally:
             stop.set()
             thread.join()
-            try:
-                bar.update(tid, completed=poll())
-            except Exception:
-                pass
+            update()
 
 
 @app.command()
@@ -416,28 +424,58 @@ def demo(
     store: Optional[str] = StoreOpt,
     problem: str = typer.Option("digits_mlp", help=f"The problem to run the pipeline on: {', '.join(DEMOS)}"),
 ):
-    """The whole pipeline on an embedded data set (local store by default): collect, train, evaluate.
-    Re-running reuses the stored sweep and model and writes a new evaluation."""
-    url = store or default_store_url()
-    if problem not in DEMOS:
-        with user_errors():
-            raise StoreError(f"no demo for problem {problem!r} (choose from {', '.join(DEMOS)})")
-    d = DEMOS[problem]
-    typer.echo(f"store: {url}")
-    collect(sweep=d.name, problem=problem, runs=d.runs, store=url, data=None, data_root=None, shard_size=d.shard_size,
-            epochs=None, checkpoints=d.checkpoints, seed=None, lr_min=d.lr_min, lr_max=d.lr_max, data_order=d.data_order,
-            checkpoint_spacing=d.checkpoint_spacing, runner=d.runner, workers=None, dask_address=None)
-    from gptpipe import problems as problems_mod
+    """The whole pipeline on an embedded data set (local store by default): collect, train, evaluate,
+    as the pipeline flow runs them. Re-running reuses the stored sweep and model and writes a new evaluation."""
+    from datetime import datetime, timezone
 
+    from flows.runners import torch_threads_per_task
+    from gptpipe import problems as problems_mod
+    from gptpipe.stages import collect as collect_stage
+    from gptpipe.sweep.config import SweepConfig
+    from storage import evals, models, sweeps
+    from storage.store import open_store
+
+    url = store or default_store_url()
+    with user_errors():
+        if problem not in DEMOS:
+            raise StoreError(f"no demo for problem {problem!r} (choose from {', '.join(DEMOS)})")
+        d = DEMOS[problem]
+        recipe = given(checkpoints=d.checkpoints, shard_size=d.shard_size, lr_min=d.lr_min, lr_max=d.lr_max,
+                       data_order=d.data_order, checkpoint_spacing=d.checkpoint_spacing)
+        config = SweepConfig(problem=problem, runs=d.runs, **recipe)
+        collect_stage.check(url, d.name, config, None)
+    typer.echo(f"store: {url}")
+    workers = os.cpu_count() or 1
+    eval_name = f"{d.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+    def polled(count):
+        def poll():
+            try:
+                return count(open_store(url))
+            except StoreError:
+                return 0
+        return poll
+
+    bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
+            (f"train {d.name}", d.steps, polled(lambda st: models.step(st, d.name) if models.exists(st, d.name) else 0)),
+            (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
+    from flows.pipeline import pipeline_flow
+
+    prefect_server()
+    with user_errors(), progress_bars(bars):
+        summary = pipeline_flow(
+            sweep=d.name, problem=problem, runs=d.runs, model=d.name, store=url, stages="subflows", runner=d.runner,
+            workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
+            train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget)),
+            evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts})
     metric = problems_mod.get(problem).primary
     typer.echo(f"{metric} per learning-rate bucket (means over runs):")
     catalog(sql=f"select round(log10(lr), 1) as log10_lr, count(*) as runs, avg(best_{metric}) as best_{metric}, "
                 f"avg(final_{metric}) as final_{metric} from runs where sweep = '{d.name}' group by 1 order by 1",
             store=url, format="table")
-    train(sweep=[d.name], model=d.name, store=url, preset=None, steps=d.steps, metric=None, batch_size=None,
-          device=None, lr=None, force=False, pairing=d.pairing, save_every=None, memory_budget=d.memory_budget)
-    evaluate(model=d.name, store=url, eval=None, networks=d.networks, prompts=d.prompts, recursive=None, sampler=None,
-             sample_steps=None, seed=None, data_root=None, device=None)
+    _echo_summary(f"sweep {d.name}", {k.removeprefix("sweep_"): v for k, v in summary.items() if k.startswith("sweep_")})
+    _echo_summary(f"model {d.name}", {"step": summary["model_step"]})
+    _print_summary(url, summary)
 
 
 @app.command("import-gpt")

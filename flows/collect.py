@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import artifact_key, picture, run_shards, summary_markdown
+from flows.credentials import use_store_credentials
 from gptpipe.stages import collect
 from gptpipe.sweep.config import SweepConfig
 from storage.store import default_store_url, open_store
@@ -36,10 +37,13 @@ def collect_flow(
     data_order: str | None = None,
     checkpoint_spacing: str | None = None,
     torch_threads: int = 1,
+    credentials: str | None = None,
 ) -> dict:
     """Collect ``runs`` runs of ``problem`` into ``store`` as sweep ``sweep``; a recipe setting left None
     is ``SweepConfig``'s default. Re-running with the same arguments skips committed shards and
-    finishes the rest. ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker)."""
+    finishes the rest. ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker);
+    ``credentials``: see ``flows.credentials``."""
+    use_store_credentials(credentials)
     store = store or default_store_url()
     recipe = dict(data=data, shard_size=shard_size, epochs=epochs, checkpoints=checkpoints, seed=seed, lr_min=lr_min,
                   lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from flows.credentials import use_store_credentials
 from flows.runners import set_torch_threads
 from gptpipe.evaluation import pages
 from gptpipe.stages import evaluate as eval_stage
@@ -18,11 +19,12 @@ from storage.store import default_store_url, open_store
 def evaluate_flow(store: str | None = None, model: str | None = None, eval: str | None = None, networks: int | None = None,
                   prompts: int | None = None, recursive: int | None = None, sampler: str | None = None,
                   sample_steps: int | None = None, seed: int | None = None, data_root: str | None = None,
-                  device: str | None = None, torch_threads: int | None = None) -> dict:
+                  device: str | None = None, torch_threads: int | None = None, credentials: str | None = None) -> dict:
     """Evaluate ``model`` (default: the newest in the store) into ``evals/<eval>`` (default: a new
     timestamped name), so a scheduled run never overwrites an earlier one; a setting left None is
     ``EvalRequest``'s default. ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker);
-    ``torch_threads``: see ``flows.runners.set_torch_threads``."""
+    ``torch_threads``: see ``flows.runners.set_torch_threads``; ``credentials``: see ``flows.credentials``."""
+    use_store_credentials(credentials)
     store = store or default_store_url()
     set_torch_threads(torch_threads)
     st = open_store(store)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from contextlib import contextmanager
+
 from flows.artifacts import artifact_key, picture, summary_markdown
+from flows.credentials import use_store_credentials
 from flows.runners import set_torch_threads
 from gptpipe.stages import train
 from storage import models
@@ -21,13 +24,15 @@ def load_data(store_url: str, sweeps: list[str], metric: str | None, seed: int, 
 def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: str | None = None, steps: int | None = None,
                metric: str | None = None, save_every: int | None = None, seed: int = 0, device: str | None = None,
                batch_size: int | None = None, lr: float | None = None, pairing: str | None = None,
-               memory_budget: int | None = None, torch_threads: int | None = None) -> dict:
+               memory_budget: int | None = None, torch_threads: int | None = None, credentials: str | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
     ``memory_budget`` (bytes): bigger training sets are streamed from the store (default 2 GiB).
     ``torch_threads``: see ``flows.runners.set_torch_threads``. A setting left None is ``TrainConfig``'s
-    (or the train stage's) default."""
+    (or the train stage's) default. ``credentials``: see ``flows.credentials``. Two trainings of one
+    model never run at once: the second waits for the first (``one_training_at_a_time``)."""
+    use_store_credentials(credentials)
     store = store or default_store_url()
     print(f"{set_torch_threads(torch_threads)} torch threads")
     data = load_data(store, sweeps, metric, seed, memory_budget)
@@ -41,9 +46,32 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
 
     options = {k: v for k, v in dict(preset=preset, steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr,
                                      pairing=pairing).items() if v is not None}
-    summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
+    with one_training_at_a_time(model):
+        summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
     st = open_store(store)
     create_markdown_artifact(key=artifact_key("model", model), description=f"G.pt {model}",
                              markdown=summary_markdown(f"G.pt `{model}`", summary) + "\n\n"
                              + picture("training loss", models.read_loss_plot(st, model)))
     return summary
+
+
+@contextmanager
+def one_training_at_a_time(model: str):
+    """Hold the slot of Prefect global concurrency limit ``train-<model>`` (limit 1, made on first use)
+    while training: two runs of one model would both resume from the same save and overwrite each
+    other's. Wherever the runs are (two workers, a worker and a CLI), the server makes the second wait."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = artifact_key("train", model)
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+        except ObjectAlreadyExists:  # another run made it a moment ago
+            pass
+        if client.read_global_concurrency_limit_by_name(name).active_slots:
+            print(f"another training of {model} is running: waiting for it to end (concurrency limit {name})")
+    # the shortest lease the server allows: a training whose process died frees the model within about a minute
+    with concurrency(name, occupy=1, strict=True, lease_duration=60):
+        yield

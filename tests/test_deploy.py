@@ -1,6 +1,8 @@
-"""The deployments of deploy/prefect.yaml on a real Prefect server, run by a real process worker:
+"""The deployments of deploy/prefect.yaml on a real Prefect server, run by real process workers:
 a worker killed mid-collection (with its flow run) and the run retried on a new worker lands every run
-exactly once; the scheduled evaluate deployment reports on the newest model in the worker's store."""
+exactly once; the scheduled evaluate deployment reports on the newest model in the worker's store; the
+pipeline deployment chains the stages over two queues and resumes after its train worker dies; the
+triggers start training after a collection and evaluation after a training; S3 keys come from a block."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import catalog, params, sweeps
+from storage import catalog, models, params, sweeps
 from storage.store import open_store
 from tests.conftest import BIN, REPO, run_cli
 
@@ -41,7 +43,7 @@ def deployed(prefect_server, tmp_path_factory):
     if existing.returncode != 0:
         prefect_cmd("work-pool", "create", POOL, "--type", "process", env=env)
     out = prefect_cmd("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml", env=env).stdout
-    for name in ("collect/collect", "train/train", "evaluate/evaluate"):
+    for name in ("pipeline/pipeline", "collect/collect", "train/train", "evaluate/evaluate"):
         assert f"prefect deployment run '{name}'" in out, out
     return env
 
@@ -73,13 +75,15 @@ def _children(pid: int) -> list[int]:
 
 
 class Worker:
-    """``prefect worker start --pool gptpipe`` in its own session, its output in a log file."""
+    """``prefect worker start --pool gptpipe`` (polling ``queue``, or every queue) in its own session,
+    its output in a log file."""
 
-    def __init__(self, env: dict, log: Path, **extra: str):
+    def __init__(self, env: dict, log: Path, queue: str | None = None, **extra: str):
         self.log_path = log
         self._log = open(log, "w")
         env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO", **extra}
-        self.proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL], env=env, cwd=REPO,
+        queues = ["--work-queue", queue] if queue else []
+        self.proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, *queues], env=env, cwd=REPO,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def crash(self) -> None:
@@ -233,3 +237,170 @@ def test_scheduled_evaluate_deployment_reports_newest_model(deployed, prefect_ap
     assert len(names) == 1, evals
     assert st.exists("evals", names[0], "report.md") and st.exists("evals", names[0], "results.parquet")
     assert names[0] in st.fs.cat_file(st.path("evals", "index.md")).decode()
+
+
+def _runs_named(name: str) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with _client() as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+                                     sort=FlowRunSort.START_TIME_ASC)
+
+
+def _runs_of(deployment: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _client() as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+
+
+def _artifacts(flow_run_ids: list[str]) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client() as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids)))
+
+
+def _step(store: str, model: str) -> int:
+    """The model's saved step, 0 while there is no store or model yet."""
+    return models.step(open_store(store), model) if Path(store, "models", model).exists() else 0
+
+
+def test_pipeline_on_two_queues_resumes_after_its_train_worker_dies(deployed, prefect_api, tmp_path):
+    """One pipeline run: collect on the default queue's worker, train on the train queue's. The train
+    worker is killed part-way through training; re-running the pipeline collects nothing again, resumes
+    the model from its last save and evaluates it."""
+    from prefect.states import Crashed
+
+    store, model, steps, save_every = str(tmp_path / "store"), "pg", 300, 25
+    parameters = {"sweep": "pd", "problem": "digits_mlp", "runs": 36, "model": model, "store": store,
+                  "collect_options": {"shard_size": 12, "epochs": 4, "checkpoints": 5},
+                  "train_options": {"steps": steps, "batch_size": 16, "save_every": save_every},
+                  "evaluate_options": {"networks": 4, "prompts": 3, "recursive": 2}}
+    cpu = Worker(deployed, tmp_path / "cpu.log", queue="default")
+    gpu = Worker(deployed, tmp_path / "gpu1.log", queue="train")
+    try:
+        first = _run("pipeline/pipeline", parameters)
+        _wait(first, cpu, timeout=240, until=lambda run: _step(store, model) >= 2 * save_every)
+        [train_run] = _runs_named(f"pipeline-{model}-train")
+        assert models.step(open_store(store), model) < steps, "training ended before the worker could be killed"
+        gpu.crash()
+        with _client() as client:  # what an operator (or an automation on missing heartbeats) does
+            client.set_flow_run_state(train_run.id, Crashed(message="worker lost"), force=True)
+        run = _wait(first, cpu, timeout=60)
+        assert run.state.type.value == "FAILED" and "stage train" in run.state.message, run.state.message
+        saved = models.step(open_store(store), model)
+
+        gpu = Worker(deployed, tmp_path / "gpu2.log", queue="train")
+        second = _run("pipeline/pipeline", parameters)
+        run = _wait(second, cpu, timeout=240)
+        assert run.state.type.value == "COMPLETED", f"{_logs(second)}\n{cpu.tail()}\n{gpu.tail()}"
+    finally:
+        cpu.stop()
+        gpu.stop()
+
+    collects = _runs_named(f"pipeline-{model}-collect")
+    trains = _runs_named(f"pipeline-{model}-train")
+    evaluations = _runs_named(f"pipeline-{model}-evaluate")
+    assert len(collects) == len(trains) == 2 and len(evaluations) == 1
+    # each stage ran where its queue sent it
+    assert {r.work_queue_name for r in collects + evaluations} == {"default"} and {r.work_queue_name for r in trains} == {"train"}
+    cpu_log, gpu_log = (tmp_path / "cpu.log").read_text(), (tmp_path / "gpu2.log").read_text()
+    assert str(collects[1].id) in cpu_log and str(trains[1].id) in gpu_log and str(trains[1].id) not in cpu_log
+    assert f"resuming {model} at step {saved}" in _logs(str(trains[1].id))
+    assert "0 to do" in _logs(str(collects[1].id))
+
+    st = open_store(store)
+    assert models.step(st, model) == steps
+    rows = catalog.query(st, "select run from runs where sweep = 'pd' order by run").to_pylist()
+    assert [r["run"] for r in rows] == list(range(36))
+    counts = catalog.query(st, "select count(*) as n, count(distinct (run, ckpt)) as d from checkpoints").to_pylist()[0]
+    assert counts["n"] == counts["d"] == 36 * 5
+    [name] = [e for e in st.ls("evals") if e.startswith(f"{model}-")]
+    assert st.exists("evals", name, "report.html")
+    keys = {a.key for a in _artifacts([str(evaluations[0].id), second])}
+    assert {"eval-report", "eval-index", f"pipeline-{model}"} <= keys, keys
+    # the pipeline's trainings are not evaluated a second time by the evaluate deployment's trigger
+    time.sleep(5)
+    assert [r.name for r in _runs_of("evaluate") if r.parameters.get("model") == model] == [evaluations[0].name]
+
+
+def test_triggers_train_after_a_collection_and_evaluate_after_a_training(deployed, prefect_api, tmp_path):
+    """The evaluate deployment's trigger is on: a completed training is evaluated without anyone asking.
+    The train deployment's is off until resumed; resumed, a completed collection schedules a training."""
+    store = str(tmp_path / "store")
+    cpu = Worker(deployed, tmp_path / "cpu.log", queue="default")
+    gpu = Worker(deployed, tmp_path / "gpu.log", queue="train")
+    try:
+        collected = _run("collect/collect", {"store": store, "sweep": "tg", "problem": "digits_mlp", "runs": 24, "shard_size": 12,
+                                             "epochs": 3, "checkpoints": 5})
+        assert _wait(collected, cpu).state.type.value == "COMPLETED", _logs(collected)
+        trained = _run("train/train", {"store": store, "sweeps": ["tg"], "model": "tm", "steps": 4, "batch_size": 16})
+        assert _wait(trained, gpu).state.type.value == "COMPLETED", _logs(trained)
+        deadline = time.time() + 90
+        while time.time() < deadline and not [r for r in _runs_of("evaluate") if r.parameters.get("model") == "tm"]:
+            time.sleep(0.5)
+        [evaluation] = [r for r in _runs_of("evaluate") if r.parameters.get("model") == "tm"]
+        assert evaluation.parameters["model"] == "tm" and evaluation.parameters["store"] == store, evaluation.parameters
+        run = _wait(str(evaluation.id), cpu)
+        assert run.state.type.value == "COMPLETED", _logs(str(evaluation.id))
+    finally:
+        gpu.stop()
+        cpu.stop()
+    st = open_store(store)
+    assert any(e.startswith("tm-") for e in st.ls("evals")) and "tm-" in st.fs.cat_file(st.path("evals", "index.md")).decode()
+
+    # the train-after-collect trigger, resumed as docs/deploy.md says; no train worker runs now, so the
+    # training it schedules waits in the train queue, where we read its parameters
+    prefect_cmd("automation", "resume", "train after collect", env=deployed)
+    cpu = Worker(deployed, tmp_path / "cpu2.log", queue="default")
+    try:
+        collected = _run("collect/collect", {"store": store, "sweep": "tg2", "problem": "digits_mlp", "runs": 12, "shard_size": 12,
+                                             "epochs": 2, "checkpoints": 3})
+        assert _wait(collected, cpu).state.type.value == "COMPLETED", _logs(collected)
+        deadline = time.time() + 90
+        while time.time() < deadline and not [r for r in _runs_of("train") if r.parameters.get("model") == "tg2"]:
+            time.sleep(0.5)
+    finally:
+        cpu.stop()
+        prefect_cmd("automation", "pause", "train after collect", env=deployed)
+    [scheduled] = [r for r in _runs_of("train") if r.parameters.get("model") == "tg2"]
+    assert scheduled.parameters["sweeps"] == ["tg2"] and scheduled.parameters["store"] == store
+    with _client() as client:
+        client.delete_flow_run(scheduled.id)
+
+
+def test_credentials_from_a_block_reach_the_workers_s3_store(deployed, prefect_api, s3_server, tmp_path, monkeypatch):
+    """The worker holds no keys; the collect run names a Secret block that does. The secret shows in no
+    log, artifact or error line, also when the block's keys are wrong."""
+    import json
+
+    from prefect.blocks.system import Secret
+
+    secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"]
+    Secret(value={"aws_access_key_id": s3_server.access_key, "aws_secret_access_key": secret,
+                  "endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region}).save("s3-test", overwrite=True)
+    Secret(value={"aws_access_key_id": s3_server.access_key, "aws_secret_access_key": secret[::-1],
+                  "endpoint_url": s3_server.endpoint_url}).save("s3-wrong", overwrite=True)
+    env = {k: v for k, v in deployed.items() if not k.startswith("AWS_")}
+    url = s3_server.url(f"blk-{os.getpid()}")
+    cpu = Worker(env, tmp_path / "cpu.log", queue="default")
+    try:
+        good = _run("collect/collect", {"store": url, "sweep": "bk", "problem": "digits_mlp", "runs": 12, "shard_size": 12,
+                                        "epochs": 2, "checkpoints": 3, "credentials": "secret/s3-test"})
+        assert _wait(good, cpu).state.type.value == "COMPLETED", _logs(good)
+        bad = _run("collect/collect", {"store": url, "sweep": "bk2", "problem": "digits_mlp", "runs": 12, "shard_size": 12,
+                                       "epochs": 2, "checkpoints": 3, "credentials": "secret/s3-wrong"})
+        failed = _wait(bad, cpu)
+    finally:
+        cpu.stop()
+    assert failed.state.type.value == "FAILED" and "denied" in (failed.state.message or "") + _logs(bad)
+    for k, v in s3_server.env().items():  # this process reads the store with the same keys, from its environment
+        monkeypatch.setenv(k, v)
+    rows = catalog.query(open_store(url), "select count(*) as n from runs where sweep = 'bk'").to_pylist()
+    assert rows == [{"n": 12}]
+    seen = [_logs(good), _logs(bad), failed.state.message or "", (tmp_path / "cpu.log").read_text(),
+            json.dumps([a.model_dump(mode="json") for a in _artifacts([good, bad])])]
+    for text in seen:
+        assert secret not in text and secret[::-1] not in text

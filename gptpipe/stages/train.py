@@ -221,6 +221,7 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
     if main:
         print(f"training {model} on {lineage['device']} (matmul peak {peak / 1e9:.0f} GFLOP/s)")
     target = config.steps
+    resumed_at = trainer.step
 
     def save():
         # model-FLOPs utilisation, as nanoGPT's estimate_mfu: the model's FLOPs per second against the peak
@@ -243,7 +244,7 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
             save()
     finally:
         trainer.close()
-    return {"model": model, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 1),
+    return {"model": model, "step": trainer.step, "resumed_at_step": resumed_at, "train_wall_s": round(trainer.wall_s, 1),
             "final_loss": float(sum(trainer.losses[-100:]) / max(1, len(trainer.losses[-100:]))),
             "training_runs": data.lineage["training_runs"], "best_in_sweeps": data.best,
             "streamed": data.streamed, "processes": distributed.world_size()}
