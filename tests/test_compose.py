@@ -212,8 +212,14 @@ def test_prefect_yaml_entrypoints_are_real_flows():
         assert signature.parameters["store"].default is None
         for key in d.get("parameters") or {}:
             assert not re.search(r"secret|password|aws|key", key, re.I)
+        for trigger in d.get("triggers") or []:  # a trigger starts this flow with parameters it has
+            assert set(trigger["parameters"]) <= set(signature.parameters), trigger["name"]
         names[d["name"]] = d
-    assert set(names) == {"collect", "train", "evaluate"}
+    assert set(names) == {"pipeline", "collect", "train", "evaluate"}
+    # the pipeline's stage runs are named so that the evaluate trigger skips them
+    from flows.pipeline import RUN_NAME
+
+    assert RUN_NAME.startswith("pipeline-") and names["evaluate"]["triggers"][0]["match"]["prefect.resource.name"] == "!pipeline-*"
     schedules = names["evaluate"]["schedules"]
     assert len(schedules) == 1 and schedules[0]["cron"] == "0 3 * * *" and schedules[0]["active"]
     # the evaluate flow picks the newest model itself when none is named
