@@ -47,15 +47,27 @@ def read_state(store: Store, model: str) -> bytes:
     return store.fs.cat_file(store.path(MODELS, model, STATE))
 
 
+def local_state_path(store: Store, model: str) -> str | None:
+    """The saved state's path on this machine where the store is a local folder (read it in place)."""
+    read_lineage(store, model)
+    return store.local_path(MODELS, model, STATE)
+
+
+def download_state(store: Store, model: str, path: str) -> None:
+    """The saved state into the file ``path``, in pieces."""
+    read_lineage(store, model)
+    store.get_file(path, MODELS, model, STATE)
+
+
 def step(store: Store, model: str) -> int:
     """The step of the last save (0 for a model not saved yet)."""
     return read_lineage(store, model).get("step", 0) if exists(store, model) else 0
 
 
-def save(store: Store, model: str, state: bytes, lineage: dict, losses: list[float], loss_plot: bytes) -> None:
-    """State, log and plot first, lineage last (see the module docstring)."""
+def save(store: Store, model: str, state_path: str, lineage: dict, losses: list[float], loss_plot: bytes) -> None:
+    """State (the file ``state_path``), log and plot first, lineage last (see the module docstring)."""
     check_name(model, "model")
-    store.write_bytes(state, MODELS, model, STATE)
+    store.put_file(state_path, MODELS, model, STATE)
     log = "step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(losses))
     store.write_bytes(log.encode(), MODELS, model, LOG)
     store.write_bytes(loss_plot, MODELS, model, LOSS_PLOT)

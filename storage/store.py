@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 
@@ -119,7 +120,28 @@ class Store:
         if not self.is_local:
             self.fs.pipe_file(self.path(*parts), data)
             return
-        self._write_local(data, parts, os.replace)
+        self._write_local(lambda f: f.write(data), parts, os.replace)
+
+    def put_file(self, local_path: str, *parts: str) -> None:
+        """``write_bytes`` for the file ``local_path`` on this machine, copied in pieces (a paper-size G.pt
+        state is ~6 GB: never all in memory at once). Readers see the old object or the whole new one."""
+        if not self.is_local:
+            self.fs.put_file(local_path, self.path(*parts))  # one PUT, or a multipart upload completed at once
+            return
+
+        def copy(f):
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, f, 16 * 2**20)
+
+        self._write_local(copy, parts, os.replace)
+
+    def local_path(self, *parts: str) -> str | None:
+        """The object's path on this machine where the store is a local folder, else None."""
+        return self.path(*parts) if self.is_local else None
+
+    def get_file(self, local_path: str, *parts: str) -> None:
+        """Download an object to the file ``local_path``, in pieces."""
+        self.fs.get_file(self.path(*parts), local_path)
 
     def create_bytes(self, data: bytes, *parts: str) -> bool:
         """Write a whole object only if there is none yet; False (nothing written) if another writer was
@@ -137,13 +159,13 @@ class Store:
             self.refresh(*parts)
             return True
         try:
-            self._write_local(data, parts, os.link)
+            self._write_local(lambda f: f.write(data), parts, os.link)
         except FileExistsError:
             return False
         return True
 
-    def _write_local(self, data: bytes, parts: tuple[str, ...], publish) -> None:
-        """``data`` into a synced temporary file beside the target, then ``publish(tmp, target)`` (rename:
+    def _write_local(self, fill, parts: tuple[str, ...], publish) -> None:
+        """``fill(file)`` writes into a synced temporary file beside the target, then ``publish(tmp, target)`` (rename:
         replace; link: create only). The temporary file never outlives the call; a failure (a full disk)
         is one line naming the store, the old object intact. FileExistsError passes through."""
         target = self.path(*parts)
@@ -151,7 +173,7 @@ class Store:
         try:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(data)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             publish(tmp, target)

@@ -90,3 +90,64 @@ def test_two_processes_match_one_process_and_stay_in_sync(tmp_path):
     single_losses = [single.optimize(b) for b in fixed_batches(single)]
     np.testing.assert_allclose(r0["fixed_losses"], single_losses, rtol=1e-5)
     torch.testing.assert_close(r0["fixed"], flat(single.model), rtol=1e-4, atol=1e-6)
+
+
+def resume_worker(rank, port, url, out_dir):
+    """Each process resumes model ``m`` from an S3 store, counting downloads of its state."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from gptpipe.stages import train as train_stage
+    from storage import models
+    from storage.store import open_store
+
+    download = models.download_state
+
+    def counted(store, model, path):
+        with open(os.path.join(out_dir, "downloads"), "a") as f:
+            f.write(f"{rank}\n")
+        download(store, model, path)
+
+    models.download_state = counted
+    assert distributed.init_from_env()
+    try:
+        params, metric = toy_data()
+        with train_stage.saved_state(open_store(url), "m") as path:
+            tr = Trainer.from_bytes(DIGITS, params, metric, path)
+        torch.save({"path": path, "weights": flat(tr.model), "ema": flat(tr.ema), "step": tr.step},
+                   os.path.join(out_dir, f"resumed{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_processes_of_one_node_resume_from_one_download(s3_store_url, tmp_path):
+    """Resuming from an object store, the node's first process downloads the state once and every
+    process reads that copy (a paper-size state is ~6 GB: one per process would be ~12 GB of host
+    memory each); the copy is gone afterwards. From a local store the stored file is read in place."""
+    from storage import models
+    from storage.store import open_store
+
+    params, metric = toy_data()
+    trainer = Trainer(DIGITS, params, metric, config())
+    trainer.step_many(3)
+    saved = tmp_path / "state.safetensors"
+    trainer.save_state(str(saved))
+    for url in (s3_store_url, str(tmp_path / "local")):
+        models.save(open_store(url, create=True), "m", str(saved), {"step": 3}, trainer.losses, b"png")
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(resume_worker, args=(free_port(), s3_store_url, str(out)), nprocs=WORLD, join=True)
+    assert (out / "downloads").read_text().split() == ["0"]
+    r0, r1 = (torch.load(out / f"resumed{r}.pt") for r in range(WORLD))
+    assert r0["path"] == r1["path"] and not os.path.exists(r0["path"])
+    for r in (r0, r1):
+        assert r["step"] == 3 and torch.equal(r["weights"], flat(trainer.model)) and torch.equal(r["ema"], flat(trainer.ema))
+
+    from gptpipe.stages.train import saved_state
+
+    local = open_store(str(tmp_path / "local"))
+    with saved_state(local, "m") as path:
+        assert path == local.path("models", "m", "state.safetensors")
+        assert Trainer.from_bytes(DIGITS, params, metric, path).step == 3
+    assert os.path.exists(path)  # the store's own file, read in place, stays

@@ -263,6 +263,24 @@ def test_save_load_and_resume(small_sweep):
         assert torch.equal(a, b)
 
 
+def test_batches_gathered_ahead_train_exactly_as_batches_gathered_in_turn(small_sweep):
+    """On a GPU the next batch's pairs are gathered in a thread while the device runs the step: the same
+    pairs in the same order (one host stream), and the noise drawn where the trainer trains, so the
+    losses are bit for bit those of gathering each batch in turn. Forced on here, on the CPU."""
+    params, metric = small_sweep
+    cfg = TrainConfig(model=MICRO, steps=40, batch_size=32, warmup=5, seed=4)
+    in_turn, ahead = Trainer(DIGITS, params, metric, cfg), Trainer(DIGITS, params, metric, cfg)
+    assert not in_turn.prefetch  # off on the CPU: the same cores would gather and train
+    ahead.prefetch = True
+    assert ahead.step_many(12) == in_turn.step_many(12)
+    b = ahead.batch()
+    assert b["noise"].device == b["t"].device == ahead.device and ahead.noise_generator.device == ahead.device
+    # validation draws from a generator of its own: the training streams are not advanced
+    state = (ahead.generator.get_state(), ahead.noise_generator.get_state())
+    ahead.validation_loss(params, metric, n=16)
+    assert all(torch.equal(a, b) for a, b in zip(state, (ahead.generator.get_state(), ahead.noise_generator.get_state())))
+
+
 def test_unit_basis_carries_updates_in_its_span():
     """mnist_mlp's 784 incoming weights per unit enter and leave a token as k coordinates: an update in
     the fitted basis's span comes back exactly, and the fitted basis spans low-rank updates."""

@@ -46,7 +46,9 @@ def test_tiny_budget_streams_pairs_from_training_runs_only(store):
             assert (b["i"] < b["j"]).all() and (b["j"] < 5).all()
             run_ids = train_ids[b["run"].numpy()]  # training-set positions -> run numbers
             assert not held & set(run_ids.tolist())
-            assert set(b["run"].tolist()) <= set(b["group_runs"].tolist()) and len(b["group_runs"]) <= 8
+            # drawn from the 4 resident groups of at most 8 runs each, not from one alone
+            assert set(b["run"].tolist()) <= set(b["group_runs"].tolist()) and 8 < len(b["group_runs"]) <= 4 * 8
+            assert len(set(b["run"].tolist())) > 8
             seen_groups.add(tuple(b["group_runs"].tolist()))
             # the pair is checkpoints i and j of one and the same stored run, with that run's metrics
             np.testing.assert_array_equal(b["theta_i"].numpy(), everything[run_ids, b["i"].numpy()])

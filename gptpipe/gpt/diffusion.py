@@ -47,10 +47,11 @@ class Diffusion:
     def sample_t(self, n: int, generator: torch.Generator | None = None, high_frac: float = 0.0) -> torch.Tensor:
         """Training timesteps: uniform over 0..T-1, except that a fraction ``high_frac`` is drawn from
         the top tenth of the schedule (where the few-step samplers do their work)."""
-        t = torch.randint(0, self.timesteps, (n,), generator=generator)
+        device = generator.device if generator is not None else None  # drawn where the generator lives
+        t = torch.randint(0, self.timesteps, (n,), generator=generator, device=device)
         if high_frac > 0:
-            high = torch.rand(n, generator=generator) < high_frac
-            top = torch.randint(int(0.9 * self.timesteps), self.timesteps, (n,), generator=generator)
+            high = torch.rand(n, generator=generator, device=device) < high_frac
+            top = torch.randint(int(0.9 * self.timesteps), self.timesteps, (n,), generator=generator, device=device)
             t = torch.where(high, top, t)
         return t
 

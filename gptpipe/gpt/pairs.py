@@ -108,13 +108,18 @@ class StreamingPairs:
     training checkpoint (small: it stays in memory). Each rank of a multi-process job passes its own
     ``seed`` so ranks read different groups and draw different pairs.
 
+    ``mix`` groups are held at once and every batch draws its pairs from all of them; one group is
+    replaced every ``batches_per_group`` batches. A batch then spans ``mix`` x ``group_runs`` runs (at paper
+    size a 256 MiB group is ~40 runs: alone, 64 batches of 1,024 pairs from 40 runs are strongly
+    correlated), for ``mix`` x the memory and the same reads per pair.
+
     ``next()`` returns a dict like ``gather_pairs`` plus ``group_runs`` (the training-set positions of
-    the group the batch came from, for tests). Use as a context manager or call ``close()``."""
+    the groups the batch came from, for tests). Use as a context manager or call ``close()``."""
 
     def __init__(self, problem, read_runs: Callable[[np.ndarray], np.ndarray], metric, batch_size: int,
                  pairing: str = "mixed", init_frac: float = 0.5, symmetry: str = "auto", group_runs: int = 512,
-                 spans: int = 16, batches_per_group: int = 64, prefetch: int = 32, seed: int = 0,
-                 group_bytes: int = 256 * 2**20):
+                 spans: int = 16, batches_per_group: int = 64, prefetch: int = 8, seed: int = 0,
+                 group_bytes: int = 256 * 2**20, mix: int = 4):
         self.problem = problem
         self.read_runs = read_runs
         self.metric = torch.as_tensor(np.asarray(metric), dtype=torch.float32)
@@ -128,6 +133,7 @@ class StreamingPairs:
         self.group_runs = min(group_runs, self.n_runs)  # capped by group_bytes once a run's size is known
         self.spans = max(1, min(spans, self.group_runs))
         self.batches_per_group = batches_per_group
+        self.mix = max(1, mix)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -186,21 +192,39 @@ class StreamingPairs:
             per_run = max(1, self.read_runs(np.arange(1)).nbytes)
             self.group_runs = max(1, min(self.group_runs, self.group_bytes // per_run))
             self.spans = max(1, min(self.spans, self.group_runs))
+            resident: list[tuple] = []  # the groups batches are drawn from, oldest first
             while not self.stop.is_set():
-                params, metric, n_valid, idx = self.read_group(self.choose_group())
+                group = self.read_group(self.choose_group())
                 self.groups_read += 1
-                self.runs_read += len(idx)
-                if len(idx) == 0:
+                self.runs_read += len(group[3])
+                if len(group[3]) == 0:
                     continue
+                resident = (resident + [group])[-self._distinct_groups():]
+                if len(resident) < self._distinct_groups():
+                    continue  # fill up before the first batch
                 for _ in range(self.batches_per_group):
-                    b = gather_pairs(self.problem, params, metric, n_valid, self.batch_size, self.generator,
-                                     self.pairing, self.init_frac, self.symmetry)
-                    b["run"] = torch.from_numpy(idx)[b["run"]]  # training-set positions
-                    b["group_runs"] = idx
-                    if not self._put(b):
+                    if not self._put(self._mixed_batch(resident)):
                         return
         except BaseException as e:  # surfaced in next()
             self._put(e)
+
+    def _distinct_groups(self) -> int:
+        """How many different groups there can be (1 when a group is the whole training set)."""
+        return 1 if self.group_runs >= self.n_runs else self.mix
+
+    def _mixed_batch(self, resident: list[tuple]) -> dict[str, torch.Tensor]:
+        """``batch_size`` pairs, split as evenly as can be over the resident groups."""
+        sizes = [self.batch_size // len(resident) + (k < self.batch_size % len(resident)) for k in range(len(resident))]
+        parts = []
+        for (params, metric, n_valid, idx), n in zip(resident, sizes):
+            if n == 0:
+                continue
+            b = gather_pairs(self.problem, params, metric, n_valid, n, self.generator, self.pairing, self.init_frac, self.symmetry)
+            b["run"] = torch.from_numpy(idx)[b["run"]]  # training-set positions
+            parts.append(b)
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        batch["group_runs"] = np.unique(np.concatenate([g[3] for g in resident]))
+        return batch
 
     def next(self) -> dict[str, torch.Tensor]:
         self.start()

@@ -26,13 +26,16 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from gptpipe.gpt import distributed
 from gptpipe import problems as problems_mod
@@ -193,8 +196,12 @@ class Trainer:
         self.params, self.metric, self.n_valid = params[keep], metric[keep], n_valid[keep]
         self.symmetry = resolve_symmetry(self.problem, config.symmetry)  # "auto" decided once, for pairs and model
         self.device = resolve_device(config.device)
-        # every rank its own pairs, noise and timesteps (rank 0 = the single-process stream)
+        # every rank its own pairs (drawn on the host, where the checkpoints are) and its own noise and
+        # timesteps (drawn on the training device: a 1024 x 7,960 batch of noise is never copied over)
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * self.rank)
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed + 2 + 1_000_003 * self.rank)
+        # on a GPU the next batch's pairs are gathered on the host while the device runs this step
+        self.prefetch = self.device.type == "cuda"
 
         if state is None:
             torch.manual_seed(config.seed)
@@ -271,21 +278,30 @@ class Trainer:
 
     def batch(self, n: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """A training batch of ``n`` pairs (default: this process's share of ``batch_size``), with its
-        diffusion timesteps and noise, on the training device. From the stream when there is one."""
-        g, c = generator or self.generator, self.config
+        diffusion timesteps and noise, on the training device. From the stream when there is one;
+        ``generator`` (a host one) draws pairs, timesteps and noise instead of the trainer's own."""
+        return self.to_device(self.host_pairs(n, generator), generator)
+
+    def host_pairs(self, n: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The pairs of a batch, gathered on the host (``step_many`` runs this a step ahead on a GPU)."""
+        c = self.config
         n = n or self.local_batch
         if self.stream is not None and generator is None and n == self.stream.batch_size:
             pairs = self.stream.next()
         else:
-            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, g, c.pairing, c.init_frac, self.symmetry)
-        batch = {
-            "theta_i": pairs["theta_i"], "theta_j": pairs["theta_j"], "metric_i": pairs["metric_i"], "metric_j": pairs["metric_j"],
-            "t": self.diffusion.sample_t(n, g, c.t_high_frac),
-            "noise": torch.randn(n, self.problem.n_params, generator=g),  # drawn on the host: the same numbers on any device
-        }
+            pairs = gather_pairs(self.problem, self.params, self.metric, self.n_valid, n, generator or self.generator,
+                                 c.pairing, c.init_frac, self.symmetry)
+        return {k: pairs[k] for k in ("theta_i", "theta_j", "metric_i", "metric_j")}
+
+    def to_device(self, pairs: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``pairs`` on the training device, with timesteps and noise drawn there."""
         if self.device.type == "cuda":  # page-locked host memory: the copies run alongside the previous step's kernels
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
-        return batch
+            pairs = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in pairs.items()}
+        g = generator or self.noise_generator
+        n = len(pairs["theta_i"])
+        t = self.diffusion.sample_t(n, g, self.config.t_high_frac)
+        noise = torch.randn(n, self.problem.n_params, generator=g, device=g.device)
+        return {**pairs, "t": t.to(self.device), "noise": noise.to(self.device)}
 
     def loss_on(self, model: Gpt, b: dict[str, torch.Tensor]) -> torch.Tensor:
         start = self.normalizer.normalize(b["theta_i"])
@@ -324,7 +340,17 @@ class Trainer:
     def step_many(self, n: int) -> list[float]:
         """``n`` optimiser steps; returns their losses."""
         t0 = time.perf_counter()
-        losses = [self._step(self.batch()) for _ in range(n)]
+        if self.prefetch and n > 1:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt-batch") as ahead:
+                pending = ahead.submit(self.host_pairs)
+                losses = []
+                for k in range(n):
+                    pairs = pending.result()
+                    if k + 1 < n:
+                        pending = ahead.submit(self.host_pairs)
+                    losses.append(self._step(self.to_device(pairs)))
+        else:
+            losses = [self._step(self.batch()) for _ in range(n)]
         out = torch.stack(losses).float().tolist() if losses else []  # one wait for the device per chunk
         self.wall_s += time.perf_counter() - t0
         self.losses.extend(out)
@@ -362,19 +388,31 @@ class Trainer:
         other.metric = torch.as_tensor(np.asarray(metric), dtype=torch.float32)
         other.n_valid = _valid_counts(other.params, other.metric)
         other.stream = None
-        other.generator = torch.Generator().manual_seed(seed)
-        self.ema.eval()
-        return float(other.loss_on(self.ema, other.batch(n)))
+        self.ema.eval()  # pairs, timesteps and noise all from one fixed-seed generator: the trainer's streams untouched
+        return float(other.loss_on(self.ema, other.batch(n, generator=torch.Generator().manual_seed(seed))))
 
     # --- saving -------------------------------------------------------------------------------
     def state_dict_bytes(self) -> bytes:
+        """Everything needed to resume (or sample), as safetensors bytes."""
+        tensors, meta = self._state_tensors()
+        return st_save(tensors, metadata=meta)
+
+    def save_state(self, path: str) -> None:
+        """``state_dict_bytes`` written straight to the file ``path``: one host copy of the state, not two
+        (a paper-size state is ~6 GB)."""
+        tensors, meta = self._state_tensors()
+        st_save_file(tensors, path, metadata=meta)
+
+    def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
         for k, state in self.optimizer.state_dict()["state"].items():
             for name, v in state.items():
                 tensors[f"opt.{k}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
         tensors["rng"] = self.generator.get_state()
+        tensors["rng_noise"] = self.noise_generator.get_state()
         meta = {
+            "noise_device": self.device.type,
             "format": FORMAT,
             "gpt_config": json.dumps(self.gpt_config.to_dict()),
             "train_config": json.dumps(self.config.to_dict()),
@@ -382,12 +420,12 @@ class Trainer:
             "wall_s": repr(self.wall_s),
             "losses": json.dumps(self.losses),
         }
-        return st_save(tensors, metadata=meta)
+        return tensors, meta
 
     @classmethod
-    def from_bytes(cls, problem, params, metric, blob: bytes, config: TrainConfig | None = None,
+    def from_bytes(cls, problem, params, metric, blob: bytes | str, config: TrainConfig | None = None,
                    stream: StreamingPairs | None = None) -> "Trainer":
-        """Resume training from ``state_dict_bytes()``. ``config`` may change e.g. ``steps`` or ``device``;
+        """Resume training from ``state_dict_bytes()`` (or the path of a ``save_state`` file). ``config`` may change e.g. ``steps`` or ``device``;
         by default the saved one is used. (From a stream, resuming continues with fresh groups: exact
         replay is guaranteed for in-memory data only.)"""
         state = unpack(blob)
@@ -406,8 +444,13 @@ class Trainer:
         opt["state"] = opt_state
         self.optimizer.load_state_dict(opt)
         self.generator.set_state(t["rng"])  # rank 0's stream
+        if "rng_noise" in t and state.get("noise_device") == self.device.type:
+            self.noise_generator.set_state(t["rng_noise"])
+        else:  # saved on another kind of device (or before noise was drawn on the device): a stream of its own
+            self.noise_generator.manual_seed(self.config.seed + 3 + 7_919 * int(state["step"]))
         if self.rank > 0:  # other ranks: their own streams again, and new ones after every resume
             self.generator.manual_seed(self.config.seed + 1_000_003 * self.rank + 7_919 * int(state["step"]))
+            self.noise_generator.manual_seed(self.config.seed + 2 + 1_000_003 * self.rank + 7_919 * int(state["step"]))
         self.step = state["step"]
         self.losses = list(state["losses"])
         self.wall_s = state["wall_s"]
@@ -418,10 +461,17 @@ class Trainer:
         return model, self.diffusion, self.gpt_config
 
 
-def unpack(blob: bytes) -> dict:
-    """The contents of a ``state_dict_bytes`` blob: tensors, configs (dicts), step, losses."""
-    tensors = st_load(blob)
-    meta = _metadata(blob)
+def unpack(blob: bytes | str) -> dict:
+    """The contents of a ``state_dict_bytes`` blob, or of a saved file at path ``blob``: tensors,
+    configs (dicts), step, losses. A file is memory-mapped and read tensor by tensor, so processes on
+    one machine share its pages instead of each holding its own copy of the bytes."""
+    if isinstance(blob, (str, os.PathLike)):
+        with safe_open(blob, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    else:
+        tensors = st_load(blob)
+        meta = _metadata(blob)
     if meta.get("format") != FORMAT:
         raise ValueError(f"not a G.pt checkpoint (format {meta.get('format')!r})")
     return {
@@ -431,6 +481,7 @@ def unpack(blob: bytes) -> dict:
         "step": int(meta["step"]),
         "wall_s": float(meta.get("wall_s", "0")),
         "losses": json.loads(meta.get("losses", "[]")),
+        "noise_device": meta.get("noise_device"),
     }
 
 

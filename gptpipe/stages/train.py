@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -171,10 +173,38 @@ def sampling_defaults(lineage: dict) -> tuple[str, int]:
 
 
 def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> None:
-    models.save(store, model, trainer.state_dict_bytes(),
-                {**lineage, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 2), "code_version": code_version()},
-                trainer.losses, loss_plot(trainer.losses, model))
+    """The trainer's state through a scratch file (one host copy of it, streamed to the store), then the
+    log, plot and lineage, then the card."""
+    with tempfile.TemporaryDirectory(prefix="gptpipe-save-") as scratch:
+        path = os.path.join(scratch, models.STATE)
+        trainer.save_state(path)
+        models.save(store, model, path,
+                    {**lineage, "step": trainer.step, "train_wall_s": round(trainer.wall_s, 2), "code_version": code_version()},
+                    trainer.losses, loss_plot(trainer.losses, model))
     write_card(store, model)
+
+
+@contextmanager
+def saved_state(store: Store, model: str):
+    """The path of ``model``'s saved state on this machine, read once per machine: a local store's file
+    in place; from an object store, one download per node (by its first process, into a name every
+    process of the job derives alike) that the node's processes then read, memory-mapped, together."""
+    local = models.local_state_path(store, model)
+    if local is not None:
+        yield local
+        return
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT") or str(os.getpid())
+    path = os.path.join(tempfile.gettempdir(), f"gptpipe-resume-{model}-{job}.safetensors")
+    first_on_node = distributed.local_rank() == 0
+    if first_on_node:
+        models.download_state(store, model, path)
+    distributed.barrier()
+    try:
+        yield path
+    finally:
+        distributed.barrier()  # every process has read it
+        if first_on_node and os.path.exists(path):
+            os.remove(path)
 
 
 def write_card(store: Store, model: str) -> None:
@@ -209,8 +239,8 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
         old = models.read_lineage(st, model)
         if diff := lineage_matches(old, lineage):
             raise StoreError(f"model {model!r} exists with other {', '.join(diff)}; choose a new --model name")
-        trainer = Trainer.from_bytes(data.problem, data.params, data.metric_values, models.read_state(st, model), config,
-                                     stream=stream)
+        with saved_state(st, model) as path:
+            trainer = Trainer.from_bytes(data.problem, data.params, data.metric_values, path, config, stream=stream)
         lineage["created_at"] = old.get("created_at")
         if main:
             print(f"resuming {model} at step {trainer.step}")
