@@ -243,6 +243,8 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present; the default), cpu, cuda"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the preset's)"),
     force: bool = typer.Option(False, "--force", help="Train a GPU-sized preset (paper) even where no GPU is visible"),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model first (a minute or more; "
+                                       "then faster steps: see the README's figures)"),
     pairing: Optional[str] = typer.Option(None, help="Training pairs: uniform (the paper), init, mixed (the default), "
                                           "two-way (mixed, a quarter reversed: targets worse than the start)"),
     save_every: Optional[int] = typer.Option(None, help="Save (and resume from) every N steps (default: the train stage's)"),
@@ -282,7 +284,8 @@ def train(
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
         budget = int(memory_budget) if memory_budget is not None else None
-        options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing)
+        options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing,
+                        compile=compile_model or None)
         from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes

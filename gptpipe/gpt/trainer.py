@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     autocast: str = "auto"  # "auto" (bf16 on CUDA; on CPU bf16 from width 256 up), "bf16", "none"
+    compile: bool = False  # torch.compile the training step's model (a minute or more of compiling first; bench/gpt.py compile)
     normalization: str = "layer"  # per-layer scales, or "global" (one scale)
     pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0), "two-way" (mixed, a quarter reversed)
     init_frac: float = 0.5
@@ -232,6 +233,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
+        if config.compile:  # the same weights: compiling wraps the module, saving and the EMA use self.model
+            self.train_model = torch.compile(self.train_model)
         self.diffusion = Diffusion(self.gpt_config.timesteps)
         self.normalizer = Normalizer(self.gpt_config, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and n != "pos_emb"]

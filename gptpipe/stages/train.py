@@ -159,7 +159,7 @@ def lineage_matches(old: dict, new: dict) -> list[str]:
     """Keys that differ between a saved model's lineage and a new request to train it further."""
     def comparable(lineage: dict) -> dict:  # read through today's TrainConfig, so older lineages' keys map onto it
         train = TrainConfig.from_dict(lineage.get("train_config") or {}).to_dict()
-        train = {k: v for k, v in train.items() if k not in ("steps", "device")}
+        train = {k: v for k, v in train.items() if k not in ("steps", "device", "compile")}  # how, not what, is trained
         return {**{k: lineage.get(k) for k in ("sweeps", "problem", "metric", "catalog_digest")}, "train_config": train}
 
     a, b = comparable(old), comparable(new)
