@@ -5,6 +5,7 @@
     .venv/bin/python bench/gpt.py denoising --store S --model M   # a stored model's loss per noise level
     .venv/bin/python bench/gpt.py loader      # pair loader samples/s (streamed from a store, and in memory) vs training's consumption
     .venv/bin/python bench/gpt.py sampler     # evaluation cost per (network, prompt) and R²: batched DDIM-10 / DDIM-1 vs 1,000-step DDPM
+    .venv/bin/python bench/gpt.py --threads 2 compile   # training steps/s, eager vs torch.compile (and the time compiling takes)
 
 Data: the 2,048-run digits_mlp sweep of bench/gpt_ablations.py (25 epochs, 40 checkpoints, seed 0; cached
 under /tmp/gptpipe-bench), runs 0-1,983 for training, 1,984-2,047 held out. ``--threads`` (default 1)
@@ -99,6 +100,44 @@ def bench_precision(args) -> None:
                            auto_choice="bf16" if use_bf16(TrainConfig(preset=preset), tr.gpt_config, tr.device) else "fp32",
                            model_params=sum(p.numel() for p in tr.model.parameters())))
     table(rows, ["preset", "width", "depth", "tokens", "batch", "model_params", "fp32_steps_per_s", "bf16_steps_per_s", "bf16_speedup"])
+
+
+# ------------------------------------------------------------------------------------------------
+# (a') eager vs torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_compile(args) -> None:
+    """The demos' G.pt settings on synthetic checkpoints of each problem's shape (speed does not depend
+    on the values): the same seed eager and compiled, alternated, best of the rounds; the losses of the
+    first steps side by side show what compiling changes in the numbers."""
+    rows = []
+    for name in args.problems:
+        problem = problems.get(name)
+        g = torch.Generator().manual_seed(0)
+        params = torch.randn(256, 20, problem.n_params, generator=g) * 0.1
+        metric = torch.rand(256, 20, generator=g)
+        trainers, losses, compile_s = {}, {}, 0.0
+        for compiled in (False, True):
+            tr = Trainer(problem, params, metric, TrainConfig(preset="tiny", steps=10_000, device="cpu", compile=compiled))
+            t = time.perf_counter()
+            losses[compiled] = tr.step_many(args.check_steps)  # the compiled one compiles here
+            if compiled:
+                compile_s = time.perf_counter() - t
+            trainers[compiled] = tr
+        rates = {m: [] for m in trainers}
+        for _ in range(args.rounds):
+            for m, tr in trainers.items():
+                rates[m].append(steps_per_s(tr, args.steps))
+        eager, comp = max(rates[False]), max(rates[True])
+        diff = max(abs(a - b) / max(abs(a), 1e-9) for a, b in zip(losses[False], losses[True]))
+        rows.append(record("gpt_compile", problem=name, threads=args.threads, batch=trainers[False].config.batch_size,
+                           tokens=trainers[False].model.n_param_tokens, eager_steps_per_s=round(eager, 2),
+                           compiled_steps_per_s=round(comp, 2), speedup=round(comp / eager, 2), compile_s=round(compile_s, 1),
+                           first_losses_max_rel_diff=float(f"{diff:.2g}"),
+                           break_even_steps=round(compile_s / max(1e-9, 1 / eager - 1 / comp))))
+    table(rows, ["problem", "threads", "batch", "tokens", "eager_steps_per_s", "compiled_steps_per_s", "speedup", "compile_s",
+                 "break_even_steps", "first_losses_max_rel_diff"])
 
 
 def sdpa_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,6 +362,11 @@ def main() -> None:
     at.add_argument("--steps-tiny", type=int, default=20)
     at.add_argument("--steps-small", type=int, default=5)
     at.add_argument("--rounds", type=int, default=4)
+    cp = sub.add_parser("compile")
+    cp.add_argument("--problems", nargs="+", default=["digits_mlp", "mnist_mlp"])
+    cp.add_argument("--steps", type=int, default=30)
+    cp.add_argument("--check-steps", type=int, default=5)
+    cp.add_argument("--rounds", type=int, default=3)
     dn = sub.add_parser("denoising")
     dn.add_argument("--store", required=True)
     dn.add_argument("--model", required=True)
@@ -338,7 +382,8 @@ def main() -> None:
     c.add_argument("--ddpm-networks", type=int, default=4)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"precision": bench_precision, "attention": bench_attention, "denoising": bench_denoising, "loader": bench_loader, "sampler": bench_sampler}[args.what](args)
+    {"precision": bench_precision, "attention": bench_attention, "denoising": bench_denoising, "loader": bench_loader, "sampler": bench_sampler,
+     "compile": bench_compile}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 (a) correctness with the ``tiny`` preset on mnist_mlp-sized synthetic data: the training loss falls,
     a save and resume continues bit-for-bit, and samples on the device match samples on the CPU from
     the same noise;
-(b) training throughput of the ``paper`` preset (``small`` when reduced), fed from memory: steps/s,
-    peak device memory, fp32 against bf16 autocast, and model-FLOPs utilisation against a matmul peak
-    measured in the same run in the same precision;
+(b) training throughput of the ``paper`` preset (``small`` when reduced): steps/s, peak device memory,
+    fp32 against bf16 autocast, and model-FLOPs utilisation against a matmul peak measured in the same
+    run in the same precision; fed from memory with the next batch gathered ahead, and also fed from the
+    pair stream, without gathering ahead, and (``--compile``) under torch.compile;
 (c) DDIM-10 sampling throughput on the device against the CPU, with the ``tiny`` preset.
 
 Synthetic data: runs whose checkpoints move from a random init towards a random end point while their
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptpipe import problems  # noqa: E402
 from gptpipe.evaluation.sampling import sample  # noqa: E402
+from gptpipe.gpt.pairs import StreamingPairs  # noqa: E402
 from gptpipe.gpt.trainer import (TrainConfig, Trainer, cpu_has_bf16, describe_device, load_model,  # noqa: E402
                                  matmul_peak_flops, resolve_device)
 
@@ -73,17 +75,30 @@ def correctness(device: torch.device, reduced: bool) -> dict:
     return out
 
 
-def throughput(device: torch.device, reduced: bool) -> list[dict]:
+def throughput(device: torch.device, reduced: bool, compiled: bool = False) -> list[dict]:
+    """Steps/s of the ``paper`` preset (``small`` reduced) in fp32 and bf16, fed from memory with the next
+    batch gathered ahead (the GPU default); then, in the faster-to-run precision: fed from the pair
+    stream, without gathering ahead, and (``compiled``) under torch.compile."""
     preset = "small" if reduced else "paper"
     params, loss = synthetic_sweep(8 if reduced else 256, 10)
+    precisions = ["none"] + ([] if device.type == "cpu" and not cpu_has_bf16() else ["bf16"])
+    # emulated bf16 on a CPU without it measures nothing useful (15x slower here)
+    variants = [(p, "memory", True, False) for p in precisions]
+    last = precisions[-1]
+    variants += [(last, "stream", True, False), (last, "memory", False, False)] + ([(last, "memory", True, True)] if compiled else [])
     rows = []
-    for autocast in ("none", "bf16"):
-        if device.type == "cpu" and autocast == "bf16" and not cpu_has_bf16():
-            continue  # emulated bf16 on a CPU without it measures nothing useful (15x slower here)
-        config = TrainConfig.for_preset(preset=preset, steps=1000, device=str(device), autocast=autocast,
+    for autocast, fed, ahead, comp in variants:
+        config = TrainConfig.for_preset(preset=preset, steps=1000, device=str(device), autocast=autocast, compile=comp,
                                         **({"batch_size": 8, "model": dict(depth=1)} if reduced else {}))
-        trainer = Trainer(PROBLEM, params, loss, config)
-        trainer.step_many(2)  # warm-up: allocations, kernels
+        stream = None
+        if fed == "stream":
+            stream = StreamingPairs(PROBLEM, lambda idx: params[idx].numpy(), loss, config.batch_size, group_runs=64,
+                                    spans=4, batches_per_group=8)
+        trainer = Trainer(PROBLEM, None if stream else params, None if stream else loss, config, stream=stream)
+        trainer.prefetch = ahead
+        t = time.perf_counter()
+        trainer.step_many(2)  # warm-up: allocations, kernels (and compiling)
+        warmup_s = time.perf_counter() - t
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         n = 3 if reduced else 20
@@ -92,10 +107,12 @@ def throughput(device: torch.device, reduced: bool) -> list[dict]:
         trainer.step_many(n)
         sync(device)
         steps_per_s = n / (time.perf_counter() - t)
+        trainer.close()
         dtype = torch.bfloat16 if autocast == "bf16" else torch.float32
         peak = matmul_peak_flops(device, dtype, 1024 if reduced else 8192)
         flops = trainer.model.flops_per_sample(training=True) * config.batch_size * steps_per_s
-        rows.append({"preset": preset, "precision": "bf16" if autocast == "bf16" else "fp32", "batch_size": config.batch_size,
+        rows.append({"preset": preset, "precision": "bf16" if autocast == "bf16" else "fp32", "fed_from": fed,
+                     "gathered_ahead": ahead, "compiled": comp, "batch_size": config.batch_size, "warmup_s": round(warmup_s, 1),
                      "model_params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1),
                      "steps_per_s": steps_per_s, "model_tflops": flops / 1e12, "matmul_peak_tflops": peak / 1e12,
                      "mfu": flops / peak,
@@ -129,11 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cpu")
     ap.add_argument("--reduced", action="store_true", help="CPU-sized checks (what the tests run)")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--compile", action="store_true", help="also measure training under torch.compile (minutes of compiling)")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     t = time.perf_counter()
     result = {"device": describe_device(device), "torch": torch.__version__, "cuda": torch.version.cuda, "reduced": args.reduced,
-              "correctness": correctness(device, args.reduced), "training": throughput(device, args.reduced),
+              "correctness": correctness(device, args.reduced), "training": throughput(device, args.reduced, args.compile),
               "sampling": sampling_throughput(device, args.reduced)}
     result["wall_s"] = round(time.perf_counter() - t, 1)
     text = json.dumps(result, indent=2)

@@ -60,6 +60,8 @@ def test_the_prepared_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     assert c["loss_last"] < c["loss_first"] and c["resume_equal"] and c["samples_max_abs_diff_vs_cpu"] == 0.0
     fp32 = next(r for r in result["training"] if r["precision"] == "fp32")
     assert fp32["steps_per_s"] > 0 and 0 < fp32["mfu"] and fp32["model_tflops"] > 0
+    fed = {(r["fed_from"], r["gathered_ahead"]) for r in result["training"]}
+    assert {("memory", True), ("stream", True), ("memory", False)} <= fed and all(r["steps_per_s"] > 0 for r in result["training"])
     assert result["sampling"]["ddim10_samples_per_s_cpu"] > 0
 
 
