@@ -75,6 +75,8 @@ def prefect_server(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+        # expired concurrency leases (a killed training's, tests/test_deploy_pipeline.py) freed within 2 s of expiring, not 15
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
         "PREFECT_UI_ENABLED": "true",  # tests/test_pipeline.py opens artifacts in the UI, as a user does
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
     }
