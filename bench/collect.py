@@ -3,6 +3,8 @@ same run, on the same machine.
 
     .venv/bin/python bench/collect.py trainer      # batched trainer vs per-network nn.Module + SGD, share of fp32 peak;
                                                    # per-run vs shared data order
+    .venv/bin/python bench/collect.py roofline     # fp32 GEMM peak and memory bandwidth measured here, FLOPs and bytes
+                                                   # per network-epoch (step, scoring), the bound, the trainer against it
     .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
     .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
 
@@ -55,6 +57,72 @@ def flops_per_network_epoch(problem, config: sweep.SweepConfig, n_train: int, n_
     train = n_train * (2 * d * h * 2 + 2 * h * c * 3)
     evals = (n_train + n_test) * 2 * (d * h + h * c) * config.checkpoints / config.epochs
     return train + evals
+
+
+def memory_bandwidth_gbs(n: int = 64 * 2**20, repeats: int = 5) -> dict:
+    """STREAM-style copy (a = b: 8 bytes per element) and triad (a = b + s c: 12) in GB/s, fp32."""
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    out = {}
+    for name, kernel, moved in (("copy", lambda: a.copy_(b), 8), ("triad", lambda: torch.add(b, c, alpha=3.0, out=a), 12)):
+        kernel()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            kernel()
+        out[name] = moved * n * repeats / (time.perf_counter() - t) / 1e9
+    return out
+
+
+def roofline_model(problem, config: sweep.SweepConfig, n_train: int, n_test: int, k: int) -> dict:
+    """FLOPs and bytes moved per network-epoch, for the training step and for checkpoint scoring, as the
+    batched trainer does them (fp32). Step, per run: its mini-batch is gathered from the data (read the
+    pixels, write the batch, read it again in the batched matmul: 3 passes; one for all K runs when the
+    data order is shared), and every step reads and writes the weights, their gradient and the momentum
+    (~7 passes over the parameters). Scoring: the K networks score the same evaluation data, so one pass
+    over the pixels serves K networks; the hidden activations are written and read once per network."""
+    d, h, c = problem.d_in, problem.hidden, problem.classes
+    n_params = d * h + h + h * c + c
+    steps = math.ceil(n_train / config.batch_size)
+    per_ckpt = config.checkpoints / config.epochs
+    flops_step = n_train * (2 * d * h * 2 + 2 * h * c * 3)
+    flops_score = (n_train + n_test) * 2 * (d * h + h * c) * per_ckpt
+    gather = 3 * n_train * d * 4
+    bytes_step = {"per_run": gather + steps * 7 * n_params * 4, "shared": gather / k + steps * 7 * n_params * 4}
+    bytes_score = per_ckpt * ((n_train + n_test) * d * 4 / k + (n_train + n_test) * h * 4 * 2 + n_params * 4)
+    return {"flops_step": flops_step, "flops_score": flops_score, "bytes_step": bytes_step, "bytes_score": bytes_score}
+
+
+def bench_roofline(args) -> None:
+    torch.set_num_threads(args.threads)
+    dataset = data.load("mnist5k")
+    problem = problems.get("mnist_mlp")
+    config = sweep.SweepConfig(problem="mnist_mlp", runs=args.k, epochs=args.epochs, checkpoints=args.checkpoints)
+    peak = matmul_peak_gflops() * 1e9
+    bw = memory_bandwidth_gbs()
+    model = roofline_model(problem, config, len(dataset.x_train), len(dataset.x_test), args.k)
+    sweep.train_runs(sweep.SweepConfig(problem="mnist_mlp", runs=4, epochs=1, checkpoints=2), range(4), dataset)  # warm-up
+    measured = {}
+    for order in ("per_run", "shared"):
+        run_config = sweep.SweepConfig(**{**config.to_dict(), "data_order": order})
+        t = time.perf_counter()
+        sweep.train_runs(run_config, range(args.k), dataset)
+        measured[order] = args.k * args.epochs / (time.perf_counter() - t)
+    row = {"problem": "mnist_mlp/mnist5k", "threads": args.threads, "k": args.k, "epochs": args.epochs,
+           "checkpoints": args.checkpoints, "fp32_peak_gflops": round(peak / 1e9, 1),
+           "copy_gbs": round(bw["copy"], 1), "triad_gbs": round(bw["triad"], 1),
+           "mflop_step": round(model["flops_step"] / 1e6, 1), "mflop_score": round(model["flops_score"] / 1e6, 1),
+           "mb_score": round(model["bytes_score"] / 1e6, 2)}
+    bandwidth = bw["triad"] * 1e9
+    t_score = max(model["flops_score"] / peak, model["bytes_score"] / bandwidth)
+    for order in ("per_run", "shared"):
+        t_step = max(model["flops_step"] / peak, model["bytes_step"][order] / bandwidth)
+        bound = 1 / (t_step + t_score)
+        row.update({f"{order}_mb_step": round(model["bytes_step"][order] / 1e6, 2),
+                    f"{order}_step_bound_by": "memory" if model["bytes_step"][order] / bandwidth > model["flops_step"] / peak else "compute",
+                    f"{order}_bound_net_epochs_per_s": round(bound, 1),
+                    f"{order}_measured_net_epochs_per_s": round(measured[order], 1),
+                    f"{order}_share_of_bound": round(measured[order] / bound, 3)})
+    row["score_bound_by"] = "memory" if model["bytes_score"] / bandwidth > model["flops_score"] / peak else "compute"
+    record("roofline", **row)
 
 
 def plain_loop(config: sweep.SweepConfig, runs: int, dataset) -> float:
@@ -176,6 +244,11 @@ def main() -> None:
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--checkpoints", type=int, default=9)
     t.add_argument("--threads", type=int, default=os.cpu_count())
+    r = sub.add_parser("roofline")
+    r.add_argument("--k", type=int, default=64)
+    r.add_argument("--epochs", type=int, default=5)
+    r.add_argument("--checkpoints", type=int, default=9)
+    r.add_argument("--threads", type=int, default=os.cpu_count())
     o = sub.add_parser("overhead")
     o.add_argument("--problem", default="mnist_mlp")
     o.add_argument("--runs", type=int, default=1000)
@@ -186,7 +259,7 @@ def main() -> None:
     s.add_argument("--shard-size", type=int, default=256)
     s.add_argument("--store-prefix", default="/tmp/gptpipe-bench-scale")
     args = p.parse_args()
-    {"trainer": bench_trainer, "overhead": bench_overhead, "scale": bench_scale}[args.what](args)
+    {"trainer": bench_trainer, "roofline": bench_roofline, "overhead": bench_overhead, "scale": bench_scale}[args.what](args)
 
 
 if __name__ == "__main__":
