@@ -97,11 +97,11 @@ def test_triggers_train_after_a_collection_and_evaluate_after_a_training(deploye
                                                       "shard_size": 12, "epochs": 3, "checkpoints": 5})
             assert wait_for(collected, cpu).state.type.value == "COMPLETED", run_logs(collected)
             deadline = time.time() + 90
-            while time.time() < deadline and not runs_of("train"):
+            while time.time() < deadline and not [r for r in runs_of("train") if r.parameters.get("model") == "tg"]:
                 time.sleep(0.5)
         finally:
             prefect_cmd("automation", "pause", "train after collect", env=deployed)
-        [scheduled] = runs_of("train")
+        [scheduled] = [r for r in runs_of("train") if r.parameters.get("model") == "tg"]
         assert scheduled.parameters == {"sweeps": ["tg"], "model": "tg", "store": store, "credentials": None}, scheduled.parameters
         with prefect_client() as client:
             client.delete_flow_run(scheduled.id)
