@@ -27,12 +27,8 @@ demo: $(STAMP)
 
 # Two test processes, each test file whole in one of them (its module fixtures built once): the
 # integration tests mostly wait on servers and subprocesses, so two cores run them in ~2/3 of the time.
-# The longest files are handed out first, in this order (then the rest of tests/; xdist would otherwise
-# order files by their number of tests), so that neither process is left with a long one at the end.
-SLOW_TESTS = tests/test_deploy_pipeline.py tests/test_deploy.py tests/test_s3_pipeline.py tests/test_cli_collect.py \
-	tests/test_pipeline.py tests/test_pipeline_flow.py tests/test_dask.py
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(SLOW_TESTS) tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache
