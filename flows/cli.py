@@ -328,6 +328,8 @@ def evaluate(
     seed: Optional[int] = typer.Option(None, help="Seed of fresh inits and sampling (default: EvalRequest's)"),
     data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
     device: Optional[str] = typer.Option(None, help="Where G.pt samples: auto (CUDA when present; the default), cpu, cuda"),
+    calibration: bool = typer.Option(True, help="Prompt through the model's calibration (fitted and saved on first use); "
+                                                "--no-calibration: with the requests themselves"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     from gptpipe.gpt.diffusion import SAMPLERS
@@ -355,7 +357,8 @@ def evaluate(
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
-                                            sample_steps=sample_steps, seed=seed, device=device))
+                                            sample_steps=sample_steps, seed=seed, device=device,
+                                            calibrate=None if calibration else False))
     _print_summary(url, summary)
 
 

@@ -5,6 +5,7 @@
     train_log.csv       step, loss
     train_loss.png      the training loss curve
     card.html           the model card: lineage, training curve and settings, its evaluations (one file)
+    calibration.json    the prompt calibration fitted for the model's step (``gptpipe.evaluation.calibration``)
     lineage.json        sweeps, catalog digest, held-out runs, the training config, code version;
                         written last: a model whose lineage names step S has a state of at least step S
 """
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 from storage.store import Store, StoreError, check_name
 
 MODELS, STATE, LINEAGE, LOG, LOSS_PLOT, CARD = "models", "state.safetensors", "lineage.json", "train_log.csv", "train_loss.png", "card.html"
+CALIBRATION = "calibration.json"
 
 
 def exists(store: Store, model: str) -> bool:
@@ -73,6 +75,18 @@ def save(store: Store, model: str, state_path: str, lineage: dict, losses: list[
     store.write_bytes(loss_plot, MODELS, model, LOSS_PLOT)
     now = datetime.now(timezone.utc).isoformat()
     store.write_json({**lineage, "created_at": lineage.get("created_at", now), "updated_at": now}, MODELS, model, LINEAGE)
+
+
+def read_calibration(store: Store, model: str) -> dict | None:
+    """The prompt calibration fitted for the model's current step, or None (none yet, or an older step's)."""
+    if not store.exists(MODELS, model, CALIBRATION):
+        return None
+    calibration = store.read_json(MODELS, model, CALIBRATION)
+    return calibration if calibration.get("step") == step(store, model) else None
+
+
+def write_calibration(store: Store, model: str, calibration: dict) -> None:
+    store.write_json(calibration, MODELS, model, CALIBRATION)
 
 
 def read_loss_plot(store: Store, model: str) -> bytes:

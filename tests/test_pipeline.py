@@ -93,6 +93,28 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
                                      "and requested = (select min(requested) from evaluations where eval = 'e1') group by network "
                                      "having count(*) > 1").to_pylist()
     assert diversity and all(r["n"] == 8 for r in diversity)
+    # G.pt was prompted through the model's calibration, fitted on this first evaluation and saved with the
+    # model; `prompted` is what it was given for each request, recomputable from the saved calibration
+    from gptpipe.evaluation import calibration
+
+    saved = store.read_json("models", "g", "calibration.json")
+    assert saved["step"] == store.read_json("models", "g", "lineage.json")["step"] and saved["networks"] > 0 and summary["calibration"] == saved
+    net_rows = [[r for r in grid if r["network"] == n] for n in sorted({r["network"] for r in grid})]
+    start = np.array([rows[0]["start"] for rows in net_rows])
+    requested = np.array([[r["requested"] for r in rows] for rows in net_rows])
+    prompted = np.array([[r["prompted"] for r in rows] for rows in net_rows])
+    np.testing.assert_allclose(prompted, calibration.condition(saved, start, requested, 1), rtol=1e-5)
+    assert not np.allclose(prompted, requested)
+    assert "![calibration](calibration.png)" in report
+
+
+def test_evaluate_without_calibration_prompts_the_requests(small_store, cli):
+    out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "raw", "--networks", "2", "--prompts", "3",
+              "--no-calibration")
+    assert out.returncode == 0, out.stderr
+    rows = catalog.query(open_store(small_store), "select requested, prompted from evaluations where eval = 'raw'").to_pylist()
+    assert rows and all(r["prompted"] == r["requested"] for r in rows)
+    assert "calibration.png" not in open_store(small_store).ls("evals", "raw")
 
 
 def latest_artifact(api_url: str, key: str) -> dict:

@@ -4,6 +4,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from gptpipe.gpt.trainer import TrainConfig, Trainer
 from gptpipe.stages import collect, train
 from gptpipe.stages.prompt import PromptError, TrainedGpt
 from gptpipe.sweep.config import SweepConfig
+from storage import models
 from storage.store import open_store
 from tests.conftest import run_cli
 
@@ -130,3 +132,28 @@ def test_readme_python_example_runs_as_written(digits_model, monkeypatch):
     torch.manual_seed(0)  # the example's network is initialised at random
     exec(compile(code, "README.md", "exec"), namespace)
     assert isinstance(namespace["net"], torch.nn.Module) and digits_test_loss(namespace["net"]) < 2.15
+
+
+def test_prompts_go_through_the_models_calibration_once_it_has_one(digits_model):
+    """Fitted as an evaluation fits it, the calibration is what `TrainedGpt` conditions on; a request in
+    the middle of the range is then delivered more closely, on average over users' networks, than asked raw."""
+    from gptpipe.stages import evaluate
+
+    raw = TrainedGpt.load(digits_model, "g")
+    assert raw.calibration_map is None and raw.prompt_for(2.3, 1.0) == 1.0
+    store = open_store(digits_model)
+    session = evaluate.open_session(store, evaluate.EvalRequest(model="g", eval="unused"))
+    models.write_calibration(store, "g", evaluate.fit_calibration(session).to_dict())
+    calibrated = TrainedGpt.load(digits_model, "g")
+    assert calibrated.calibration_map["step"] == 400 and calibrated.prompt_for(2.3, 1.0) != 1.0
+    best = calibrated.trained_range[0]
+    assert calibrated.prompt_for(2.3, best) == pytest.approx(best)  # the best is asked for as itself
+    misses = {}
+    for name, gpt in (("raw", raw), ("calibrated", calibrated)):
+        achieved = []
+        for seed in range(100, 116):
+            start = digits_test_loss(users_network(seed))
+            target = start + 0.5 * (best - start)
+            achieved.append(gpt.update(users_network(seed).state_dict(), target=target, seed=seed).achieved[0] - target)
+        misses[name] = abs(float(np.mean(achieved)))
+    assert misses["calibrated"] < misses["raw"], misses

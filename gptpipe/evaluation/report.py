@@ -84,6 +84,23 @@ def alignment_plot(rows: dict, summary: dict) -> bytes:
     return png(fig)
 
 
+def calibration_plot(calibration: dict, summary: dict) -> bytes:
+    """The prompt calibration: what G.pt delivers on the calibration networks for each prompt, as
+    fractions of the way from the start to the best value, against y = x."""
+    plt = plt_module()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    u, v = np.asarray(calibration["u"]), np.asarray(calibration["v"])
+    ax.plot(u, v, "o-", ms=3, color=COLORS["gpt"], label="G.pt on the calibration's fresh inits")
+    ax.plot([u.min(), 1], [u.min(), 1], "k--", lw=1, label="delivered = asked")
+    ax.axvline(0, color=COLORS["start"], lw=0.8)
+    ax.set_xlabel("prompt: fraction of the way from the start to the best value")
+    ax.set_ylabel("delivered: same fraction")
+    ax.set_title(f"Prompt calibration, {summary['model']} at step {calibration['step']}\n"
+                 f"(isotonic fits, {calibration['networks']} networks)", fontsize=10)
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
 def curves_plot(rows: dict, summary: dict, n: int = 6) -> bytes:
     """A few networks prompted across the range: each line is one start network."""
     plt = plt_module()
@@ -298,6 +315,21 @@ def _header(summary: dict) -> list[str]:
         "",
         "![curves](curves.png)",
         "",
+        *_calibration(summary),
+    ]
+
+
+def _calibration(summary: dict) -> list[str]:
+    if not summary.get("calibration"):
+        return ["G.pt was prompted with the requested values themselves (no calibration).", ""]
+    return [
+        "G.pt was prompted through its calibration: for each request, the prompt that delivered it on average on "
+        f"{summary['calibration']['networks']} fresh inits of the calibration's own (never these start networks); "
+        "`results.prompted` holds what G.pt was given, `results.requested` what was asked. "
+        "`gptpipe evaluate --no-calibration` prompts with the requests themselves.",
+        "",
+        "![calibration](calibration.png)",
+        "",
     ]
 
 
@@ -406,6 +438,8 @@ def render(summary: dict, results: pa.Table, landscape: dict, diversity: dict, n
     rows = results.to_pydict()
     metric = summary["metric"]
     files = {"alignment.png": alignment_plot(rows, summary), "curves.png": curves_plot(rows, summary)}
+    if summary.get("calibration"):
+        files["calibration.png"] = calibration_plot(summary["calibration"], summary)
     for m in plotted_metrics(summary):
         files[f"one_step_{m}.png"] = one_step_plot(summary, m)
         if f"sgd_curve_{m}_mean" in summary:

@@ -124,7 +124,8 @@ class PromptResult:
     """N start networks prompted with P values each: what was asked, what the samples achieve."""
 
     start_metric: np.ndarray  # [N]
-    requested: np.ndarray  # [N, P]
+    requested: np.ndarray  # [N, P] what was asked for
+    prompted: np.ndarray  # [N, P] what G.pt was conditioned on (the request, or its calibrated prompt)
     achieved: dict  # every metric of the problem -> [N, P]
     params: np.ndarray  # [N, P, n_params] generated parameters
     metric: str
@@ -134,20 +135,25 @@ class PromptResult:
 
 def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, best: float, n_prompts: int = 20,
                     metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
-                    generator: torch.Generator | None = None, top_frac: float = 0.9) -> PromptResult:
-    """Prompt N starting networks with ``n_prompts`` values each and measure what the samples achieve."""
+                    generator: torch.Generator | None = None, top_frac: float = 0.9, condition=None) -> PromptResult:
+    """Prompt N starting networks with ``n_prompts`` values each and measure what the samples achieve.
+    ``condition(start_metric [N], requested [N, P]) -> prompts [N, P]`` turns requests into what G.pt is
+    conditioned on (a calibration); None conditions on the requests themselves."""
     start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
     N = len(start_params)
     start_metric = problem.score(start_params, dataset)[metric].float()
     requested = prompts(best, start_metric, n_prompts, top_frac)  # [N, P]
+    prompted = requested if condition is None else torch.as_tensor(condition(start_metric.double().numpy(), requested.double().numpy()),
+                                                                  dtype=torch.float32)
     rep = lambda x: x.repeat_interleave(n_prompts, dim=0)
-    theta = sample(model, diffusion, rep(start_params), rep(start_metric), requested.reshape(-1), sampler, steps, generator)
+    theta = sample(model, diffusion, rep(start_params), rep(start_metric), prompted.reshape(-1), sampler, steps, generator)
     scores = problem.score(theta, dataset)
     achieved = {k: v.double().numpy().reshape(N, n_prompts) for k, v in scores.items()}
     req = requested.double().numpy()
     return PromptResult(
         start_metric=start_metric.double().numpy(),
         requested=req,
+        prompted=prompted.double().numpy(),
         achieved=achieved,
         params=theta.numpy().reshape(N, n_prompts, -1),
         metric=metric,

@@ -19,7 +19,7 @@ import torch
 
 from gptpipe import data as datasets
 from gptpipe import problems
-from gptpipe.evaluation import baselines, checks, pages, report, sampling
+from gptpipe.evaluation import baselines, calibration, checks, pages, report, sampling
 from gptpipe.gpt.trainer import describe_device, load_model
 from gptpipe.stages.train import code_version, sampling_defaults, write_card
 from gptpipe.sweep import train_runs
@@ -33,6 +33,9 @@ ADAM_LR = 0.01
 # training checkpoint (1 = the same distance: the comparison Zeng et al. 2025 make)
 NOISE_DISTANCES = (0.25, 0.5, 1.0, 2.0)
 TOP = 0  # the index of the prompt asking for the best value (prompts run from it towards the start value)
+ROOM = 0.1  # a start network must be this fraction of |best| away from the best value (see start_networks)
+CALIBRATION_NETWORKS = 64
+CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluation's (those are seeded 10_000_019 * (seed + 1) + k)
 
 
 @dataclass
@@ -52,21 +55,34 @@ class EvalRequest:
     seed: int = 0
     walk_frames: int = 8  # frames of the latent walk in the report (0: none)
     device: str = "auto"  # where G.pt samples: "auto" (CUDA when present), "cpu", "cuda"; networks are scored on the CPU
+    calibrate: bool = True  # prompt through the model's calibration (fitted on first use); False: the raw requests
 
 
-def start_networks(store: Store, lineage: dict, problem, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """Held-out runs' initial checkpoints (up to half) and fresh random inits (the rest)."""
-    held = [(s, r) for s, runs in lineage["heldout_runs"].items() for r in runs][: n // 2]
+def start_networks(store: Store, s: "Session", n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Held-out runs' initial checkpoints (up to half) and fresh random inits (the rest), each with room
+    to improve: a start already within ``ROOM`` of the best value (a random CartPole policy can balance
+    the pole for 500 steps) is passed over, since its prompts would span less than the metric's noise."""
+    room = lambda params: has_room(s, s.problem.score(torch.as_tensor(params), s.dataset)[s.metric].double().numpy())
+    held_runs = [(sweep, r) for sweep, runs in s.lineage["heldout_runs"].items() for r in runs]
     starts, sources = [], []
-    for sweep in dict.fromkeys(s for s, _ in held):
-        runs = [r for s, r in held if s == sweep]
-        starts.append(sweeps.read_blocks(store, sweep, runs)[:, 0])
-        sources += ["heldout_run"] * len(runs)
-    n_fresh = n - len(sources)
-    generators = [torch.Generator().manual_seed(10_000_019 * (seed + 1) + k) for k in range(n_fresh)]
-    starts.append(problem.init(generators).numpy())
+    for sweep in dict.fromkeys(sweep for sweep, _ in held_runs):
+        params = sweeps.read_blocks(store, sweep, [r for sw, r in held_runs if sw == sweep])[:, 0]
+        starts.append(params[room(params)][: n // 2 - len(sources)])
+        sources += ["heldout_run"] * len(starts[-1])
+    n_fresh, k, fresh = n - len(sources), 0, []
+    while sum(map(len, fresh)) < n_fresh:
+        generators = [torch.Generator().manual_seed(10_000_019 * (seed + 1) + k + i) for i in range(n_fresh)]
+        params = s.problem.init(generators).numpy()
+        fresh.append(params[room(params)])
+        k += n_fresh
+    starts.append(np.concatenate(fresh)[:n_fresh])
     sources += ["fresh_init"] * n_fresh
     return np.concatenate(starts).astype(np.float32), sources
+
+
+def has_room(s: "Session", start_metric: np.ndarray) -> np.ndarray:
+    """Starts further than ``ROOM`` x |best| from the best value."""
+    return problems.sign(s.problem, s.metric) * (start_metric - s.best) > ROOM * abs(s.best)
 
 
 def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
@@ -110,6 +126,11 @@ class Session:
     sampler: str
     steps: int
     generator: torch.Generator
+    calibration_map: calibration.Calibration | None = None  # None: G.pt is prompted with the requests themselves
+
+    def condition(self, start_metric: np.ndarray, requested: np.ndarray) -> np.ndarray:
+        sign = problems.sign(self.problem, self.metric)
+        return calibration.condition(self.calibration_map, start_metric, requested, sign)
 
     def sample(self, start_params, start_metric, target) -> torch.Tensor:
         return sampling.sample(self.model, self.diffusion, start_params, start_metric, target, self.sampler, self.steps,
@@ -128,12 +149,39 @@ def open_session(store: Store, req: EvalRequest) -> Session:
                    torch.Generator().manual_seed(req.seed))
 
 
+def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Calibration:
+    """Prompt ``n`` fresh inits of the calibration's own seeds on ``calibration.GRID`` and fit the map
+    from prompt to achieved value. Its own seeds and noise: an evaluation samples the same whether the
+    calibration was fitted now or read."""
+    start = s.problem.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n)])
+    start_metric = s.problem.score(start, s.dataset)[s.metric].double().numpy()
+    prompts = calibration.grid_prompts(start_metric, s.best)
+    G = prompts.shape[1]
+    theta = sampling.sample(s.model, s.diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), prompts.ravel(),
+                            s.sampler, s.steps, torch.Generator().manual_seed(CALIBRATION_SEED))  # not the evaluation's stream
+    achieved = s.problem.score(theta, s.dataset)[s.metric].double().numpy().reshape(n, G)
+    return calibration.fit(start_metric, prompts, achieved, s.best, problems.sign(s.problem, s.metric), s.lineage.get("step", 0))
+
+
+def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
+    """The model's calibration for its current step: read from the store, or fitted and saved there."""
+    if not req.calibrate:
+        return None
+    saved = models.read_calibration(store, req.model)
+    if saved is not None:
+        return calibration.Calibration(**saved)
+    fitted = fit_calibration(s)
+    models.write_calibration(store, req.model, fitted.to_dict())
+    return fitted
+
+
 def prompt_all(s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarray) -> dict:
     """1. one-step prompting over a range of requested values (sample 0 of every (network, prompt));
     2. recursive prompting from fresh inits at the best value (update 1 is the grid's sample at the best
     prompt, updates 2..K feed each output back in); 3. more samples for a few (fresh init, best prompt)."""
     options = dict(metric=s.metric, sampler=s.sampler, steps=s.steps, generator=s.generator)
-    prompted = sampling.prompt_networks(s.model, s.diffusion, s.problem, s.dataset, start, s.best, req.prompts, **options)
+    prompted = sampling.prompt_networks(s.model, s.diffusion, s.problem, s.dataset, start, s.best, req.prompts,
+                                        condition=s.condition, **options)
     recursive = sampling.recursive_prompting(s.model, s.diffusion, s.problem, s.dataset, prompted.params[fresh, TOP],
                                              np.full(int(fresh.sum()), s.best), k=req.recursive - 1,
                                              **options) if req.recursive > 1 else None
@@ -244,7 +292,9 @@ def run(store: Store, req: EvalRequest) -> dict:
         timings[name] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
 
-    start, sources = start_networks(store, s.lineage, s.problem, req.networks, req.seed)
+    s.calibration_map = model_calibration(store, s, req)
+    lap("calibration_s")
+    start, sources = start_networks(store, s, req.networks, req.seed)
     fresh = np.array([src == "fresh_init" for src in sources])
     out = prompt_all(s, req, start, fresh)
     lap("sampling_s")
@@ -260,7 +310,8 @@ def run(store: Store, req: EvalRequest) -> dict:
     base_rows = baseline_rows(req, sources, fresh, base)
     summary = headline(req, s.lineage, out["prompted"], out["recursive"], base["recipe"], sources, s.metric, s.best)
     one_step = summary[f"one_step_best_prompt_{s.metric}_mean"]
-    summary.update({**run_summary(s, req, base, one_step, len(out["div_nets"])), **checked["summary"], **timings, **walk_summary})
+    summary.update({**run_summary(s, req, base, one_step, len(out["div_nets"])), **checked["summary"], **timings, **walk_summary,
+                    "calibration": s.calibration_map.to_dict() if s.calibration_map else None})
     summary["collect_compute_s"] = catalog.query(store, "select sum(wall_s) as s from runs where sweep = ?", [s.sweep])["s"][0].as_py()
     summary.update({"eval_wall_s": round(time.perf_counter() - t0, 1), "created_at": datetime.now(timezone.utc).isoformat(),
                     "code_version": code_version()})
@@ -306,13 +357,13 @@ def best_run_lr(store: Store, sweep: str, metric: str, higher_is_better: bool = 
 
 def _rows(req, problem, sources, prompted, recursive, fresh, best, div_nets, div_params, div_scores):
     rows: dict[str, list] = {k: [] for k in ("eval", "model", "problem", "network", "source", "metric", "start",
-                                             "requested", "achieved", "step", "sample")}
+                                             "requested", "prompted", "achieved", "step", "sample")}
     for m in problem.metrics:
         rows[m] = []
     vectors = []
     N, P = prompted.requested.shape
 
-    def add(network, requested, achieved_all, step, vector, start, sample=0):
+    def add(network, requested, achieved_all, step, vector, start, sample=0, given=None):
         rows["eval"].append(req.eval)
         rows["model"].append(req.model)
         rows["problem"].append(problem.name)
@@ -321,6 +372,7 @@ def _rows(req, problem, sources, prompted, recursive, fresh, best, div_nets, div
         rows["metric"].append(prompted.metric)
         rows["start"].append(float(start))
         rows["requested"].append(float(requested))
+        rows["prompted"].append(float(requested if given is None else given))
         rows["achieved"].append(float(achieved_all[prompted.metric]))
         rows["step"].append(int(step))
         rows["sample"].append(int(sample))
@@ -331,7 +383,7 @@ def _rows(req, problem, sources, prompted, recursive, fresh, best, div_nets, div
     for n in range(N):
         for p in range(P):
             add(n, prompted.requested[n, p], {m: v[n, p] for m, v in prompted.achieved.items()}, 1,
-                prompted.params[n, p], prompted.start_metric[n])
+                prompted.params[n, p], prompted.start_metric[n], given=prompted.prompted[n, p])
     if recursive is not None:
         fresh_ids = np.flatnonzero(fresh)
         for k in range(recursive["params"].shape[0]):

@@ -7,6 +7,8 @@ The network must be the model's problem (same tensor names and shapes); G.pt is 
 network's current metric, scored with the problem's own data when it is at hand (else given as
 ``current``). ``steps`` recursive updates each draw ``samples`` candidates; with the data at hand the
 best-scoring one is kept and prompted again, otherwise every candidate of one update is returned.
+G.pt is conditioned through the model's prompt calibration where its evaluation has fitted one
+(``gptpipe.evaluation.calibration``), so the target is what comes back on average, not just what is asked.
 A target outside the range the model was trained on is allowed but noted: G.pt returns about the
 best of its data there.
 """
@@ -24,12 +26,12 @@ import torch
 from gptpipe import problems
 from gptpipe import data as datasets
 from gptpipe.data import DataError
-from gptpipe.evaluation import sampling
+from gptpipe.evaluation import calibration, sampling
 from gptpipe.gpt.diffusion import Diffusion
 from gptpipe.gpt.model import Gpt
 from gptpipe.gpt.trainer import load_model
-from gptpipe.stages.train import sampling_defaults
-from storage import catalog, models, sweeps
+from gptpipe.stages.train import sampling_defaults, trained_range
+from storage import models, sweeps
 from storage.store import Store, StoreError, open_store
 
 
@@ -83,6 +85,7 @@ class TrainedGpt:
     scored: bool
     sampler: str
     sample_steps: int
+    calibration_map: dict | None = None  # the model's prompt calibration for its step (fitted by its first evaluation)
 
     @classmethod
     def load(cls, store: Store | str | None = None, model: str | None = None, data_root: str | None = None) -> "TrainedGpt":
@@ -93,15 +96,12 @@ class TrainedGpt:
         lineage = models.read_lineage(store, model)
         net, diffusion, _ = load_model(models.read_state(store, model))
         problem, metric = problems.get(lineage["problem"]), lineage["metric"]
-        worst = "min" if problems.sign(problem, metric) < 0 else "max"
-        (value,) = catalog.query(store, f"select {worst}({catalog.column(metric)}) as v from checkpoints where sweep in "
-                                        "(select unnest(?::varchar[]))", [lineage["sweeps"]])["v"].to_pylist()
         try:
             dataset, scored = datasets.load_cached(sweeps.read_config(store, lineage["sweeps"][0])["recipe"]["data"], data_root), True
         except DataError:
             dataset, scored = None, False
-        return cls(model, net, diffusion, problem, metric, (float(lineage["best"]), float(value)), dataset, scored,
-                   *sampling_defaults(lineage))
+        return cls(model, net, diffusion, problem, metric, trained_range(store, lineage), dataset, scored,
+                   *sampling_defaults(lineage), models.read_calibration(store, model))
 
     def vector(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat parameters ``[P]`` of a ``state_dict`` of this model's problem; one line naming the
@@ -145,8 +145,9 @@ class TrainedGpt:
         sign, note = problems.sign(self.problem, self.metric), self.range_note(target)
         generator, value = torch.Generator().manual_seed(seed), start
         for _ in range(steps):
+            prompt = self.prompt_for(value, target)
             candidates = sampling.sample(self.model, self.diffusion, theta.expand(samples, -1), np.full(samples, value),
-                                         np.full(samples, target), self.sampler, self.sample_steps, generator)
+                                         np.full(samples, prompt), self.sampler, self.sample_steps, generator)
             if not self.scored:  # nothing to choose by: every candidate goes back
                 return PromptResult([self.problem.state_dict(v) for v in candidates], self.metric, target, start, None, note)
             scores = self.score(candidates)
@@ -154,6 +155,12 @@ class TrainedGpt:
             candidates, achieved = candidates[order], scores[order].tolist()
             theta, value = candidates[:1], achieved[0]  # the next update starts from the best
         return PromptResult([self.problem.state_dict(v) for v in candidates], self.metric, target, start, achieved, note)
+
+    def prompt_for(self, current: float, target: float) -> float:
+        """What G.pt is conditioned on to deliver ``target`` from a network at ``current``: through the
+        model's calibration when it has one, else the target itself."""
+        sign = problems.sign(self.problem, self.metric)
+        return float(calibration.condition(self.calibration_map, [current], [[target]], sign)[0, 0])
 
     def prompt(self, state_dict: dict[str, torch.Tensor], target: float, samples: int = 1, steps: int = 1,
                current: float | None = None, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,0 +1,104 @@
+"""Prompt calibration (no I/O): ask G.pt for the value that, on networks it never saw, achieved the request.
+
+G.pt's answers rise with the prompt but not one to one: a CartPole model asked for a return of 110
+from a random policy delivers ~230 (a denoiser's high-noise guess is close to the mean of the updates
+it saw, and a mean of PPO updates is a better policy than each of them), an mnist_mlp model asked for
+a test loss of 0.7 delivers ~1.0. The bias is monotone, so it can be inverted.
+
+Both sides are measured in the same relative coordinate, the fraction of the way from a network's
+start to the best value of the training data: ``u = (prompt - start) / (best - start)`` for what G.pt
+is asked, ``v = (achieved - start) / (best - start)`` for what it delivers. ``fit`` prompts calibration
+networks on a grid of u and fits ``v = g(u)`` by isotonic regression, one curve per band of start
+values (a CartPole policy that already balances for 200 steps is pushed to 500 by almost any prompt, one
+at 10 is not); ``condition`` inverts the curve of a network's start to turn a request into the prompt.
+Prompts never go past the training data's best value: there the samples leave the learned range
+(mnist_mlp asked for 0.18 where 0.28 is the best: the loss goes to 1.8), so a request beyond what G.pt
+delivers is asked for as the best itself. Below the worst value they may go: CartPole's G.pt asked for a
+negative return keeps a policy's return, which is how a request close to a low start is met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.isotonic import IsotonicRegression
+
+# the prompt grid in u: from "much worse than the start" (0 = the start, negative = worse) to the best
+GRID = tuple(float(u) for u in np.linspace(-1.0, 1.0, 17))
+
+
+@dataclass
+class Calibration:
+    """``g`` on the grid's monotone branch: G.pt asked for ``u[k]`` delivers ``v[k]`` on average.
+    ``best``: the training data's best value, which prompts never go past."""
+
+    u: list[float]
+    v: list[float]
+    best: float
+    networks: int  # calibration networks fitted
+    step: int  # the model step it was fitted for
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def relative(value, start, best) -> np.ndarray:
+    """``value`` as a fraction of the way from ``start`` to ``best`` (works for either metric direction;
+    inf or nan for a start at the best, which ``usable`` leaves out)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.asarray(value, np.float64) - start) / (best - start)
+
+
+def usable(start, best, sign: int) -> np.ndarray:
+    """Networks with room to improve: those already at or past the best have no relative scale."""
+    return sign * (np.asarray(start, np.float64) - best) > 1e-9 * max(1.0, abs(best))
+
+
+def grid_prompts(start, best: float) -> np.ndarray:
+    """``[N, len(GRID)]`` absolute prompts for N networks with these ``start`` values."""
+    start = np.asarray(start, np.float64).reshape(-1, 1)
+    return start + np.asarray(GRID).reshape(1, -1) * (best - start)
+
+
+def fit(start, prompts, achieved, best: float, sign: int, step: int) -> Calibration:
+    """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
+    ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
+    response's monotone branch, the grid from the column where G.pt delivers least on average up. Below
+    it the answers are no longer worse for asking worse (mnist_mlp asked for a loss above its start
+    returns networks better than at the start, by chance), and would bend the fit."""
+    keep = usable(start, best, sign)
+    if not keep.any():
+        raise ValueError("no calibration network has room to improve on the best value")
+    start = np.asarray(start, np.float64)[keep].reshape(-1, 1)
+    u = relative(np.asarray(prompts, np.float64)[keep], start, best)
+    v = relative(np.asarray(achieved, np.float64)[keep], start, best)
+    with np.errstate(invalid="ignore"):
+        lowest = int(np.nanargmin(np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)))
+    u, v = u[:, lowest:].ravel(), v[:, lowest:].ravel()
+    ok = np.isfinite(u) & np.isfinite(v)
+    grid = np.asarray(GRID[lowest:])
+    g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(grid)
+    return Calibration(u=[float(x) for x in grid], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
+                       step=int(step))
+
+
+def condition(cal: Calibration | dict | None, start, requested, sign: int) -> np.ndarray:
+    """The prompts ``[N, P]`` to give G.pt so that it delivers ``requested [N, P]`` from networks at
+    ``start [N]``; unchanged where there is no calibration or the network has no room to improve."""
+    requested = np.asarray(requested, np.float64)
+    if cal is None:
+        return requested
+    cal = cal if isinstance(cal, Calibration) else Calibration(**cal)
+    start = np.asarray(start, np.float64).reshape(-1, *([1] * (requested.ndim - 1)))
+    u = _inverse(np.asarray(cal.u), np.asarray(cal.v))(relative(requested, start, cal.best))
+    return np.where(usable(start, cal.best, sign), start + np.minimum(u, 1.0) * (cal.best - start), requested)
+
+
+def _inverse(u: np.ndarray, v: np.ndarray):
+    """g's inverse as a function of v. A flat stretch of g maps to its middle, except the top one, which
+    maps to the grid's top (the best value); requests beyond g's range take its ends."""
+    levels = np.unique(v)
+    representative = np.array([u[v == level].mean() for level in levels])
+    representative[-1] = u[-1]
+    return lambda target: np.interp(target, levels, representative)

@@ -1,0 +1,76 @@
+"""Prompt calibration: fitted on a G.pt whose bias is known, it asks for what delivers the request."""
+
+import numpy as np
+import pytest
+
+from gptpipe.evaluation import calibration
+
+
+def biased_gpt(u):
+    """Delivers more than asked in the middle (like the CartPole model) and never quite the best."""
+    u = np.asarray(u, np.float64)
+    return np.where(u < -0.25, 0.0, np.clip(0.2 + 0.9 * u, 0.0, 0.95))
+
+
+@pytest.mark.parametrize("best, starts", [(500.0, [10.0, 60.0, 150.0, 300.0]),  # a return: higher is better
+                                          (0.3, [2.3, 2.1, 1.5, 0.9])])  # a loss: lower is better
+def test_condition_inverts_the_fitted_bias(best, starts):
+    sign = -1 if best > starts[0] else 1
+    rng = np.random.default_rng(0)
+    start = np.repeat(starts, 8)
+    prompts = calibration.grid_prompts(start, best)
+    assert (sign * (prompts - best)).min() == pytest.approx(0)  # never past the best
+    u = calibration.relative(prompts, start[:, None], best)
+    achieved = start[:, None] + (biased_gpt(u) + rng.normal(0, 0.02, u.shape)) * (best - start[:, None])
+    cal = calibration.fit(start, prompts, achieved, best, sign, step=7)
+    assert cal.step == 7 and cal.networks == len(start)
+    assert np.all(np.diff(cal.v) >= 0)  # monotone
+
+    start = start[::8]  # one network of each start value
+    requested = start[:, None] + np.array([[0.2, 0.4, 0.6]]) * (best - start[:, None])
+    given = calibration.condition(cal.to_dict(), start, requested, sign)
+    delivered = start[:, None] + biased_gpt(calibration.relative(given, start[:, None], best)) * (best - start[:, None])
+    raw = start[:, None] + biased_gpt(calibration.relative(requested, start[:, None], best)) * (best - start[:, None])
+    scale = abs(best - start[:, None])
+    assert np.abs((delivered - requested) / scale).max() < 0.05  # within the noise of the fit
+    assert np.abs((raw - requested) / scale).min() > 0.08  # uncalibrated, every request missed
+    # the best is asked for as the best (never past it: prompts beyond the training data derail G.pt)
+    top = calibration.condition(cal, start, np.full((4, 1), best), sign)
+    np.testing.assert_allclose(top, best)
+
+
+def test_no_calibration_or_no_room_leaves_the_request():
+    requested = np.array([[400.0, 450.0], [480.0, 490.0]])
+    np.testing.assert_array_equal(calibration.condition(None, [100.0, 500.0], requested, -1), requested)
+    cal = calibration.Calibration(u=list(calibration.GRID), v=[0.5 * (u + 1) for u in calibration.GRID],
+                                  best=500.0, networks=1, step=0)
+    given = calibration.condition(cal, [100.0, 500.0], requested, -1)
+    assert given[0, 0] != requested[0, 0]
+    np.testing.assert_array_equal(given[1], requested[1])  # a network at the best has no scale to calibrate in
+
+
+def test_fit_refuses_when_no_network_has_room():
+    with pytest.raises(ValueError, match="room to improve"):
+        calibration.fit([500.0], np.full((1, 3), 400.0), np.full((1, 3), 500.0), 500.0, -1, step=0)
+
+
+
+def test_prompts_never_go_past_the_best():
+    cal = calibration.Calibration(u=list(calibration.GRID), v=[min(0.9, 0.3 + 0.5 * u) for u in calibration.GRID], best=500.0,
+                                  networks=1, step=0)
+    given = calibration.condition(cal, [10.0, 100.0], [[9.5, 300.0], [90.0, 500.0]], -1)
+    assert given.max() <= 500.0 and given[1, 1] == 500.0
+    assert given[0, 0] < 9.5  # asking for less than a low start is allowed: it is how CartPole keeps a return
+
+
+def test_the_fit_keeps_the_branch_where_asking_for_more_delivers_more():
+    """Below its start mnist_mlp's G.pt returns better networks when asked for worse ones: that part is
+    left out, and a request near the start is asked for at the bottom of the monotone branch."""
+    best, start = 0.3, np.full(8, 2.3)
+    prompts = calibration.grid_prompts(start, best)
+    u = calibration.relative(prompts, start[:, None], best)
+    v = np.where(u < 0, 0.45, 0.05 + 0.8 * u)  # garbage that happens to improve, then a monotone response
+    cal = calibration.fit(start, prompts, start[:, None] + v * (best - start[:, None]), best, 1, step=0)
+    assert min(cal.u) >= 0 and cal.v[0] == pytest.approx(0.05, abs=0.01)
+    given = calibration.condition(cal, [2.3], [[2.3 + 0.4 * (best - 2.3)]], 1)  # 40% of the way
+    assert calibration.relative(given, 2.3, best)[0, 0] == pytest.approx((0.4 - 0.05) / 0.8, abs=0.03)
