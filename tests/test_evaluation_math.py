@@ -140,3 +140,25 @@ def test_best_run_lr_breaks_ties_the_same_way_every_time(tmp_path):
         catalog.write_shard(store, "runs", "s", shard, pa.table({k: [v[i] for i in idx] for k, v in rows.items()}))
     assert best_run_lr(store, "s", "return", higher_is_better=True) == 0.2  # 500 at the end, lowest run number
     assert best_run_lr(store, "s", "return", higher_is_better=False) == 0.3
+
+
+def test_start_networks_pass_over_inits_already_near_the_best():
+    """Fresh inits within 10% of the best value have nothing to be asked for and are redrawn; where no
+    init has room at all the first draws are taken as they are."""
+    from types import SimpleNamespace
+
+    from gptpipe.stages.evaluate import has_room, start_networks
+
+    ds = data.load("digits")
+    first = DIGITS.init([torch.Generator().manual_seed(10_000_019 + i) for i in range(8)])
+    losses = DIGITS.score(first, ds)["test_loss"].double().numpy()
+    best = float(np.median(losses)) / 1.1  # about half of the inits are within 10% of it
+    s = SimpleNamespace(problem=DIGITS, dataset=ds, metric="test_loss", best=best, lineage={"heldout_runs": {}})
+    starts, sources = start_networks(None, s, 8, seed=0)
+    assert sources == ["fresh_init"] * 8 and starts.shape == (8, DIGITS.n_params)
+    scored = DIGITS.score(torch.from_numpy(starts), ds)["test_loss"].double().numpy()
+    assert has_room(s, scored).all() and not has_room(s, losses).all()
+    np.testing.assert_array_equal(starts[: has_room(s, losses).sum()], first.numpy()[has_room(s, losses)])  # in draw order
+    s.best = 100.0  # a loss nothing is worse than: no init has room
+    starts, _ = start_networks(None, s, 8, seed=0)
+    np.testing.assert_array_equal(starts, first.numpy())

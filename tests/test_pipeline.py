@@ -210,8 +210,10 @@ def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
     store = open_store(url)
     assert summary["metric"] == "return" and summary["best_in_sweeps"] == max(
         r["best_return"] for r in catalog.query(store, "select best_return from runs").to_pylist())
-    rows = catalog.query(store, "select requested, achieved from evaluations where step = 1 and sample = 0").to_pylist()
+    rows = catalog.query(store, "select requested, achieved, start from evaluations where step = 1 and sample = 0").to_pylist()
     assert len(rows) == 2 * 3 and all(0 < r["achieved"] <= 500 for r in rows)
+    # every start network had room to improve (a random policy can already balance near the sweep's best)
+    assert all(r["start"] < 0.9 * summary["best_in_sweeps"] for r in rows)
     report = store.fs.cat_file(store.path("evals", "e", "report.md")).decode()
     assert "one_step_return.png" in report and "optimisers_" not in report
     # the store-wide index shows the evaluation in its own metric (returns between 0 and 500, not NaN)

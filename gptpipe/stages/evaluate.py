@@ -34,6 +34,7 @@ ADAM_LR = 0.01
 NOISE_DISTANCES = (0.25, 0.5, 1.0, 2.0)
 TOP = 0  # the index of the prompt asking for the best value (prompts run from it towards the start value)
 ROOM = 0.1  # a start network must be this fraction of |best| away from the best value (see start_networks)
+MAX_DRAWS = 20  # rounds of fresh inits drawn in search of ones with room
 CALIBRATION_NETWORKS = 64
 CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluation's (those are seeded 10_000_019 * (seed + 1) + k)
 
@@ -69,12 +70,15 @@ def start_networks(store: Store, s: "Session", n: int, seed: int) -> tuple[np.nd
         params = sweeps.read_blocks(store, sweep, [r for sw, r in held_runs if sw == sweep])[:, 0]
         starts.append(params[room(params)][: n // 2 - len(sources)])
         sources += ["heldout_run"] * len(starts[-1])
-    n_fresh, k, fresh = n - len(sources), 0, []
-    while sum(map(len, fresh)) < n_fresh:
-        generators = [torch.Generator().manual_seed(10_000_019 * (seed + 1) + k + i) for i in range(n_fresh)]
-        params = s.problem.init(generators).numpy()
+    n_fresh, fresh, drawn = n - len(sources), [], []
+    for k in range(0, MAX_DRAWS * n_fresh, n_fresh):
+        params = s.problem.init([torch.Generator().manual_seed(10_000_019 * (seed + 1) + k + i) for i in range(n_fresh)]).numpy()
+        drawn.append(params)
         fresh.append(params[room(params)])
-        k += n_fresh
+        if sum(map(len, fresh)) >= n_fresh:
+            break
+    else:  # hardly any init has room (a sweep whose best is barely better than chance): take them as drawn
+        fresh = drawn
     starts.append(np.concatenate(fresh)[:n_fresh])
     sources += ["fresh_init"] * n_fresh
     return np.concatenate(starts).astype(np.float32), sources
