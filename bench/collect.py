@@ -5,6 +5,8 @@ same run, on the same machine.
                                                    # per-run vs shared data order
     .venv/bin/python bench/collect.py roofline     # fp32 GEMM peak and memory bandwidth measured here, FLOPs and bytes
                                                    # per network-epoch (step, scoring), the bound, the trainer against it
+    .venv/bin/python bench/collect.py command      # the whole `gptpipe collect` (start-up and writes included) vs the
+                                                   # per-network loop, interleaved A B A B, medians
     .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
     .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
 
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -197,6 +200,31 @@ def catalog_json(store: str, sql: str) -> list[dict]:
     return json.loads(out)
 
 
+def bench_command(args) -> None:
+    """What a user waits for: ``gptpipe collect`` of an mnist_mlp sweep, end to end (imports, the temporary
+    Prefect server, data loading, store writes), against the per-network loop on the same recipe, the two
+    measured in turn ``--repeats`` times so that a slow spell of the host hits both; medians. The loop
+    trains every eighth run (its cost per network is constant) and is scaled to the sweep."""
+    torch.set_num_threads(args.threads)
+    dataset = data.load("mnist5k")
+    config = sweep.SweepConfig(problem="mnist_mlp", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints,
+                               data_order=args.data_order)
+    loop_runs = max(2, args.runs // 8)
+    command_s, loop_s = [], []
+    for rep in range(args.repeats):
+        store = f"/tmp/gptpipe-bench-command-{os.getpid()}-{rep}"
+        command_s.append(gptpipe("collect", "--store", store, "--sweep", "c", "--problem", "mnist_mlp", "--runs", str(args.runs),
+                                 "--epochs", str(args.epochs), "--checkpoints", str(args.checkpoints), "--data-order", args.data_order))
+        subprocess.run(["rm", "-rf", store])
+        loop_s.append(plain_loop(config, loop_runs, dataset) * args.runs / loop_runs)
+    net_epochs = args.runs * args.epochs
+    command, loop = net_epochs / statistics.median(command_s), net_epochs / statistics.median(loop_s)
+    record("command", problem="mnist_mlp/mnist5k", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints,
+           data_order=args.data_order, command_workers=os.cpu_count(), command_threads_per_worker=1, loop_threads=args.threads,
+           command_s=[round(x, 1) for x in command_s], loop_s=[round(x, 1) for x in loop_s],
+           command_net_epochs_per_s=round(command, 1), loop_net_epochs_per_s=round(loop, 1), speedup=round(command / loop, 2))
+
+
 def bench_overhead(args) -> None:
     store = f"/tmp/gptpipe-bench-overhead-{os.getpid()}"
     wall = gptpipe("collect", "--store", store, "--sweep", "o", "--problem", args.problem, "--runs", str(args.runs),
@@ -249,6 +277,13 @@ def main() -> None:
     r.add_argument("--epochs", type=int, default=5)
     r.add_argument("--checkpoints", type=int, default=9)
     r.add_argument("--threads", type=int, default=os.cpu_count())
+    c = sub.add_parser("command")
+    c.add_argument("--runs", type=int, default=256)
+    c.add_argument("--epochs", type=int, default=25)
+    c.add_argument("--checkpoints", type=int, default=40)
+    c.add_argument("--data-order", default="per_run", choices=["per_run", "shared"])
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--threads", type=int, default=os.cpu_count())
     o = sub.add_parser("overhead")
     o.add_argument("--problem", default="mnist_mlp")
     o.add_argument("--runs", type=int, default=1000)
@@ -259,7 +294,8 @@ def main() -> None:
     s.add_argument("--shard-size", type=int, default=256)
     s.add_argument("--store-prefix", default="/tmp/gptpipe-bench-scale")
     args = p.parse_args()
-    {"trainer": bench_trainer, "roofline": bench_roofline, "overhead": bench_overhead, "scale": bench_scale}[args.what](args)
+    {"trainer": bench_trainer, "roofline": bench_roofline, "command": bench_command, "overhead": bench_overhead,
+     "scale": bench_scale}[args.what](args)
 
 
 if __name__ == "__main__":
