@@ -21,8 +21,10 @@ CALIBRATION = "calibration.json"
 
 
 def exists(store: Store, model: str) -> bool:
+    """Whether the model has been saved: its lineage, written last, is the commit (a state alone is a
+    save still under way, or one that crashed before its lineage)."""
     check_name(model, "model")
-    return store.exists(MODELS, model, STATE)
+    return store.exists(MODELS, model, LINEAGE)
 
 
 def names(store: Store) -> list[str]:
