@@ -74,3 +74,14 @@ def test_the_fit_keeps_the_branch_where_asking_for_more_delivers_more():
     assert min(cal.u) >= 0 and cal.v[0] == pytest.approx(0.05, abs=0.01)
     given = calibration.condition(cal, [2.3], [[2.3 + 0.4 * (best - 2.3)]], 1)  # 40% of the way
     assert calibration.relative(given, 2.3, best)[0, 0] == pytest.approx((0.4 - 0.05) / 0.8, abs=0.03)
+
+
+def test_the_branch_ends_where_asking_for_less_stops_delivering_less():
+    """digits and mnist G.pts: far below the start the answers fall again after the garbage region; the
+    branch must stop at the garbage, not at the lowest column."""
+    best, start = 0.3, np.full(8, 2.3)
+    prompts = calibration.grid_prompts(start, best)
+    u = calibration.relative(prompts, start[:, None], best)
+    v = np.where(u < -0.6, 0.02, np.where(u < 0, 0.35, 0.05 + 0.8 * u))
+    cal = calibration.fit(start, prompts, start[:, None] + v * (best - start[:, None]), best, 1, step=0)
+    assert min(cal.u) == 0.0

@@ -26,6 +26,7 @@ from sklearn.isotonic import IsotonicRegression
 
 # the prompt grid in u: from "much worse than the start" (0 = the start, negative = worse) to the best
 GRID = tuple(float(u) for u in np.linspace(-1.0, 1.0, 17))
+TOLERANCE = 0.02  # in v: a step down the grid that delivers up to this much more still counts as "less"
 
 
 @dataclass
@@ -64,9 +65,10 @@ def grid_prompts(start, best: float) -> np.ndarray:
 def fit(start, prompts, achieved, best: float, sign: int, step: int) -> Calibration:
     """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
     ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
-    response's monotone branch, the grid from the column where G.pt delivers least on average up. Below
-    it the answers are no longer worse for asking worse (mnist_mlp asked for a loss above its start
-    returns networks better than at the start, by chance), and would bend the fit."""
+    response's monotone branch, the grid walked down from the best for as long as asking for less
+    delivers less on average. Below it the answers are no longer worse for asking worse (classifiers
+    asked for a loss above their start return networks better than the start, by chance), and would bend
+    the fit."""
     keep = usable(start, best, sign)
     if not keep.any():
         raise ValueError("no calibration network has room to improve on the best value")
@@ -74,7 +76,10 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int) -> Calibrat
     u = relative(np.asarray(prompts, np.float64)[keep], start, best)
     v = relative(np.asarray(achieved, np.float64)[keep], start, best)
     with np.errstate(invalid="ignore"):
-        lowest = int(np.nanargmin(np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)))
+        means = np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)
+    lowest = len(GRID) - 1  # walk down from the best while asking for less delivers less (within the noise)
+    while lowest > 0 and means[lowest - 1] <= means[lowest] + TOLERANCE:
+        lowest -= 1
     u, v = u[:, lowest:].ravel(), v[:, lowest:].ravel()
     ok = np.isfinite(u) & np.isfinite(v)
     grid = np.asarray(GRID[lowest:])
