@@ -30,9 +30,18 @@ from gptpipe.evaluation import calibration, sampling
 from gptpipe.gpt.diffusion import Diffusion
 from gptpipe.gpt.model import Gpt
 from gptpipe.gpt.trainer import load_model
-from gptpipe.stages.train import sampling_defaults, trained_range
-from storage import models, sweeps
+from gptpipe.stages.train import sampling_defaults
+from storage import catalog, models, sweeps
 from storage.store import Store, StoreError, open_store
+
+
+def trained_range(store: Store, lineage: dict) -> tuple[float, float]:
+    """The best and the worst value of the model's metric among its sweeps' checkpoints."""
+    problem, metric = problems.get(lineage["problem"]), lineage["metric"]
+    worst = "min" if problems.sign(problem, metric) < 0 else "max"
+    (value,) = catalog.query(store, f"select {worst}({catalog.column(metric)}) as v from checkpoints where sweep in "
+                                    "(select unnest(?::varchar[]))", [lineage["sweeps"]])["v"].to_pylist()
+    return float(lineage["best"]), float(value)
 
 
 class PromptError(StoreError):

@@ -166,15 +166,6 @@ def lineage_matches(old: dict, new: dict) -> list[str]:
     return [k for k in a if json.dumps(a[k], sort_keys=True) != json.dumps(b[k], sort_keys=True)]
 
 
-def trained_range(store: Store, lineage: dict) -> tuple[float, float]:
-    """The best and the worst value of the model's metric among its sweeps' checkpoints."""
-    problem, metric = problems.get(lineage["problem"]), lineage["metric"]
-    worst = "min" if problems.sign(problem, metric) < 0 else "max"
-    (value,) = catalog.query(store, f"select {worst}({catalog.column(metric)}) as v from checkpoints where sweep in "
-                                    "(select unnest(?::varchar[]))", [lineage["sweeps"]])["v"].to_pylist()
-    return float(lineage["best"]), float(value)
-
-
 def sampling_defaults(lineage: dict) -> tuple[str, int]:
     """The sampler and its steps a model is sampled with unless told otherwise (saved with it)."""
     train_config = lineage.get("train_config", {})
