@@ -117,6 +117,19 @@ def test_evaluate_without_calibration_prompts_the_requests(small_store, cli):
     assert "calibration.png" not in open_store(small_store).ls("evals", "raw")
 
 
+def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli):
+    # the bias G.pt's prompts are corrected for depends on the sampler: the model's own calibration (the
+    # one `gptpipe prompt` reads) is neither used nor replaced by an evaluation that samples differently
+    store = open_store(small_store)
+    saved_path = store.path("models", "g", "calibration.json")
+    before = store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None
+    out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "ddpm", "--networks", "2", "--prompts", "3",
+              "--sampler", "ddpm", "--sample-steps", "3")
+    assert out.returncode == 0, out.stderr
+    assert store.read_json("evals", "ddpm", "summary.json")["calibration"]["sampler"] == "ddpm:3"
+    assert (store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None) == before
+
+
 def latest_artifact(api_url: str, key: str) -> dict:
     request = urllib.request.Request(f"{api_url}/artifacts/filter", headers={"content-type": "application/json"},
                                      data=json.dumps({"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).encode())

@@ -8,9 +8,9 @@ a test loss of 0.7 delivers ~1.0. The bias is monotone, so it can be inverted.
 Both sides are measured in the same relative coordinate, the fraction of the way from a network's
 start to the best value of the training data: ``u = (prompt - start) / (best - start)`` for what G.pt
 is asked, ``v = (achieved - start) / (best - start)`` for what it delivers. ``fit`` prompts calibration
-networks on a grid of u and fits ``v = g(u)`` by isotonic regression, one curve per band of start
-values (a CartPole policy that already balances for 200 steps is pushed to 500 by almost any prompt, one
-at 10 is not); ``condition`` inverts the curve of a network's start to turn a request into the prompt.
+networks on a grid of u and fits ``v = g(u)`` by isotonic regression; ``condition`` inverts the curve
+to turn a request into the prompt. The bias depends on how G.pt is sampled, so a calibration names its
+sampler and holds only for it.
 Prompts never go past the training data's best value: there the samples leave the learned range
 (mnist_mlp asked for 0.18 where 0.28 is the best: the loss goes to 1.8), so a request beyond what G.pt
 delivers is asked for as the best itself. Below the worst value they may go: CartPole's G.pt asked for a
@@ -39,6 +39,7 @@ class Calibration:
     best: float
     networks: int  # calibration networks fitted
     step: int  # the model step it was fitted for
+    sampler: str = ""  # the sampler and its steps it was fitted with, "ddim:10"; "" = the model's default
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +63,7 @@ def grid_prompts(start, best: float) -> np.ndarray:
     return start + np.asarray(GRID).reshape(1, -1) * (best - start)
 
 
-def fit(start, prompts, achieved, best: float, sign: int, step: int) -> Calibration:
+def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: str = "") -> Calibration:
     """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
     ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
     response's monotone branch, the grid walked down from the best for as long as asking for less
@@ -85,7 +86,7 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int) -> Calibrat
     grid = np.asarray(GRID[lowest:])
     g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(grid)
     return Calibration(u=[float(x) for x in grid], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
-                       step=int(step))
+                       step=int(step), sampler=sampler)
 
 
 def condition(cal: Calibration | dict | None, start, requested, sign: int) -> np.ndarray:

@@ -164,18 +164,23 @@ def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Ca
     theta = sampling.sample(s.model, s.diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), prompts.ravel(),
                             s.sampler, s.steps, torch.Generator().manual_seed(CALIBRATION_SEED))  # not the evaluation's stream
     achieved = s.problem.score(theta, s.dataset)[s.metric].double().numpy().reshape(n, G)
-    return calibration.fit(start_metric, prompts, achieved, s.best, problems.sign(s.problem, s.metric), s.lineage.get("step", 0))
+    return calibration.fit(start_metric, prompts, achieved, s.best, problems.sign(s.problem, s.metric), s.lineage.get("step", 0),
+                           f"{s.sampler}:{s.steps}")
 
 
 def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
-    """The model's calibration for its current step: read from the store, or fitted and saved there."""
+    """The model's calibration for its current step and the session's sampler. The one for the model's
+    own sampler (what ``gptpipe prompt`` uses) is kept in the store: read from there, or fitted and saved;
+    one for another sampler is fitted for this evaluation only."""
     if not req.calibrate:
         return None
-    saved = models.read_calibration(store, req.model)
+    default = (s.sampler, s.steps) == sampling_defaults(s.lineage)
+    saved = models.read_calibration(store, req.model) if default else None
     if saved is not None:
         return calibration.Calibration(**saved)
     fitted = fit_calibration(s)
-    models.write_calibration(store, req.model, fitted.to_dict())
+    if default:
+        models.write_calibration(store, req.model, fitted.to_dict())
     return fitted
 
 
