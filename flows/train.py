@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-
-from contextlib import contextmanager
 
 from flows.artifacts import artifact_key, picture, summary_markdown
 from flows.credentials import use_store_credentials
@@ -62,17 +64,58 @@ def one_training_at_a_time(model: str):
     while training: two runs of one model would both resume from the same save and overwrite each
     other's. Wherever the runs are (two workers, a worker and a CLI), the server makes the second wait."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL
 
     name = artifact_key("train", model)
-    with get_client(sync_client=True) as client:
-        try:
-            client.upsert_global_concurrency_limit_by_name(name, 1)
-        except ObjectAlreadyExists:  # another run made it a moment ago
-            pass
-        if client.read_global_concurrency_limit_by_name(name).active_slots:
-            print(f"another training of {model} is running: waiting for it to end (concurrency limit {name})")
-    # the shortest lease the server allows: a training whose process died frees the model within about a minute
-    with concurrency(name, occupy=1, strict=True, lease_duration=60):
-        yield
+    with ExitStack() as holding:
+        others_alive = None if PREFECT_API_URL.value() else holding.enter_context(temporary_server_holder(name))
+        with get_client(sync_client=True) as client:
+            try:
+                client.upsert_global_concurrency_limit_by_name(name, 1)
+            except ObjectAlreadyExists:  # another run made it a moment ago
+                pass
+            if client.read_global_concurrency_limit_by_name(name).active_slots:
+                if others_alive is False:
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+                    print(f"freed the slot of a training of {model} that was killed (concurrency limit {name})")
+                else:
+                    print(f"another training of {model} is running: waiting for it to end (concurrency limit {name})")
+        # the shortest lease the server allows: a training whose process died frees the model within about a minute
+        with concurrency(name, occupy=1, strict=True, lease_duration=60):
+            yield
+
+
+@contextmanager
+def temporary_server_holder(name: str):
+    """Prefect's temporary server (no ``PREFECT_API_URL``: each command starts its own on the database in
+    ``PREFECT_HOME``) runs no lease repossessor, so a training killed there (kill -9, the OOM killer)
+    would hold its slot for ever. Every process that waits for or holds a slot there leaves its pid in
+    ``PREFECT_HOME/gptpipe-slots/<limit>/``; only processes of this host share that database. Yields
+    whether another of them is alive: if none is, slots still taken are a killed training's."""
+    from prefect.settings import PREFECT_HOME
+
+    holders = Path(PREFECT_HOME.value()) / "gptpipe-slots" / name
+    holders.mkdir(parents=True, exist_ok=True)
+    others = [int(p.name) for p in holders.iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+    alive = [pid for pid in others if process_exists(pid)]
+    for pid in set(others) - set(alive):
+        (holders / str(pid)).unlink(missing_ok=True)
+    mine = holders / str(os.getpid())
+    mine.touch()
+    try:
+        yield bool(alive)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True

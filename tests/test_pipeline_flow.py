@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -78,6 +80,34 @@ def test_two_trainings_of_one_model_take_turns(prefect_api, tmp_path):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name("train-m")
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_a_training_killed_on_the_temporary_server_does_not_lock_its_model(prefect_api, tmp_path):
+    """With no server configured each command runs Prefect's temporary one, which never repossesses a
+    lease: a training killed with SIGKILL (kill -9, the OOM killer) left train-<model> taken, and the next
+    `gptpipe train` of that model waited for ever. It now frees the slot and resumes."""
+    from flows.collect import collect_flow
+
+    store = str(tmp_path / "store")
+    collect_flow(store=store, sweep="kt", problem="digits_mlp", runs=12, shard_size=12, epochs=3, checkpoints=4)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    args = [str(BIN / "gptpipe"), "train", "--store", store, "--sweep", "kt", "--model", "k", "--batch-size", "16",
+            "--save-every", "10"]
+    first = subprocess.Popen([*args, "--steps", "100000"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None and not models.exists(open_store(store), "k"):
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the command, its temporary server and its watchdog
+    first.wait()
+    saved = models.step(open_store(store), "k")
+    assert saved >= 10
+
+    again = subprocess.run([*args, "--steps", str(saved + 10)], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=150)
+    assert again.returncode == 0, again.stderr
+    assert models.step(open_store(store), "k") == saved + 10
 
 
 def test_credentials_block_names_and_contents_are_checked(prefect_api, monkeypatch):
