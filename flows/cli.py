@@ -379,7 +379,8 @@ def _print_summary(url: str, s: dict) -> None:
                        f"25 epochs {s[f'sgd_25_epochs_{metric}_mean']:.4g}")
     if "nn_distance_generated_median" in s:
         typer.echo(f"  not copies: median distance to the nearest training checkpoint {s['nn_distance_generated_median']:.4g} "
-                   f"(held-out runs' own: {s['nn_distance_heldout_final_median']:.4g}); {m} of G.pt's samples "
+                   f"(held-out runs' own: {s['nn_distance_heldout_final_median']:.4g} final, "
+                   f"{s['nn_distance_heldout_at_level_median']:.4g} at the samples' level); {m} of G.pt's samples "
                    f"{s['generated_best_prompt_mean']:.4g}, of training checkpoints + noise at that distance "
                    f"{s[f'copies_plus_noise_{m}_at_generated_distance']:.4g}")
     from storage import evals

@@ -162,3 +162,12 @@ def test_start_networks_pass_over_inits_already_near_the_best():
     s.best = 100.0  # a loss nothing is worse than: no init has room
     starts, _ = start_networks(None, s, 8, seed=0)
     np.testing.assert_array_equal(starts, first.numpy())
+
+
+def test_at_level_picks_each_runs_checkpoint_closest_to_the_level():
+    from gptpipe.stages.evaluate import at_level
+
+    blocks = np.arange(2 * 4 * 3, dtype=float).reshape(2, 4, 3)  # 2 runs, 4 checkpoints, 3 parameters
+    values = np.array([[2.3, 1.0, 0.6, 0.4], [2.3, 0.9, np.nan, 0.3]])  # a checkpoint the catalog lacks is skipped
+    np.testing.assert_array_equal(at_level(blocks, values, 0.55), blocks[[0, 1], [2, 3]])
+    np.testing.assert_array_equal(at_level(blocks, values, 5.0), blocks[:, 0])

@@ -77,6 +77,10 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     assert summary["r2_heldout_run"] == pytest.approx(prompt_alignment_r2(req, ach))
     report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
     assert f"| prompt alignment R² | {summary['r2_heldout_run']:.3f} |" in report
+    # not copies: the samples' distance to the training checkpoints against held-out runs' own, at the end
+    # of their runs and where SGD got them to the samples' level
+    assert summary["nn_distance_heldout_at_level_median"] > 0
+    assert f"(reference at the same level) | {summary['nn_distance_heldout_at_level_median']:.4g} |" in report
     for png in ("alignment.png", "curves.png", "one_step_test_loss.png", "latent_walk.png"):
         assert store.fs.cat_file(store.path("evals", "e1", png))[:4] == b"\x89PNG"
     assert "![latent walk](latent_walk.png)" in report and summary["latent_walk_frames"] == 8

@@ -273,7 +273,7 @@ def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_un
 def nn_plot(nn: dict, summary: dict) -> bytes:
     """The memorisation picture (Zeng et al. 2025, who found published weight generators mostly copy
     their training checkpoints). Left: distance to the nearest training checkpoint, G.pt's samples
-    against held-out runs' own final checkpoints. Right: the metric against that distance, every G.pt
+    against held-out runs' own, final and at the samples' level. Right: the metric against that distance, every G.pt
     sample against the best training checkpoints plus noise at several scales: a copier sits on the
     noise curve, a model that learned the task beats it at the same distance."""
     metric, copies = summary["metric"], summary["copies_plus_noise"]
@@ -281,6 +281,8 @@ def nn_plot(nn: dict, summary: dict) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.hist(nn["generated"], bins=20, alpha=0.7, color=COLORS["gpt"], label="G.pt samples (best prompt)")
     a.hist(nn["heldout_final"], bins=20, alpha=0.7, color=COLORS["heldout"], label="held-out runs' final checkpoints")
+    a.hist(nn["heldout_at_level"], bins=20, histtype="step", linewidth=1.5, color=COLORS["heldout"],
+           label="held-out runs' checkpoints at the samples' level")
     a.set_xlabel("distance to the nearest training checkpoint (L2 over all parameters)")
     a.set_ylabel("networks")
     a.set_title("How far from the training checkpoints?")
@@ -386,6 +388,8 @@ def _diversity_and_checks(summary: dict) -> list[str]:
         f"| G.pt one update, best prompt ({m}, mean over fresh inits) | {summary[f'one_step_best_prompt_{m}_mean']:.4g} |",
         f"| median distance of G.pt samples to the nearest training checkpoint | {summary['nn_distance_generated_median']:.4g} |",
         f"| the same for held-out runs' final checkpoints (reference) | {summary['nn_distance_heldout_final_median']:.4g} |",
+        f"| the same for held-out runs' checkpoints closest to the samples' median {m} (reference at the same level) | "
+        f"{summary['nn_distance_heldout_at_level_median']:.4g} |",
         f"| G.pt samples, best prompt ({m}, mean over all start networks) | {summary['generated_best_prompt_mean']:.4g} |",
         f"| best training checkpoints + noise at the samples' median distance ({m}, mean) | "
         f"{summary[f'copies_plus_noise_{m}_at_generated_distance']:.4g} |",

@@ -101,17 +101,30 @@ def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> di
 def training_checkpoints(store: Store, lineage: dict, max_runs: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """All checkpoints ``[M, P]`` of up to ``max_runs`` of the model's training runs (first sweep) and
     their catalog value of the model's metric ``[M]``."""
-    sweep, metric = lineage["sweeps"][0], lineage["metric"]
+    sweep = lineage["sweeps"][0]
     runs = sweeps.committed_runs(store, sweep)
     ok = [r for r, st in zip(runs["run"].to_pylist(), runs["status"].to_pylist()) if st == "ok"]
     train = np.setdiff1d(ok, lineage["heldout_runs"].get(sweep, []))
     chosen = np.sort(np.random.default_rng(seed).choice(train, size=min(max_runs, len(train)), replace=False))
-    blocks = sweeps.read_blocks(store, sweep, chosen)
-    table = catalog.query(store, f"select run, ckpt, {catalog.column(metric)} as m from checkpoints where sweep = ? and run in "
-                                 "(select unnest(?::bigint[]))", [sweep, chosen.tolist()])
-    values = np.full(blocks.shape[:2], np.nan)
-    values[np.searchsorted(chosen, np.asarray(table["run"])), np.asarray(table["ckpt"])] = np.asarray(table["m"], dtype=float)
+    blocks, values = run_checkpoints(store, sweep, chosen, lineage["metric"])
     return blocks.reshape(-1, blocks.shape[-1]), values.ravel()
+
+
+def run_checkpoints(store: Store, sweep: str, runs, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoints ``[R, C, P]`` of ``runs`` (sorted run ids) and their catalog value of ``metric`` ``[R, C]``."""
+    runs = np.asarray(runs)
+    blocks = sweeps.read_blocks(store, sweep, runs)
+    table = catalog.query(store, f"select run, ckpt, {catalog.column(metric)} as m from checkpoints where sweep = ? and run in "
+                                 "(select unnest(?::bigint[]))", [sweep, runs.tolist()])
+    values = np.full(blocks.shape[:2], np.nan)
+    values[np.searchsorted(runs, np.asarray(table["run"])), np.asarray(table["ckpt"])] = np.asarray(table["m"], dtype=float)
+    return blocks, values
+
+
+def at_level(blocks: np.ndarray, values: np.ndarray, level: float) -> np.ndarray:
+    """Each run's checkpoint ``[R, P]`` whose metric is closest to ``level``."""
+    closest = np.nanargmin(np.abs(values - level), axis=1)
+    return blocks[np.arange(len(blocks)), closest]
 
 
 @dataclass
@@ -229,8 +242,13 @@ def memorisation_checks(store: Store, s: Session, req: EvalRequest, start: np.nd
     nn_generated = checks.nearest_training_distance(prompted.params[:, TOP], training)
     nn_median = float(np.median(nn_generated))
     copies = checks.noise_at_distance(s.problem, s.dataset, good, [f * nn_median for f in NOISE_DISTANCES], seed=req.seed)
-    heldout_runs = s.lineage["heldout_runs"].get(s.sweep, [])[: max(1, int((~fresh).sum()))]
-    nn_heldout = checks.nearest_training_distance(sweeps.read_blocks(store, s.sweep, heldout_runs)[:, -1], training)
+    heldout_runs = sorted(s.lineage["heldout_runs"].get(s.sweep, [])[: max(1, int((~fresh).sum()))])
+    heldout, heldout_values = run_checkpoints(store, s.sweep, heldout_runs, s.metric)
+    nn_heldout = checks.nearest_training_distance(heldout[:, -1], training)
+    # the fairer reference: held-out runs where SGD got them to the samples' own level (a sample at a test
+    # loss of 0.5 is nearer the middle of a training run than a final checkpoint at 0.4 is to its end)
+    level = float(np.median(prompted.achieved[s.metric][:, TOP]))
+    nn_matched = checks.nearest_training_distance(at_level(heldout, heldout_values, level), training)
     points = np.concatenate([start[div_nets], prompted.params[div_nets, TOP], out["div_params"]])
     landscape_metric = "test_error" if "test_error" in s.problem.metrics else s.metric
     return {
@@ -240,11 +258,13 @@ def memorisation_checks(store: Store, s: Session, req: EvalRequest, start: np.nd
                for m, v in checks.noise_baseline(s.problem, s.dataset, good, seed=req.seed).items()},
             "nn_distance_generated_median": nn_median,
             "nn_distance_heldout_final_median": float(np.median(nn_heldout)),
+            "nn_distance_heldout_at_level_median": float(np.median(nn_matched)),
             "generated_best_prompt_mean": float(prompted.achieved[s.metric][:, TOP].mean()),
             "copies_plus_noise": [{"distance": d, **v} for d, v in copies.items()],
             f"copies_plus_noise_{s.metric}_at_generated_distance": copies[nn_median][s.metric],
         },
-        "nn": {"generated": nn_generated, "generated_values": prompted.achieved[s.metric][:, TOP], "heldout_final": nn_heldout},
+        "nn": {"generated": nn_generated, "generated_values": prompted.achieved[s.metric][:, TOP], "heldout_final": nn_heldout,
+               "heldout_at_level": nn_matched},
         "landscape": checks.pca_landscape(s.problem, s.dataset, training, points, landscape_metric),
     }
 
