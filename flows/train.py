@@ -15,6 +15,7 @@ from flows.runners import set_torch_threads
 from gptpipe.stages import train
 from storage import models
 from storage.store import default_store_url, open_store
+from storage.watchdog import process_exists
 
 
 @task
@@ -110,12 +111,3 @@ def temporary_server_holder(name: str):
     finally:
         mine.unlink(missing_ok=True)
 
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        pass
-    return True

@@ -30,6 +30,7 @@ import zarr
 
 from storage import catalog, params
 from storage.store import Store, StoreError, check_name
+from storage.watchdog import process_exists
 
 FORMAT = 1
 
@@ -216,11 +217,10 @@ def _stale(claim: dict) -> bool:
         return claim.get("token") not in _HELD  # ours, left by an attempt that failed (its release failed too)
     if claim.get("host") == socket.gethostname():
         try:
-            os.kill(int(claim["pid"]), 0)
-        except ProcessLookupError:
-            return True  # its process died on this host: no need to wait out the lease
-        except (OSError, KeyError, ValueError):
-            pass
+            pid = int(claim["pid"])
+        except (KeyError, ValueError):
+            return False
+        return not process_exists(pid)  # its process died on this host: no need to wait out the lease
     return False
 
 

@@ -4,6 +4,7 @@ A child server started in its own session (weed) or by a library (Prefect's temp
 outlives a parent killed with SIGKILL: no ``atexit``, no signal handler runs. A watchdog process, which
 holds nothing but the child's pid, notices that the parent is gone (it is re-parented) and kills the
 child. The same code works for any child, on Linux and macOS, without changing how it was started.
+``process_exists`` is how the holders of claims and slots tell a process of this host that died.
 """
 
 from __future__ import annotations
@@ -31,3 +32,14 @@ def kill_with_parent(*pids: int) -> subprocess.Popen:
     kernel (``kill`` on a pid nobody holds fails quietly)."""
     return subprocess.Popen([sys.executable, "-c", WATCH, str(os.getpid()), *map(str, pids)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` of this host is alive (one that cannot be signalled counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process, say
+        pass
+    return True
