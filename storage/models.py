@@ -68,6 +68,12 @@ def step(store: Store, model: str) -> int:
     return read_lineage(store, model).get("step", 0) if exists(store, model) else 0
 
 
+def read_losses(store: Store, model: str) -> list[float]:
+    """The training loss of every step so far (the log ``save`` writes)."""
+    lines = store.fs.cat_file(store.path(MODELS, model, LOG)).decode().splitlines()[1:]
+    return [float(line.split(",")[1]) for line in lines]
+
+
 def save(store: Store, model: str, state_path: str, lineage: dict, losses: list[float], loss_plot: bytes) -> None:
     """State (the file ``state_path``), log and plot first, lineage last (see the module docstring)."""
     check_name(model, "model")

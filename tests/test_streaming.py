@@ -90,3 +90,19 @@ def test_run_training_streams_over_budget_and_saves(store):
     summary = run_training(data, store.url, "streamed", dict(steps=4, batch_size=16), save_every=2)
     assert summary["streamed"] and summary["step"] == 4
     assert models.read_lineage(store, "streamed")["step"] == 4
+
+
+def test_a_trained_model_is_reported_without_reading_its_checkpoints(store):
+    from gptpipe.stages.train import run_training
+
+    options = dict(model=MICRO, steps=3, batch_size=16, warmup=1)
+    first = run_training(train_stage.load_training_data(store, ["s"]), store.url, "done", options)
+    data = train_stage.load_training_data(store, ["s"])
+    reads = []
+    read_all = data.read_all
+    data.read_all = lambda: reads.append(1) or read_all()
+    again = run_training(data, store.url, "done", options)  # already at its 3 steps: a re-run (a demo's) reads nothing
+    assert reads == [] and again["step"] == again["resumed_at_step"] == 3
+    assert again["final_loss"] == pytest.approx(first["final_loss"], rel=1e-5)
+    further = run_training(data, store.url, "done", {**options, "steps": 4})  # more steps: now the checkpoints are read
+    assert reads == [1] and further["step"] == 4 and further["resumed_at_step"] == 3

@@ -44,25 +44,34 @@ def memory_budget() -> int:
 
 @dataclass
 class TrainingData:
-    """The training runs of one or more sweeps: parameters (or a reader for them) and metric values."""
+    """The training runs of one or more sweeps: their metric values, and their parameters read when first
+    used (``params``), so that a model already trained to its steps is checked without reading them."""
 
     problem: str
     metric: str
-    params: np.ndarray | None  # float32 [R, C, P] of the training runs; None when streamed
     metric_values: np.ndarray  # [R, C]; NaN past a run's n_ckpts (always in memory: small)
     lineage: dict  # sweeps, catalog digest, held-out runs
     best: float  # best metric value among training checkpoints (the top of the prompt range)
-    read_runs: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)  # training-set positions -> blocks
+    read_runs: Callable[[np.ndarray], np.ndarray] = field(repr=False)  # training-set positions -> blocks [n, C, P]
+    read_all: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # every block; None: over the budget
+    _params: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def streamed(self) -> bool:
-        return self.params is None
+        """Bigger than the memory budget: training streams groups of runs through ``read_runs``."""
+        return self.read_all is None
+
+    @property
+    def params(self) -> np.ndarray | None:
+        """float32 ``[R, C, P]`` of the training runs, read on first use; None when streamed."""
+        if self._params is None and self.read_all is not None:
+            self._params = self.read_all()
+        return self._params
 
     def stream(self, batch_size: int, pairing: str = "mixed", init_frac: float = 0.5, symmetry: str = "auto", seed: int = 0,
                **options):
         """A ``StreamingPairs`` source over these training runs (``options``: group_runs, spans, ...)."""
-        read = self.read_runs or (lambda idx: self.params[idx])
-        return StreamingPairs(problems.get(self.problem), read, self.metric_values, batch_size, pairing, init_frac,
+        return StreamingPairs(problems.get(self.problem), self.read_runs, self.metric_values, batch_size, pairing, init_frac,
                               symmetry, seed=seed, **options)
 
 
@@ -83,9 +92,9 @@ def heldout_runs(run_ids: np.ndarray, seed: int) -> np.ndarray:
 
 def load_training_data(store: Store, sweep_names: list[str], metric: str | None = None, seed: int = 0,
                        budget: int | None = None) -> TrainingData:
-    """The training runs of one or more sweeps of the same problem (ok runs, minus held-out). Small sweeps
-    are cached in memory (``params``); when their parameters exceed ``budget`` bytes (default
-    ``memory_budget()``, 2 GiB) only the metrics are read and ``read_runs`` streams run blocks later."""
+    """The training runs of one or more sweeps of the same problem (ok runs, minus held-out): their metrics
+    now, their parameters when training needs them. Up to ``budget`` bytes of parameters (default
+    ``memory_budget()``, 2 GiB) are read into memory whole; bigger training sets are streamed in run blocks."""
     budget = memory_budget() if budget is None else budget
     if not sweep_names:
         raise StoreError("name at least one --sweep")
@@ -126,11 +135,12 @@ def load_training_data(store: Store, sweep_names: list[str], metric: str | None 
     lineage = {"sweeps": sweep_names, "problem": problem.name, "metric": metric, "catalog_digest": digest.hexdigest(),
                "heldout_runs": heldout, "training_runs": int(n_train)}
     best = float(problems.best_of(problem, metric, metric_values))
-    if nbytes > budget:
-        return TrainingData(problem.name, metric, None, metric_values, lineage, best,
-                            read_runs=run_reader(store, sweep_names, train_lists))
-    params = np.concatenate([sweeps.read_blocks(store, name, ids) for name, ids in zip(sweep_names, train_lists)])
-    return TrainingData(problem.name, metric, params, metric_values, lineage, best)
+    read_all = None
+    if nbytes <= budget:
+        def read_all() -> np.ndarray:
+            parts = [sweeps.read_blocks(store, name, ids) for name, ids in zip(sweep_names, train_lists)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one sweep: no second copy of its checkpoints
+    return TrainingData(problem.name, metric, metric_values, lineage, best, run_reader(store, sweep_names, train_lists), read_all)
 
 
 def run_reader(store: Store, sweep_names: list[str], train_lists: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -228,6 +238,15 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
     config = replace(config, symmetry=resolve_symmetry(problems.get(data.problem), config.symmetry))  # the lineage names what was used
     lineage = {**data.lineage, "train_config": config.to_dict(), "best": data.best}
     main = distributed.is_main()
+    if models.exists(st, model):
+        old = models.read_lineage(st, model)
+        if diff := lineage_matches(old, lineage):
+            raise StoreError(f"model {model!r} exists with other {', '.join(diff)}; choose a new --model name")
+        if old.get("step", 0) >= config.steps:  # trained: its checkpoints are not even read
+            if main:
+                print(f"{model} is already at step {old['step']} of {config.steps}")
+            return training_summary(model, old["step"], old["step"], old.get("train_wall_s", 0.0), models.read_losses(st, model),
+                                    data, processes=distributed.world_size())
     stream = None
     if data.streamed:  # the training set is bigger than the memory budget: stream groups of runs
         world = distributed.world_size()
@@ -236,9 +255,6 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
         if main:
             print(f"streaming pairs from {data.lineage['training_runs']} training runs (more than the memory budget)")
     if models.exists(st, model):
-        old = models.read_lineage(st, model)
-        if diff := lineage_matches(old, lineage):
-            raise StoreError(f"model {model!r} exists with other {', '.join(diff)}; choose a new --model name")
         with saved_state(st, model) as path:
             trainer = Trainer.from_bytes(data.problem, data.params, data.metric_values, path, config, stream=stream)
         lineage["created_at"] = old.get("created_at")
@@ -274,10 +290,15 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
             save()
     finally:
         trainer.close()
-    return {"model": model, "step": trainer.step, "resumed_at_step": resumed_at, "train_wall_s": round(trainer.wall_s, 1),
-            "final_loss": float(sum(trainer.losses[-100:]) / max(1, len(trainer.losses[-100:]))),
-            "training_runs": data.lineage["training_runs"], "best_in_sweeps": data.best,
-            "streamed": data.streamed, "processes": distributed.world_size()}
+    return training_summary(model, trainer.step, resumed_at, trainer.wall_s, trainer.losses, data, distributed.world_size())
+
+
+def training_summary(model: str, step: int, resumed_at: int, wall_s: float, losses: list[float], data: TrainingData,
+                     processes: int) -> dict:
+    recent = losses[-100:]
+    return {"model": model, "step": step, "resumed_at_step": resumed_at, "train_wall_s": round(wall_s, 1),
+            "final_loss": float(sum(recent) / max(1, len(recent))), "training_runs": data.lineage["training_runs"],
+            "best_in_sweeps": data.best, "streamed": data.streamed, "processes": processes}
 
 
 def train_distributed(sweeps: list[str], model: str, store: str | None = None, metric: str | None = None,
