@@ -281,6 +281,32 @@ def test_batches_gathered_ahead_train_exactly_as_batches_gathered_in_turn(small_
     assert all(torch.equal(a, b) for a, b in zip(state, (ahead.generator.get_state(), ahead.noise_generator.get_state())))
 
 
+def test_trainer_holds_the_callers_checkpoints_without_a_copy(small_sweep):
+    """The mnist_mlp demo's 5.2 GB of checkpoints: the trainer trains on the caller's array itself (a copy
+    only leaves out unusable runs) and fits its normalisation without full-size temporaries."""
+    params, metric = small_sweep
+    cfg = TrainConfig(model=MICRO, steps=2, batch_size=8, warmup=1)
+    assert Trainer(DIGITS, params, metric, cfg).params.data_ptr() == params.data_ptr()
+    broken = metric.clone()
+    broken[0, 1:] = float("nan")  # run 0 has one usable checkpoint: left out
+    assert len(Trainer(DIGITS, params, broken, cfg).params) == len(params) - 1
+
+
+def test_compiled_training_step_trains_as_the_eager_one(small_sweep):
+    """``compile=True`` (the mnist_mlp demo's setting) runs the step through torch.compile: the same
+    weights, the same batches, the same losses up to float rounding, and it saves and resumes."""
+    params, metric = small_sweep
+    model = dict(MICRO, fuse_inputs=True, conditioning="adaln", target="delta")
+    cfg = TrainConfig(model=model, unit_tokens=True, steps=20, batch_size=16, warmup=2, seed=5)
+    eager, compiled = Trainer(DIGITS, params, metric, cfg), Trainer(DIGITS, params, metric, TrainConfig(**{**cfg.to_dict(), "compile": True}))
+    assert compiled.train_model is not compiled.model
+    torch.testing.assert_close(torch.tensor(compiled.step_many(4)), torch.tensor(eager.step_many(4)), rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled.ema.parameters(), eager.ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    resumed = Trainer.from_bytes(DIGITS, params, metric, compiled.state_dict_bytes())
+    assert resumed.step == 4 and resumed.config.compile and resumed.train_model is not resumed.model
+
+
 def test_unit_basis_carries_updates_in_its_span():
     """mnist_mlp's 784 incoming weights per unit enter and leave a token as k coordinates: an update in
     the fitted basis's span comes back exactly, and the fitted basis spans low-rank updates."""

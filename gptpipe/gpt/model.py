@@ -481,18 +481,22 @@ class Normalizer:
         ``pairs = (run, i, j)`` index tensors: the pairs training will draw (default: uniform i < j)."""
         if mode not in ("layer", "global"):
             raise ValueError(f"normalisation must be 'layer' or 'global', not {mode!r}")
-        flat = params.reshape(-1, params.shape[-1])
-        flat = flat[torch.isfinite(flat).all(1)]
         bounds = np.cumsum([0] + list(layer_sizes))
-        segs = lambda x: [x[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-        def rms(parts):
+        def rms(rows):  # per layer (or one for all) over the finite rows of the [n, P] blocks ``rows`` yields
+            squares, count = np.zeros(len(layer_sizes)), 0
+            for x in rows:
+                x = x[torch.isfinite(x).all(1)]
+                squares += [float(x[:, a:b].double().pow(2).sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+                count += len(x)
+            sizes = np.asarray(layer_sizes, dtype=np.float64)
             if mode == "global":
-                v = float(torch.cat([p.reshape(-1) for p in parts]).pow(2).mean().sqrt())
-                return [max(v, 1e-8)] * len(parts)
-            return [max(float(p.pow(2).mean().sqrt()), 1e-8) for p in parts]
+                return [max(float(np.sqrt(squares.sum() / max(count * sizes.sum(), 1))), 1e-8)] * len(layer_sizes)
+            return [max(float(np.sqrt(s / max(count * n, 1))), 1e-8) for s, n in zip(squares, sizes)]
 
-        param_scale = [1.0 / s for s in rms(segs(flat))]
+        # in blocks of rows: the mnist_mlp demo's 5.2 GB of checkpoints get no full-size temporary copy
+        flat = params.reshape(-1, params.shape[-1])
+        param_scale = [1.0 / s for s in rms(flat[a : a + 2048] for a in range(0, len(flat), 2048))]
         R, C, _ = params.shape
         if pairs is None:
             r = torch.randint(0, R, (n_pairs,), generator=generator)
@@ -501,7 +505,6 @@ class Normalizer:
         else:
             r, i, j = pairs
         d = (params[r, j] - params[r, i]) * torch.tensor(np.repeat(param_scale, layer_sizes), dtype=params.dtype)
-        d = d[torch.isfinite(d).all(1)]
-        delta_scale = rms(segs(d))
+        delta_scale = rms([d])
         return param_scale, delta_scale
 

@@ -33,7 +33,9 @@ REVERSED_FRAC = 0.25
 
 def valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     """Checkpoints usable per run: the leading ones with finite parameters and metric."""
-    ok = torch.isfinite(params).all(-1) & torch.isfinite(metric)
+    # block by block: torch.isfinite makes temporaries several times its input (9 GB for the mnist_mlp demo's 5.2 GB)
+    finite = torch.cat([torch.isfinite(block).all(-1) for block in params.split(256)]) if len(params) else torch.isfinite(metric)
+    ok = finite & torch.isfinite(metric)
     return torch.cumprod(ok.int(), dim=1).sum(1)
 
 

@@ -194,7 +194,9 @@ class Trainer:
         keep = n_valid >= 2
         if not bool(keep.any()):
             raise ValueError("no run has two usable checkpoints")
-        self.params, self.metric, self.n_valid = params[keep], metric[keep], n_valid[keep]
+        if not bool(keep.all()):  # (a masked copy only when some run is unusable: the demo's 5.2 GB of checkpoints stay one copy)
+            params, metric, n_valid = params[keep], metric[keep], n_valid[keep]
+        self.params, self.metric, self.n_valid = params, metric, n_valid
         self.symmetry = resolve_symmetry(self.problem, config.symmetry)  # "auto" decided once, for pairs and model
         self.device = resolve_device(config.device)
         # every rank its own pairs (drawn on the host, where the checkpoints are) and its own noise and
