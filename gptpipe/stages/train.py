@@ -52,8 +52,8 @@ class TrainingData:
     metric_values: np.ndarray  # [R, C]; NaN past a run's n_ckpts (always in memory: small)
     lineage: dict  # sweeps, catalog digest, held-out runs
     best: float  # best metric value among training checkpoints (the top of the prompt range)
-    read_runs: Callable[[np.ndarray], np.ndarray] = field(repr=False)  # training-set positions -> blocks [n, C, P]
     read_all: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # every block; None: over the budget
+    read_runs: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)  # positions -> blocks, streamed only
     _params: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -71,7 +71,8 @@ class TrainingData:
     def stream(self, batch_size: int, pairing: str = "mixed", init_frac: float = 0.5, symmetry: str = "auto", seed: int = 0,
                **options):
         """A ``StreamingPairs`` source over these training runs (``options``: group_runs, spans, ...)."""
-        return StreamingPairs(problems.get(self.problem), self.read_runs, self.metric_values, batch_size, pairing, init_frac,
+        read = self.read_runs or (lambda idx: self.params[idx])
+        return StreamingPairs(problems.get(self.problem), read, self.metric_values, batch_size, pairing, init_frac,
                               symmetry, seed=seed, **options)
 
 
@@ -135,12 +136,14 @@ def load_training_data(store: Store, sweep_names: list[str], metric: str | None 
     lineage = {"sweeps": sweep_names, "problem": problem.name, "metric": metric, "catalog_digest": digest.hexdigest(),
                "heldout_runs": heldout, "training_runs": int(n_train)}
     best = float(problems.best_of(problem, metric, metric_values))
-    read_all = None
-    if nbytes <= budget:
-        def read_all() -> np.ndarray:
-            parts = [sweeps.read_blocks(store, name, ids) for name, ids in zip(sweep_names, train_lists)]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one sweep: no second copy of its checkpoints
-    return TrainingData(problem.name, metric, metric_values, lineage, best, run_reader(store, sweep_names, train_lists), read_all)
+    if nbytes > budget:
+        return TrainingData(problem.name, metric, metric_values, lineage, best, read_runs=run_reader(store, sweep_names, train_lists))
+
+    def read_all() -> np.ndarray:
+        parts = [sweeps.read_blocks(store, name, ids) for name, ids in zip(sweep_names, train_lists)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one sweep: no second copy of its checkpoints
+
+    return TrainingData(problem.name, metric, metric_values, lineage, best, read_all=read_all)
 
 
 def run_reader(store: Store, sweep_names: list[str], train_lists: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -238,8 +241,8 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
     config = replace(config, symmetry=resolve_symmetry(problems.get(data.problem), config.symmetry))  # the lineage names what was used
     lineage = {**data.lineage, "train_config": config.to_dict(), "best": data.best}
     main = distributed.is_main()
-    if models.exists(st, model):
-        old = models.read_lineage(st, model)
+    old = models.read_lineage(st, model) if models.exists(st, model) else None
+    if old is not None:
         if diff := lineage_matches(old, lineage):
             raise StoreError(f"model {model!r} exists with other {', '.join(diff)}; choose a new --model name")
         if old.get("step", 0) >= config.steps:  # trained: its checkpoints are not even read
@@ -254,7 +257,7 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
                              seed=seed + 1_000_003 * distributed.rank() + 17)
         if main:
             print(f"streaming pairs from {data.lineage['training_runs']} training runs (more than the memory budget)")
-    if models.exists(st, model):
+    if old is not None:
         with saved_state(st, model) as path:
             trainer = Trainer.from_bytes(data.problem, data.params, data.metric_values, path, config, stream=stream)
         lineage["created_at"] = old.get("created_at")
