@@ -71,6 +71,34 @@ def test_metrics_are_the_modules_metrics():
     assert result.metrics["test_error"][1, -1] == pytest.approx(error, abs=1e-9)
 
 
+@pytest.mark.parametrize("problem", ["digits_mlp", "mnist_mlp"])
+@pytest.mark.parametrize("order", ["per_run", "shared"])
+def test_closed_form_gradient_is_autograds(problem, order):
+    p = problems.get(problem)
+    dataset = data.load(p.default_data)
+    g = torch.Generator().manual_seed(0)
+    theta = p.init([torch.Generator().manual_seed(k) for k in range(5)]) + 0.05 * torch.randn(5, p.n_params, generator=g)
+    n = len(dataset.x_train)
+    idx = torch.randperm(n, generator=g)[:32] if order == "shared" else torch.randint(0, n, (5, 32), generator=g)
+    x, y = dataset.x_train[idx], dataset.y_train[idx]
+    closed = p.loss_gradient(theta, x, y)
+    by_autograd = problems.Problem.loss_gradient(p, theta, x, y)
+    assert closed.abs().max() > 1e-3
+    torch.testing.assert_close(closed, by_autograd, atol=1e-6, rtol=1e-4)
+
+
+def test_error_breaks_ties_as_argmax_does():
+    """A frozen (all-zero) network scores equal logits for every class: argmax picks class 0."""
+    p = problems.get("digits_mlp")
+    dataset = data.load("digits")
+    theta = torch.zeros(2, p.n_params)
+    theta[1] = p.init([torch.Generator().manual_seed(1)])[0]
+    error = p.evaluate(theta, dataset.x_test, dataset.y_test)["error"]
+    logits = p.logits(theta, dataset.x_test)
+    torch.testing.assert_close(error, (logits.argmax(-1) != dataset.y_test).float().mean(1))
+    assert error[0].item() == pytest.approx((dataset.y_test != 0).float().mean().item())
+
+
 def test_run_result_does_not_depend_on_grouping():
     config = sweep.SweepConfig(problem="digits_mlp", runs=4, epochs=1, checkpoints=3)
     dataset = data.load("digits")

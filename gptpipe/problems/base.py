@@ -98,6 +98,13 @@ class Problem:
         """Per-network differentiable training loss ``[K]`` (problems with ``trainer == "sgd"``)."""
         raise NotImplementedError
 
+    def loss_gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient ``[K, P]`` of every network's ``loss`` on its batch: autograd here; a problem may
+        override it with its closed form (the MLPs do, for the sweep's speed)."""
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            return torch.autograd.grad(self.loss(t, x, y).sum(), t)[0]
+
     def sample_permutation(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 

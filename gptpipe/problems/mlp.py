@@ -67,18 +67,59 @@ class MLPClassifier(Classifier):
         return cross_entropy(z, y.expand(z.shape[0], -1)).mean(1)
 
     @torch.no_grad()
+    def loss_gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``loss``'s gradient ``[K, P]`` in closed form, written straight into one buffer: 1.6x faster
+        than autograd for per-run batches (no zero-filled slice gradients, no batched matmuls with 10
+        columns). Activations are laid out units x samples, ``[K, hidden, B]``: the large matmuls then
+        stream over samples and the class reductions are element-wise (``bench/collect.py trainer``)."""
+        w1, b1, w2, b2 = self.unflatten(theta)
+        grad = torch.empty_like(theta)
+        g_w1, g_b1, g_w2, g_b2 = self.unflatten(grad)
+        pre = self._first_layer(w1, x).add_(b1.unsqueeze(2))  # [K, hidden, B]
+        h = pre.relu()
+        z = torch.baddbmm(b2.unsqueeze(2), w2, h)  # [K, classes, B]
+        # d(mean cross-entropy)/dz = (softmax - one-hot) / B
+        dz = torch.softmax(z, 1)
+        target = y.expand(len(theta), -1).unsqueeze(1)
+        dz.scatter_add_(1, target, torch.full(target.shape, -1.0)).div_(z.shape[2])
+        g_w2.copy_(torch.bmm(dz, h.transpose(1, 2)))
+        g_b2.copy_(dz.sum(2))
+        dpre = torch.bmm(w2.transpose(1, 2), dz).mul_(pre > 0)  # [K, hidden, B]
+        g_b1.copy_(dpre.sum(2))
+        if x.dim() == 2:  # one shared batch: every network's first-layer gradient is one GEMM
+            g_w1.copy_((dpre.reshape(-1, x.shape[0]) @ x).view_as(g_w1))
+        else:  # a loop of plain GEMMs: twice as fast here as one bmm of 10-row products
+            for k in range(len(theta)):
+                torch.mm(dpre[k], x[k], out=g_w1[k])
+        return grad
+
+    def _first_layer(self, w1: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``w1 [K, hidden, d_in]`` times the samples, without bias: ``[K, hidden, B]``. ``x [B, d_in]``
+        is shared by all K networks (one GEMM), ``x [K, B, d_in]`` is each network's own."""
+        K, H, D = w1.shape
+        if x.dim() == 2:
+            return (w1.reshape(K * H, D) @ x.T).view(K, H, len(x))
+        out = torch.empty(K, H, x.shape[1])
+        for k in range(K):
+            torch.mm(w1[k], x[k].T, out=out[k])
+        return out
+
+    @torch.no_grad()
     def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> dict[str, torch.Tensor]:
         """Mean cross-entropy and error (fraction misclassified) of each of N vectors on one shared
-        split. The first layer of all N networks is one big matmul ``x @ [W1_1; ...; W1_N]^T``."""
+        split. The first layer of all N networks is one big matmul ``[W1_1; ...; W1_N] @ x^T``."""
         losses, errors = [], []
+        classes = torch.arange(self.classes, 0, -1).view(1, -1, 1)  # C .. 1: the first maximum scores highest
         for part in theta.split(chunk):
             w1, b1, w2, b2 = self.unflatten(part)
-            n = part.shape[0]
-            h = (x @ w1.reshape(n * self.hidden, self.d_in).T).view(len(x), n, self.hidden)
-            h = (h.transpose(0, 1) + b1.unsqueeze(1)).relu_()  # [n, M, hidden]
-            z = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # [n, M, classes]
-            losses.append(cross_entropy(z, y.expand(n, -1)).mean(1))
-            errors.append((z.argmax(-1) != y).float().mean(1))
+            h = self._first_layer(w1, x).add_(b1.unsqueeze(2)).relu_()
+            z = torch.baddbmm(b2.unsqueeze(2), w2, h)  # [n, classes, M]
+            true = z.gather(1, y.expand(len(part), 1, -1))
+            losses.append((torch.logsumexp(z, 1, keepdim=True) - true).mean((1, 2)))
+            # argmax over classes as torch.argmax picks it (the first maximum), without argmax over a
+            # non-innermost dimension, which is 20x slower here than the whole second layer
+            first_max = self.classes - ((z == z.amax(1, keepdim=True)) * classes).amax(1)
+            errors.append((first_max != y).float().mean(1))
         return {"loss": torch.cat(losses), "error": torch.cat(errors)}
 
     # --- symmetry -----------------------------------------------------------------------------

@@ -31,17 +31,20 @@ class BatchedSGD:
 
     @torch.no_grad()
     def step(self, theta: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor | float) -> None:
-        """One update of ``theta [K, P]`` with the learning rates times ``scale`` (schedule x alive)."""
+        """One update of ``theta [K, P]`` with the learning rates times ``scale`` (schedule x alive).
+        ``grad`` is used as scratch space."""
         c = self.config
-        d_p = grad.add_(theta.detach(), alpha=c.weight_decay)
+        d_p = grad.add_(theta, alpha=c.weight_decay)
         if self.steps == 0:
             self.momentum_buf.copy_(d_p)
         else:
             self.momentum_buf.mul_(c.momentum).add_(d_p)
-        d_p = d_p.add(self.momentum_buf, alpha=c.momentum) if c.nesterov else self.momentum_buf
-        theta.data.sub_(d_p * (self.lr * scale))
+        if c.nesterov:
+            d_p.add_(self.momentum_buf, alpha=c.momentum)
+        else:
+            d_p = self.momentum_buf
+        theta.addcmul_(d_p, self.lr * scale, value=-1.0)
         self.steps += 1
-
 
 def epoch_orders(config: SweepConfig, n_train: int, generators: list[torch.Generator]):
     """Each epoch's data order: ``[K, N]`` (every run its own shuffle, from its generator) or ``[N]``
@@ -58,9 +61,9 @@ def checkpoint(recorder: CheckpointRecorder, problem, theta: torch.Tensor, datas
     """Score every network, mark the diverged ones (frozen at zero from now on, so no NaNs leak into
     the shared kernels) and keep the live ones' checkpoint."""
     with torch.no_grad():
-        scores = problem.score(theta.detach(), dataset)
-        alive = recorder.mark_diverged(theta.detach(), torch.isfinite(scores[problem.primary]))
-        theta.data[~alive] = 0.0
+        scores = problem.score(theta, dataset)
+        alive = recorder.mark_diverged(theta, torch.isfinite(scores[problem.primary]))
+        theta[~alive] = 0.0
         recorder.store(theta, {m: v[alive] for m, v in scores.items()})
 
 
@@ -76,7 +79,6 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     theta = problem.init(generators)  # drawn even when replaced: the generators go on to data order / sampling
     if init is not None:
         theta = init.detach().clone().float()
-    theta.requires_grad_(True)
     n_train = len(dataset.x_train)
     per_epoch = steps_per_epoch(config, n_train)
     total = config.epochs * per_epoch
@@ -87,10 +89,11 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     for order in epoch_orders(config, n_train, generators):
         for b in range(per_epoch):
             idx = order[..., b * config.batch_size : (b + 1) * config.batch_size]
-            x = dataset.x_train[idx]
+            # index_select of the flat indices: 3x faster here than indexing with the [K, B] index
+            x = dataset.x_train.index_select(0, idx.reshape(-1)).view(*idx.shape, *dataset.x_train.shape[1:])
             if problem.augment is not None:  # each network's own random augmentation, drawn from its generator
                 x = problem.augment(x, generators)
-            (grad,) = torch.autograd.grad(problem.loss(theta, x, dataset.y_train[idx]).sum(), theta)
+            grad = problem.loss_gradient(theta, x, dataset.y_train[idx])
             sgd.step(theta, grad, lr_factor(config, sgd.steps, total) * recorder.alive)
             if recorder.due(sgd.steps):
                 checkpoint(recorder, problem, theta, dataset)
