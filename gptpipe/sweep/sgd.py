@@ -67,6 +67,17 @@ def checkpoint(recorder: CheckpointRecorder, problem, theta: torch.Tensor, datas
         recorder.store(theta, {m: v[alive] for m, v in scores.items()})
 
 
+def batch_gradient(problem, theta: torch.Tensor, dataset: datasets.Dataset, idx: torch.Tensor,
+                   generators: list[torch.Generator]) -> torch.Tensor:
+    """Every network's loss gradient ``[K, P]`` on its mini-batch: ``idx [B]`` is one batch for all,
+    ``idx [K, B]`` each network's own."""
+    # index_select of the flat indices: 3x faster here than indexing with a [K, B] index
+    x = dataset.x_train.index_select(0, idx.reshape(-1)).view(*idx.shape, *dataset.x_train.shape[1:])
+    if problem.augment is not None:  # each network's own random augmentation, drawn from its generator
+        x = problem.augment(x, generators)
+    return problem.loss_gradient(theta, x, dataset.y_train[idx])
+
+
 def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.Dataset,
                init: torch.Tensor | None = None) -> RunsResult:
     """Train the given runs of a sweep as one batched computation and score every checkpoint.
@@ -89,11 +100,7 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     for order in epoch_orders(config, n_train, generators):
         for b in range(per_epoch):
             idx = order[..., b * config.batch_size : (b + 1) * config.batch_size]
-            # index_select of the flat indices: 3x faster here than indexing with the [K, B] index
-            x = dataset.x_train.index_select(0, idx.reshape(-1)).view(*idx.shape, *dataset.x_train.shape[1:])
-            if problem.augment is not None:  # each network's own random augmentation, drawn from its generator
-                x = problem.augment(x, generators)
-            grad = problem.loss_gradient(theta, x, dataset.y_train[idx])
+            grad = batch_gradient(problem, theta, dataset, idx, generators)
             sgd.step(theta, grad, lr_factor(config, sgd.steps, total) * recorder.alive)
             if recorder.due(sgd.steps):
                 checkpoint(recorder, problem, theta, dataset)
