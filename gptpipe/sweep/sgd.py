@@ -1,8 +1,9 @@
 """Batched SGD: K runs of a classifier problem as one computation, every checkpoint kept and scored.
 
 The K networks' weights are stacked into ``theta [K, P]``; each step gathers every network's own
-mini-batch into ``[K, B, features]`` (or one batch for all with ``data_order="shared"``) and does one
-forward/backward for all of them. Per network the arithmetic is exactly that of ``torch.optim.SGD``
+mini-batch into ``[K, B, features]`` (or one batch for all with ``data_order="shared"``) and takes the
+gradient of all K losses at once (``problem.loss_gradient``: autograd, or a problem's closed form, as
+the MLPs have). Per network the arithmetic is exactly that of ``torch.optim.SGD``
 (Nesterov, weight decay) with a cosine schedule, which ``tests/test_sweep.py`` checks against a plain
 per-network loop.
 """
