@@ -177,7 +177,7 @@ def collect(
     seed: Optional[int] = typer.Option(None, help="Sweep seed (default: SweepConfig's)"),
     lr_min: Optional[float] = typer.Option(None, help="Learning rates are log-uniform in [lr-min, lr-max]; default: the problem's recipe"),
     lr_max: Optional[float] = typer.Option(None),
-    data_order: Optional[str] = typer.Option(None, help="per_run (each run its own shuffle; the default) or shared (one shuffle per epoch for the sweep: 4x faster for MLPs)"),
+    data_order: Optional[str] = typer.Option(None, help="per_run (each run its own shuffle; the default) or shared (one shuffle per epoch for the sweep: 2.4x faster for MLPs)"),
     checkpoint_spacing: Optional[str] = typer.Option(None, help="linear in steps (the default), or log (dense early, where the metrics move most)"),
     runner: str = typer.Option("thread", help="thread, process or dask"),
     workers: Optional[int] = typer.Option(None, help="Concurrent shard tasks (default: one per core)"),
@@ -443,7 +443,7 @@ DEMOS = {
     # 0.47-1.37 against 0.40), and G.pt learns better from well-trained runs (docs/gpt-ablations.md)
     "digits_mlp": Demo("demo-8192-lr0.1", runs=8192, checkpoints=40, steps=2500, networks=128, lr_min=0.1, lr_max=0.3),
     # mnist: lr 0.02-0.1 (from 0.2 up runs lose hidden units: mean final test error 24% for 0.1-0.3), one data
-    # order per epoch for the sweep (4x faster), checkpoints dense early so the loss range 2.3 -> 0.3 is covered
+    # order per epoch for the sweep (2.4x faster), checkpoints dense early so the loss range 2.3 -> 0.3 is covered
     # (linear spacing jumps from 2.3 to 0.97 at the first checkpoint), all 5.2 GB of checkpoints in memory;
     # 9,000 G.pt steps (one-step test error 14.4%, against 16.9% after 6,000 and 17.6% after 3,000), compiled
     # (0.25 against 0.32 s/step on 2 cores, after ~50 s of compiling)

@@ -47,6 +47,7 @@ class BatchedSGD:
         theta.addcmul_(d_p, self.lr * scale, value=-1.0)
         self.steps += 1
 
+
 def epoch_orders(config: SweepConfig, n_train: int, generators: list[torch.Generator]):
     """Each epoch's data order: ``[K, N]`` (every run its own shuffle, from its generator) or ``[N]``
     (``data_order="shared"``: one shuffle for the whole sweep, from the sweep seed alone)."""
