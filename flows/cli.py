@@ -98,6 +98,11 @@ def prefect_server() -> None:
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")
 
 
+def check_guidance(guidance: float | None) -> None:
+    if guidance is not None and not (0 < guidance <= 20):
+        raise StoreError(f"--guidance must be a scale between 0 and 20 (1 = none), got {guidance}")
+
+
 def given(**options) -> dict:
     """The options the user set: the rest are left to the config's own defaults (defined once, there)."""
     return {k: v for k, v in options.items() if v is not None}
@@ -276,6 +281,10 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Save (and resume from) every N steps (default: the train stage's)"),
     memory_budget: Optional[float] = typer.Option(None, help="Bytes of training parameters read into memory; bigger "
                                                   "training sets are streamed from the store (default 2 GiB, $GPTPIPE_MEMORY_BUDGET)"),
+    prompt_dropout: Optional[float] = typer.Option(None, help="Fraction of training pairs shown without their target "
+                                                   "metric, so the model can be sampled with --guidance (default 0)"),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale the model is sampled with by "
+                                             "default (1 = none; above 1 needs --prompt-dropout)"),
 ):
     """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
     `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
@@ -296,6 +305,11 @@ def train(
             raise StoreError(f"--steps must be positive, got {steps}")
         if lr is not None and not (0 < lr < 1):
             raise StoreError(f"--lr must be between 0 and 1, got {lr}")
+        if prompt_dropout is not None and not (0 <= prompt_dropout < 1):
+            raise StoreError(f"--prompt-dropout must be in [0, 1), got {prompt_dropout}")
+        check_guidance(guidance)
+        if guidance not in (None, 1.0) and not prompt_dropout:
+            raise StoreError("--guidance needs a model trained with --prompt-dropout (e.g. 0.1)")
         from gptpipe.gpt.trainer import PAIRINGS
 
         if pairing is not None and pairing not in PAIRINGS:
@@ -311,7 +325,7 @@ def train(
             sweeps_mod.committed_runs(st, s)
         budget = int(memory_budget) if memory_budget is not None else None
         options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing,
-                        compile=compile_model or None)
+                        compile=compile_model or None, prompt_dropout=prompt_dropout, guidance=guidance)
         from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
@@ -352,6 +366,8 @@ def evaluate(
     recursive: Optional[int] = typer.Option(None, help="G.pt updates in the recursive-prompting protocol (default: EvalRequest's)"),
     sampler: Optional[str] = typer.Option(None, help="Sampler (default: the model's)"),
     sample_steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the model's)"),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the model's; "
+                                             "other than 1 needs a model trained with --prompt-dropout)"),
     seed: Optional[int] = typer.Option(None, help="Seed of fresh inits and sampling (default: EvalRequest's)"),
     data_root: Optional[str] = typer.Option(None, help="Folder with the sweep's torchvision data (mnist, fashion_mnist, cifar10)"),
     device: Optional[str] = typer.Option(None, help="Where G.pt samples: auto (CUDA when present; the default), cpu, cuda"),
@@ -375,7 +391,10 @@ def evaluate(
             resolve_device(device)  # a device that is not here: one line now
         st = open_store(url)
         model = model or models.newest(st)
-        models.read_lineage(st, model)
+        lineage = models.read_lineage(st, model)
+        check_guidance(guidance)
+        if guidance not in (None, 1.0) and not lineage.get("train_config", {}).get("prompt_dropout"):
+            raise StoreError(f"--guidance needs a model trained with --prompt-dropout; {model} was trained without")
         if eval:
             evals.check_new(st, eval)
         server_ready = start_prefect_server()  # starts while the flow's modules load
@@ -385,7 +404,7 @@ def evaluate(
         with console.status(f"evaluating {model}"):
             summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
-                                            sample_steps=sample_steps, seed=seed, device=device,
+                                            sample_steps=sample_steps, guidance=guidance, seed=seed, device=device,
                                             calibrate=None if calibration else False))
     _print_summary(url, summary)
 

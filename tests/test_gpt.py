@@ -354,3 +354,38 @@ def test_bf16_autocast_on_a_cpu_only_where_it_has_hardware_bf16():
     assert use_bf16(TrainConfig(autocast="bf16"), big, cpu) and not use_bf16(TrainConfig(autocast="none"), big, cpu)
     assert not use_bf16(TrainConfig(), gpt.GptConfig.from_preset("tiny", layers_of(DIGITS), depth=2), cpu)
     assert use_bf16(TrainConfig(), big, torch.device("cuda"))
+
+
+def test_guidance_moves_the_unprompted_prediction_towards_the_prompt():
+    cfg = gpt.GptConfig(layers=layers_of(DIGITS), prompt_dropout=0.1, **MICRO)
+    torch.manual_seed(0)
+    model = gpt.Gpt(cfg).eval()
+    with torch.no_grad():  # an untrained model predicts "no change" whatever it is told: give it weights
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x_t, start = torch.randn(3, DIGITS.n_params), torch.randn(3, DIGITS.n_params)
+    t, s, g = torch.tensor([10, 500, 999]), torch.tensor([2.3, 1.5, 2.0]), torch.tensor([0.3, 0.8, 0.5])
+    prompted, unprompted = model(x_t, start, t, s, g), model(x_t, start, t, s, torch.full((3,), float("nan")))
+    assert torch.isfinite(unprompted).all() and (prompted - unprompted).abs().max() > 1e-4  # "no prompt" is its own input
+    torch.testing.assert_close(model.guided(x_t, start, t, s, g, 1.0), prompted)
+    torch.testing.assert_close(model.guided(x_t, start, t, s, g, 3.0), unprompted + 3.0 * (prompted - unprompted), rtol=1e-4, atol=1e-5)
+    # models trained without prompt dropout keep their weights' layout and refuse guidance
+    plain = gpt.Gpt(gpt.GptConfig(layers=layers_of(DIGITS), **MICRO))
+    assert not any("no_prompt" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="prompt dropout"):
+        plain.guided(x_t, start, t, s, g, 2.0)
+
+
+def test_prompt_dropout_trains_the_no_prompt_embedding(small_sweep):
+    params, metric = small_sweep
+    tr = Trainer(DIGITS, params, metric, TrainConfig(model=MICRO, steps=10, batch_size=32, warmup=2, prompt_dropout=0.5, guidance=2.0))
+    assert tr.gpt_config.prompt_dropout == 0.5
+    before = tr.model.no_prompt.detach().clone()
+    losses = tr.train()
+    assert np.isfinite(losses).all() and not torch.equal(tr.model.no_prompt.detach(), before)
+    model, diffusion, _ = load_model(tr.state_dict_bytes())
+    theta = evaluation.sample(model, diffusion, params[:2, 0], metric[:2, 0], metric[:2, -1], "ddim", 2, torch.Generator().manual_seed(0),
+                              guidance=2.0)
+    assert theta.shape == (2, DIGITS.n_params) and torch.isfinite(theta).all()
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        TrainConfig(guidance=2.0)

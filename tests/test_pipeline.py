@@ -134,6 +134,23 @@ def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli
     assert (store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None) == before
 
 
+def test_guided_model_is_evaluated_with_its_guidance(small_store, cli):
+    # a model trained with prompt dropout is sampled with its own guidance scale by default, and each scale
+    # has a calibration of its own (how far G.pt over- or under-delivers depends on the scale)
+    out = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "cfg", "--steps", "4", "--batch-size", "16",
+              "--prompt-dropout", "0.2", "--guidance", "2")
+    assert out.returncode == 0, out.stderr
+    store = open_store(small_store)
+    assert store.read_json("models", "cfg", "lineage.json")["train_config"]["guidance"] == 2.0
+    for eval, extra, name in [("w2", [], "ddim:10:w2"), ("w1", ["--guidance", "1"], "ddim:10")]:
+        out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", eval, "--networks", "2", "--prompts", "3",
+                  "--recursive", "1", *extra)
+        assert out.returncode == 0, out.stderr
+        summary = store.read_json("evals", eval, "summary.json")
+        assert summary["calibration"]["sampler"] == name and summary["guidance"] == float(name.endswith("w2") and 2 or 1)
+    assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2"  # the model's own, kept
+
+
 def latest_artifact(api_url: str, key: str) -> dict:
     request = urllib.request.Request(f"{api_url}/artifacts/filter", headers={"content-type": "application/json"},
                                      data=json.dumps({"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).encode())
@@ -182,6 +199,10 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--save-every", "0"], "--save-every must be positive"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--memory-budget", "nan"], "--memory-budget must be"),
         (["train", "--store", small_store, "--sweep", "/etc", "--model", "m"], "leaves the store"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--guidance", "2"], "--guidance needs a model trained with --prompt-dropout"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--prompt-dropout", "1"], "--prompt-dropout must be in [0, 1)"),
+        (["evaluate", "--store", small_store, "--model", "g", "--guidance", "2"], "g was trained without"),
+        (["evaluate", "--store", small_store, "--model", "g", "--guidance", "0"], "--guidance must be"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--lr-max", "inf"], "lr_max < inf"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", str(10**12)], "split it into sweeps"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--workers", "-1"], "--workers must be"),

@@ -40,12 +40,14 @@ def canonical_index(model: Gpt, start: torch.Tensor) -> torch.Tensor | None:
 
 @torch.no_grad()
 def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target, sampler: str = "ddim", steps: int | None = 1,
-           generator: torch.Generator | None = None, batch_size: int = 2048, x_T: torch.Tensor | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, batch_size: int = 2048, x_T: torch.Tensor | None = None,
+           guidance: float = 1.0) -> torch.Tensor:
     """New parameters ``[N, P]`` (raw, de-normalised) for N (start, prompt) problems, in batches.
 
     ``start_params [N, P]`` raw parameters; ``start_metric [N]`` what they achieve; ``target [N]`` the
     requested metric. Sampler names and ``steps`` as in ``Diffusion.sample``. ``x_T [N, P]``: explicit
-    initial noise (in the diffusion variable's normalised units) instead of drawing it from ``generator``."""
+    initial noise (in the diffusion variable's normalised units) instead of drawing it from ``generator``.
+    ``guidance``: the classifier-free guidance scale (``Gpt.guided``; 1 = none)."""
     device = next(model.parameters()).device
     norm = Normalizer(model.config, device)
     start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
@@ -59,7 +61,7 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
     for a in range(0, len(start_params), batch_size):
         s = norm.normalize(start_params[a : a + batch_size].to(device))
         m0, m1 = start_metric[a : a + batch_size].to(device), target[a : a + batch_size].to(device)
-        denoise = lambda x_t, t: model(x_t, s, t, m0, m1)
+        denoise = lambda x_t, t: model.guided(x_t, s, t, m0, m1, guidance)
         noise = None if x_T is None else torch.as_tensor(x_T)[a : a + batch_size]
         x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device, x_T=noise)
         out.append(norm.denormalize(norm.params(x0, s)).cpu())
@@ -82,7 +84,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def latent_walk(model: Gpt, diffusion: Diffusion, start, start_metric: float, target: float, n_frames: int = 8,
-                generator: torch.Generator | None = None, steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, steps: int = 10, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Walk through G.pt's noise space for one (start, prompt): draw two noises, slerp between them in
     ``n_frames`` frames and sample each deterministically (DDIM, ``steps`` steps). Neighbouring frames
     differ only by a small move of the noise, so the frames show how the generated network changes
@@ -95,7 +97,7 @@ def latent_walk(model: Gpt, diffusion: Diffusion, start, start_metric: float, ta
     z1 = torch.randn(P, generator=generator)
     noise = slerp(z0, z1, torch.linspace(0.0, 1.0, n_frames))
     theta = sample(model, diffusion, start.expand(n_frames, -1), torch.full((n_frames,), float(start_metric)),
-                   torch.full((n_frames,), float(target)), "ddim", steps, generator, x_T=noise)
+                   torch.full((n_frames,), float(target)), "ddim", steps, generator, x_T=noise, guidance=guidance)
     return theta, noise
 
 
@@ -135,7 +137,8 @@ class PromptResult:
 
 def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, best: float, n_prompts: int = 20,
                     metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
-                    generator: torch.Generator | None = None, top_frac: float = 0.9, condition=None) -> PromptResult:
+                    generator: torch.Generator | None = None, top_frac: float = 0.9, condition=None,
+                    guidance: float = 1.0) -> PromptResult:
     """Prompt N starting networks with ``n_prompts`` values each and measure what the samples achieve.
     ``condition(start_metric [N], requested [N, P]) -> prompts [N, P]`` turns requests into what G.pt is
     conditioned on (a calibration); None conditions on the requests themselves."""
@@ -146,7 +149,8 @@ def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_pa
     prompted = requested if condition is None else torch.as_tensor(condition(start_metric.double().numpy(), requested.double().numpy()),
                                                                   dtype=torch.float32)
     rep = lambda x: x.repeat_interleave(n_prompts, dim=0)
-    theta = sample(model, diffusion, rep(start_params), rep(start_metric), prompted.reshape(-1), sampler, steps, generator)
+    theta = sample(model, diffusion, rep(start_params), rep(start_metric), prompted.reshape(-1), sampler, steps, generator,
+                   guidance=guidance)
     scores = problem.score(theta, dataset)
     achieved = {k: v.double().numpy().reshape(N, n_prompts) for k, v in scores.items()}
     req = requested.double().numpy()
@@ -164,7 +168,7 @@ def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_pa
 
 def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, target, k: int = 5,
                         metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
-                        generator: torch.Generator | None = None) -> dict:
+                        generator: torch.Generator | None = None, guidance: float = 1.0) -> dict:
     """Feed G.pt's output back as the next start, ``k`` times, always asking for ``target [N]``.
 
     Returns ``params [k, N, n_params]`` and, for every metric of the problem, ``[k, N]`` (row s = after
@@ -174,7 +178,7 @@ def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, star
     current = problem.score(theta, dataset)
     out = {"start": current[metric].double().numpy(), "params": []}
     for _ in range(k):
-        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator)
+        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator, guidance=guidance)
         current = problem.score(theta, dataset)
         out["params"].append(theta.numpy())
         for name, v in current.items():

@@ -64,6 +64,9 @@ class GptConfig:
     units: list = field(default_factory=list)  # [[layer, axis], ...]: one shared-type token per hidden unit (see Tokenizer)
     unit_basis: int = 0  # > 0: a unit's incoming weights enter and leave its token as this many coordinates (UnitBasis)
     canonical: str = ""  # a problem name: starts are put in its canonical unit order before sampling (symmetry "canonical")
+    # > 0: this fraction of training pairs is shown without its target metric (a learned "no prompt"
+    # embedding), so that sampling can steer with classifier-free guidance (``Gpt.guided``)
+    prompt_dropout: float = 0.0
     timesteps: int = 1000
     preset: str = ""
     # parameter normalisation, fitted on the training data (``Normalizer.fit``): one number per layer
@@ -79,6 +82,8 @@ class GptConfig:
             raise ValueError(f"target must be 'params' or 'delta', not {self.target!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), not {self.prompt_dropout}")
 
     @classmethod
     def from_preset(cls, name: str, layers, **overrides) -> "GptConfig":
@@ -354,6 +359,8 @@ class Gpt(nn.Module):
         self.ln_in = nn.LayerNorm(D)
         self.embed_scalar = FrequencyEmbedding(c.num_frequencies, c.max_freq_log2)
         E = self.embed_scalar.dim
+        # what stands for the target metric and its difference to the start when there is no prompt (NaN)
+        self.no_prompt = nn.Parameter(torch.zeros(2, E)) if c.prompt_dropout > 0 else None
         if c.conditioning == "tokens":
             self.scalar_tokens = nn.ModuleList(nn.Linear(E, D) for _ in range(4))
             pos.append(n_pos + torch.arange(4))
@@ -394,10 +401,31 @@ class Gpt(nn.Module):
         return float(io + blocks) * (3 if training else 1)
 
     def scalars(self, t, start_metric, target_metric) -> list[torch.Tensor]:
-        """The four conditioning scalars, each embedded: ``[B, E]`` x 4."""
+        """The four conditioning scalars, each embedded: ``[B, E]`` x 4. A NaN target means "no prompt"
+        (models trained with ``prompt_dropout``): the target's two embeddings are the learned ``no_prompt``."""
         t = t.float() / self.config.timesteps
         s, g = start_metric.float(), target_metric.float()
-        return [self.embed_scalar(v) for v in (t, s, g, g - s)]
+        if self.no_prompt is None:
+            return [self.embed_scalar(v) for v in (t, s, g, g - s)]
+        free = g.isnan().unsqueeze(-1)
+        g = torch.nan_to_num(g)
+        emb = [self.embed_scalar(v) for v in (t, s, g, g - s)]
+        return emb[:2] + [torch.where(free, self.no_prompt[k], e) for k, e in enumerate(emb[2:])]
+
+    def guided(self, x_t, start, t, start_metric, target_metric, guidance: float) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans, 2022): the prediction without the prompt moved
+        ``guidance`` times as far as the prompt moves it, ``x0_free + w (x0_prompt - x0_free)``. The
+        prompt's pull grows with w > 1 and the samples spread less around it; w = 1 is the plain model.
+        Both predictions come from one forward pass over the doubled batch."""
+        if guidance == 1.0:
+            return self(x_t, start, t, start_metric, target_metric)
+        if self.no_prompt is None:
+            raise ValueError("guidance needs a model trained with prompt dropout (gptpipe train --prompt-dropout)")
+        free = torch.full_like(target_metric, float("nan"))
+        two = lambda a, b: torch.cat([a, b])
+        prompted, unprompted = self(two(x_t, x_t), two(start, start), two(t, t), two(start_metric, start_metric),
+                                    two(target_metric, free)).chunk(2)
+        return unprompted + guidance * (prompted - unprompted)
 
     def forward(self, x_t, start, t, start_metric, target_metric) -> torch.Tensor:
         tok, basis = self.tokenizer, self.unit_basis

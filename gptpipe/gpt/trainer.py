@@ -80,8 +80,11 @@ class TrainConfig:
     # None = width / 2 where a unit token would be longer than the model is wide (mnist_mlp), else 0 (raw weights)
     unit_basis: int | None = None
     t_high_frac: float = 0.5  # fraction of training timesteps drawn from the top tenth of the schedule
+    # fraction of training pairs shown without their target metric, which classifier-free guidance needs
+    prompt_dropout: float = 0.0
     sampler: str = "ddim"  # defaults for evaluation
     sample_steps: int = 10
+    guidance: float = 1.0  # classifier-free guidance scale (> 1 needs prompt_dropout > 0)
 
     def __post_init__(self):
         if self.pairing not in PAIRINGS:
@@ -90,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, not {self.symmetry!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, not {self.autocast!r}")
+        if self.guidance != 1.0 and not self.prompt_dropout > 0:
+            raise ValueError(f"guidance {self.guidance} needs a model trained with prompt_dropout > 0")
 
     @classmethod
     def for_preset(cls, **given) -> "TrainConfig":
@@ -218,6 +223,8 @@ class Trainer:
                 model["units"] = [list(u) for u in self.problem.unit_axes]
             if self.symmetry == "canonical":
                 model["canonical"] = self.problem.name  # the sampler puts starts in this problem's canonical order
+            if config.prompt_dropout > 0:
+                model["prompt_dropout"] = config.prompt_dropout
             self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
                                                     delta_scale=delta_scale, **model)
             self.gpt_config.unit_basis = self._unit_basis_size()
@@ -308,11 +315,17 @@ class Trainer:
         noise = torch.randn(n, self.problem.n_params, generator=g, device=g.device)
         return {**pairs, "t": t.to(self.device), "noise": noise.to(self.device)}
 
-    def loss_on(self, model: Gpt, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_on(self, model: Gpt, b: dict[str, torch.Tensor], drop_prompts: bool = False) -> torch.Tensor:
+        """The batch's diffusion loss; ``drop_prompts`` (training steps) hides the target metric of a
+        ``prompt_dropout`` fraction of the pairs."""
         start = self.normalizer.normalize(b["theta_i"])
         x0 = self.normalizer.x0(self.normalizer.normalize(b["theta_j"]), start)
+        target = b["metric_j"]
+        if drop_prompts and self.gpt_config.prompt_dropout > 0:
+            hidden = torch.rand(target.shape, generator=self.noise_generator, device=target.device) < self.gpt_config.prompt_dropout
+            target = target.masked_fill(hidden, float("nan"))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            denoise = lambda x_t, t: model(x_t, start, t, b["metric_i"], b["metric_j"])
+            denoise = lambda x_t, t: model(x_t, start, t, b["metric_i"], target)
             return self.diffusion.loss(denoise, x0, b["t"], b["noise"]).mean()
 
     # --- optimisation -------------------------------------------------------------------------
@@ -327,7 +340,7 @@ class Trainer:
         self.train_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss = self.loss_on(self.train_model, batch)
+        loss = self.loss_on(self.train_model, batch, drop_prompts=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged across ranks here
         if self.config.grad_clip > 0:

@@ -53,6 +53,7 @@ class EvalRequest:
     data_root: str | None = None  # where mnist/fashion_mnist/cifar10 files are (the embedded sources need none)
     sampler: str = ""  # "" = the model's default
     sample_steps: int = 0  # 0 = the model's default
+    guidance: float = 0.0  # classifier-free guidance scale; 0 = the model's default
     seed: int = 0
     walk_frames: int = 8  # frames of the latent walk in the report (0: none)
     device: str = "auto"  # where G.pt samples: "auto" (CUDA when present), "cpu", "cuda"; networks are scored on the CPU
@@ -142,6 +143,7 @@ class Session:
     dataset: object
     sampler: str
     steps: int
+    guidance: float
     generator: torch.Generator
     calibration_map: calibration.Calibration | None = None  # None: G.pt is prompted with the requests themselves
 
@@ -151,7 +153,16 @@ class Session:
 
     def sample(self, start_params, start_metric, target) -> torch.Tensor:
         return sampling.sample(self.model, self.diffusion, start_params, start_metric, target, self.sampler, self.steps,
-                               self.generator)
+                               self.generator, guidance=self.guidance)
+
+    @property
+    def sampling(self) -> tuple[str, int, float]:
+        return self.sampler, self.steps, self.guidance
+
+    @property
+    def sampling_name(self) -> str:
+        """"ddim:10", or "ddim:10:w2" with guidance: the key a calibration is fitted for."""
+        return f"{self.sampler}:{self.steps}" + (f":w{self.guidance:g}" if self.guidance != 1.0 else "")
 
 
 def open_session(store: Store, req: EvalRequest) -> Session:
@@ -159,10 +170,10 @@ def open_session(store: Store, req: EvalRequest) -> Session:
     model, diffusion, _ = load_model(models.read_state(store, req.model), device=req.device)
     sweep = lineage["sweeps"][0]
     recipe = sweeps.read_config(store, sweep)["recipe"]
-    sampler, steps = sampling_defaults(lineage)
+    sampler, steps, guidance = sampling_defaults(lineage)
     return Session(model, diffusion, problems.get(lineage["problem"]), lineage, lineage["metric"], float(lineage["best"]),
                    sweep, recipe, datasets.load_cached(recipe["data"], req.data_root),
-                   req.sampler or sampler, req.sample_steps or steps,
+                   req.sampler or sampler, req.sample_steps or steps, req.guidance or guidance,
                    torch.Generator().manual_seed(req.seed))
 
 
@@ -175,10 +186,11 @@ def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Ca
     prompts = calibration.grid_prompts(start_metric, s.best)
     G = prompts.shape[1]
     theta = sampling.sample(s.model, s.diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), prompts.ravel(),
-                            s.sampler, s.steps, torch.Generator().manual_seed(CALIBRATION_SEED))  # not the evaluation's stream
+                            s.sampler, s.steps, torch.Generator().manual_seed(CALIBRATION_SEED),  # not the evaluation's stream
+                            guidance=s.guidance)
     achieved = s.problem.score(theta, s.dataset)[s.metric].double().numpy().reshape(n, G)
     return calibration.fit(start_metric, prompts, achieved, s.best, problems.sign(s.problem, s.metric), s.lineage.get("step", 0),
-                           f"{s.sampler}:{s.steps}")
+                           s.sampling_name)
 
 
 def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
@@ -187,7 +199,7 @@ def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration
     one for another sampler is fitted for this evaluation only."""
     if not req.calibrate:
         return None
-    default = (s.sampler, s.steps) == sampling_defaults(s.lineage)
+    default = s.sampling == sampling_defaults(s.lineage)
     saved = models.read_calibration(store, req.model) if default else None
     if saved is not None:
         return calibration.Calibration(**saved)
@@ -201,7 +213,7 @@ def prompt_all(s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarra
     """1. one-step prompting over a range of requested values (sample 0 of every (network, prompt));
     2. recursive prompting from fresh inits at the best value (update 1 is the grid's sample at the best
     prompt, updates 2..K feed each output back in); 3. more samples for a few (fresh init, best prompt)."""
-    options = dict(metric=s.metric, sampler=s.sampler, steps=s.steps, generator=s.generator)
+    options = dict(metric=s.metric, sampler=s.sampler, steps=s.steps, generator=s.generator, guidance=s.guidance)
     prompted = sampling.prompt_networks(s.model, s.diffusion, s.problem, s.dataset, start, s.best, req.prompts,
                                         condition=s.condition, **options)
     recursive = sampling.recursive_prompting(s.model, s.diffusion, s.problem, s.dataset, prompted.params[fresh, TOP],
@@ -277,7 +289,7 @@ def walk_frames(s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarr
     n0 = int(np.flatnonzero(fresh)[0])
     walk_steps = s.steps if s.sampler == "ddim" else 10
     walk_params, _ = sampling.latent_walk(s.model, s.diffusion, start[n0], float(start_metric[n0]), s.best, req.walk_frames,
-                                          torch.Generator().manual_seed(req.seed + 7), walk_steps)
+                                          torch.Generator().manual_seed(req.seed + 7), walk_steps, s.guidance)
     values = s.problem.score(walk_params, s.dataset)[s.metric].double().numpy()
     images = report.first_layer_images(s.problem.layers, walk_params.numpy())
     if images is None:
@@ -363,7 +375,7 @@ def run_summary(s: Session, req: EvalRequest, base: dict, one_step: float, n_div
     higher = problems.sign(s.problem, s.metric) < 0
     curves = base["curves"]
     return {
-        "sampler": s.sampler, "sample_steps": s.steps, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
+        "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
         "optimiser_steps": list(baselines.EVAL_STEPS),
         **{f"{name}_curve_{m}_mean": [float(x) for x in v.mean(1)] for name, c in curves.items() for m, v in c.items()},
         **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[s.metric].mean(1), baselines.EVAL_STEPS, one_step, higher)
