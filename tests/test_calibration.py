@@ -85,3 +85,17 @@ def test_the_branch_ends_where_asking_for_less_stops_delivering_less():
     v = np.where(u < -0.6, 0.02, np.where(u < 0, 0.35, 0.05 + 0.8 * u))
     cal = calibration.fit(start, prompts, start[:, None] + v * (best - start[:, None]), best, 1, step=0)
     assert min(cal.u) == 0.0
+
+
+def test_the_branch_starts_at_the_prompt_that_delivers_most():
+    """A CartPole G.pt trained with prompt dropout: asked for the best return it delivers less than asked
+    for 7/8 of the way. The calibration's top is that prompt, and a request at the best is asked for as it."""
+    best, start = 500.0, np.full(8, 20.0)
+    prompts = calibration.grid_prompts(start, best)
+    u = calibration.relative(prompts, start[:, None], best)
+    v = np.where(u < 0, 0.05, np.where(u > 0.9, 0.87, 0.05 + 0.99 * u))  # 0.91 at u = 7/8, 0.87 at the best
+    cal = calibration.fit(start, prompts, start[:, None] + v * (best - start[:, None]), best, -1, step=0)
+    assert cal.u[-1] == 0.875 and cal.u[0] == -1.0  # the walk down from 7/8 goes on through the flat start
+    given = calibration.condition(cal, [20.0], [[500.0, 20.0 + 0.5 * 480.0]], -1)
+    assert calibration.relative(given, 20.0, best)[0, 0] == pytest.approx(0.875)
+    assert calibration.relative(given, 20.0, best)[0, 1] == pytest.approx((0.5 - 0.05) / 0.99, abs=0.02)

@@ -148,6 +148,8 @@ def test_guided_model_is_evaluated_with_its_guidance(small_store, cli):
         assert out.returncode == 0, out.stderr
         summary = store.read_json("evals", eval, "summary.json")
         assert summary["calibration"]["sampler"] == name and summary["guidance"] == float(name.endswith("w2") and 2 or 1)
+        report = store.fs.cat_file(store.path("evals", eval, "report.md")).decode()
+        assert ("classifier-free guidance 2" in report) == name.endswith("w2")
     assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2"  # the model's own, kept
 
 

@@ -66,10 +66,12 @@ def grid_prompts(start, best: float) -> np.ndarray:
 def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: str = "") -> Calibration:
     """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
     ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
-    response's monotone branch, the grid walked down from the best for as long as asking for less
-    delivers less on average. Below it the answers are no longer worse for asking worse (classifiers
-    asked for a loss above their start return networks better than the start, by chance), and would bend
-    the fit."""
+    response's monotone branch, the grid walked down from the prompt that delivers most on average for
+    as long as asking for less delivers less. Below it the answers are no longer worse for asking worse
+    (classifiers asked for a loss above their start return networks better than the start, by chance),
+    and would bend the fit. Above it asking for more delivers less (a CartPole model trained with prompt
+    dropout, asked for the best return, delivers less than asked for 7/8 of the way to it), so the
+    calibration's top prompt is that one, and requests beyond its reach are asked for as it."""
     keep = usable(start, best, sign)
     if not keep.any():
         raise ValueError("no calibration network has room to improve on the best value")
@@ -78,12 +80,12 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: st
     v = relative(np.asarray(achieved, np.float64)[keep], start, best)
     with np.errstate(invalid="ignore"):
         means = np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)
-    lowest = len(GRID) - 1  # walk down from the best while asking for less delivers less (within the noise)
+    top = lowest = int(np.nanargmax(means))  # walk down while asking for less delivers less (within the noise)
     while lowest > 0 and means[lowest - 1] <= means[lowest] + TOLERANCE:
         lowest -= 1
-    u, v = u[:, lowest:].ravel(), v[:, lowest:].ravel()
+    u, v = u[:, lowest : top + 1].ravel(), v[:, lowest : top + 1].ravel()
     ok = np.isfinite(u) & np.isfinite(v)
-    grid = np.asarray(GRID[lowest:])
+    grid = np.asarray(GRID[lowest : top + 1])
     g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(grid)
     return Calibration(u=[float(x) for x in grid], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
                        step=int(step), sampler=sampler)

@@ -297,6 +297,10 @@ def nn_plot(nn: dict, summary: dict) -> bytes:
     return png(fig)
 
 
+def guidance_note(guidance: float) -> str:
+    return "" if guidance == 1.0 else f", classifier-free guidance {guidance:g}"
+
+
 def _header(summary: dict) -> list[str]:
     m, r = summary["metric"], lambda k: f"{summary.get(k, float('nan')):.3f}"
     return [
@@ -304,7 +308,8 @@ def _header(summary: dict) -> list[str]:
         "",
         f"Problem `{summary['problem']}`, prompted metric `{m}`; sweeps {', '.join(summary['sweeps'])} "
         f"(catalog digest `{summary['catalog_digest'][:12]}`); model step {summary['model_step']}; "
-        f"sampler {summary['sampler']} with {summary['sample_steps']} step(s); code {summary['code_version']}; "
+        f"sampler {summary['sampler']} with {summary['sample_steps']} step(s)"
+        f"{guidance_note(summary.get('guidance', 1.0))}; code {summary['code_version']}; "
         f"{summary['networks']} start networks × {summary['prompts']} prompts from the best value in the sweeps "
         f"({summary['best_in_sweeps']:.4g}) to 0.9 × each start value; {summary['eval_wall_s']} s.",
         "",
