@@ -440,8 +440,7 @@ def _print_summary(url: str, s: dict) -> None:
 class Demo:
     """One problem's demo: sweep and G.pt settings measured to work on 2 CPU cores (README figures)."""
 
-    name: str  # sweep name (and model name unless ``model`` is set): a new one whenever the settings change,
-    # so old stores keep working
+    name: str  # sweep and model name: a new one whenever the settings change, so old stores keep working
     runs: int
     checkpoints: int
     steps: int
@@ -456,13 +455,6 @@ class Demo:
     memory_budget: float | None = None
     pairing: str | None = None  # None: TrainConfig's default
     compile: bool = False  # torch.compile the training step: pays from ~1,100 steps on (bench/gpt.py compile)
-    prompt_dropout: float | None = None  # None: TrainConfig's default (0: no guidance)
-    guidance: float | None = None
-    model: str = ""  # "": the sweep's name; a new one when only G.pt's settings change (the sweep is reused)
-
-    @property
-    def model_name(self) -> str:
-        return self.model or self.name
 
 
 DEMOS = {
@@ -510,7 +502,7 @@ def demo(
         collect_stage.check(url, d.name, config, None)
     typer.echo(f"store: {url}")
     workers = os.cpu_count() or 1
-    eval_name = f"{d.model_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    eval_name = f"{d.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
     def polled(count):
         def poll():
@@ -521,7 +513,7 @@ def demo(
         return poll
 
     bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
-            (f"train {d.model_name}", d.steps, polled(lambda st: models.step(st, d.model_name) if models.exists(st, d.model_name) else 0)),
+            (f"train {d.name}", d.steps, polled(lambda st: models.step(st, d.name) if models.exists(st, d.name) else 0)),
             (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
     server_ready = start_prefect_server()  # starts while the flow's modules load
     from flows.pipeline import pipeline_flow
@@ -529,10 +521,10 @@ def demo(
     server_ready()
     with user_errors(), progress_bars(bars):
         summary = pipeline_flow(
-            sweep=d.name, problem=problem, runs=d.runs, model=d.model_name, store=url, stages="subflows", runner=d.runner,
+            sweep=d.name, problem=problem, runs=d.runs, model=d.name, store=url, stages="subflows", runner=d.runner,
             workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
             train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
-                                compile=d.compile or None, prompt_dropout=d.prompt_dropout, guidance=d.guidance),
+                                compile=d.compile or None),
             evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts})
     metric = problems_mod.get(problem).primary
     typer.echo(f"{metric} per learning-rate bucket (means over runs):")
@@ -540,7 +532,7 @@ def demo(
                 f"avg(final_{metric}) as final_{metric} from runs where sweep = '{d.name}' group by 1 order by 1",
             store=url, format="table")
     _echo_summary(f"sweep {d.name}", {k.removeprefix("sweep_"): v for k, v in summary.items() if k.startswith("sweep_")})
-    _echo_summary(f"model {d.model_name}", {"step": summary["model_step"]})
+    _echo_summary(f"model {d.name}", {"step": summary["model_step"]})
     _print_summary(url, summary)
 
 

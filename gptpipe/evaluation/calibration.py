@@ -13,7 +13,8 @@ to turn a request into the prompt. The bias depends on how G.pt is sampled, so a
 sampler and holds only for it.
 Prompts never go past the training data's best value: there the samples leave the learned range
 (mnist_mlp asked for 0.18 where 0.28 is the best: the loss goes to 1.8), so a request beyond what G.pt
-delivers is asked for as the best itself. Below the worst value they may go: CartPole's G.pt asked for a
+delivers is asked for as the prompt that delivers most (the best itself, or a little below it where
+asking for the best delivers less). Below the worst value they may go: CartPole's G.pt asked for a
 negative return keeps a policy's return, which is how a request close to a low start is met.
 """
 
