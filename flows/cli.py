@@ -98,9 +98,15 @@ def prefect_server() -> None:
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")
 
 
-def check_guidance(guidance: float | None) -> None:
-    if guidance is not None and not (0 < guidance <= 20):
+def check_guidance(guidance: float | None, prompt_dropout: float | None, model: str | None = None) -> None:
+    """``--guidance``: a scale in (0, 20], other than 1 only for a model trained with prompt dropout."""
+    if guidance is None:
+        return
+    if not 0 < guidance <= 20:
         raise StoreError(f"--guidance must be a scale between 0 and 20 (1 = none), got {guidance}")
+    if guidance != 1.0 and not prompt_dropout:
+        raise StoreError("--guidance needs a model trained with --prompt-dropout" +
+                         (f"; {model} was trained without" if model else " (e.g. 0.1)"))
 
 
 def given(**options) -> dict:
@@ -307,9 +313,7 @@ def train(
             raise StoreError(f"--lr must be between 0 and 1, got {lr}")
         if prompt_dropout is not None and not (0 <= prompt_dropout < 1):
             raise StoreError(f"--prompt-dropout must be in [0, 1), got {prompt_dropout}")
-        check_guidance(guidance)
-        if guidance not in (None, 1.0) and not prompt_dropout:
-            raise StoreError("--guidance needs a model trained with --prompt-dropout (e.g. 0.1)")
+        check_guidance(guidance, prompt_dropout)
         from gptpipe.gpt.trainer import PAIRINGS
 
         if pairing is not None and pairing not in PAIRINGS:
@@ -392,9 +396,7 @@ def evaluate(
         st = open_store(url)
         model = model or models.newest(st)
         lineage = models.read_lineage(st, model)
-        check_guidance(guidance)
-        if guidance not in (None, 1.0) and not lineage.get("train_config", {}).get("prompt_dropout"):
-            raise StoreError(f"--guidance needs a model trained with --prompt-dropout; {model} was trained without")
+        check_guidance(guidance, lineage.get("train_config", {}).get("prompt_dropout"), model)
         if eval:
             evals.check_new(st, eval)
         server_ready = start_prefect_server()  # starts while the flow's modules load

@@ -217,16 +217,8 @@ class Trainer:
             fit_pairs = self.sample_pairs(4096, torch.Generator().manual_seed(config.seed + 1))
             param_scale, delta_scale = Normalizer.fit(self.params, [layer.numel for layer in self.problem.layers],
                                                       config.normalization, pairs=fit_pairs)
-            model = dict(config.model)
-            units = UNIT_TOKENS.get(config.preset, False) if config.unit_tokens is None else config.unit_tokens
-            if units and self.problem.unit_axes and "units" not in model:
-                model["units"] = [list(u) for u in self.problem.unit_axes]
-            if self.symmetry == "canonical":
-                model["canonical"] = self.problem.name  # the sampler puts starts in this problem's canonical order
-            if config.prompt_dropout > 0:
-                model["prompt_dropout"] = config.prompt_dropout
             self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
-                                                    delta_scale=delta_scale, **model)
+                                                    delta_scale=delta_scale, **self._model_settings())
             self.gpt_config.unit_basis = self._unit_basis_size()
         else:
             self.gpt_config = GptConfig.from_dict(state["gpt_config"])
@@ -293,6 +285,19 @@ class Trainer:
         diffusion timesteps and noise, on the training device. From the stream when there is one;
         ``generator`` (a host one) draws pairs, timesteps and noise instead of the trainer's own."""
         return self.to_device(self.host_pairs(n, generator), generator)
+
+    def _model_settings(self) -> dict:
+        """The new model's settings beyond its preset's: the config's ``model`` overrides, unit tokens,
+        the canonical unit order and prompt dropout."""
+        config, model = self.config, dict(self.config.model)
+        units = UNIT_TOKENS.get(config.preset, False) if config.unit_tokens is None else config.unit_tokens
+        if units and self.problem.unit_axes and "units" not in model:
+            model["units"] = [list(u) for u in self.problem.unit_axes]
+        if self.symmetry == "canonical":
+            model["canonical"] = self.problem.name  # the sampler puts starts in this problem's canonical order
+        if config.prompt_dropout > 0:
+            model["prompt_dropout"] = config.prompt_dropout
+        return model
 
     def host_pairs(self, n: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The pairs of a batch, gathered on the host (``step_many`` runs this a step ahead on a GPU)."""
