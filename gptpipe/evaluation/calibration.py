@@ -67,8 +67,8 @@ def grid_prompts(start, best: float) -> np.ndarray:
 def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: str = "") -> Calibration:
     """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
     ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
-    response's monotone branch, the grid walked down from the prompt that delivers most on average for
-    as long as asking for less delivers less. Below it the answers are no longer worse for asking worse
+    response's monotone branch, the grid walked down from the prompt that delivers most on average (of
+    those asking for better than the start) for as long as asking for less delivers less. Below it the answers are no longer worse for asking worse
     (classifiers asked for a loss above their start return networks better than the start, by chance),
     and would bend the fit. Above it asking for more delivers less (a CartPole model trained with prompt
     dropout, asked for the best return, delivers less than asked for 7/8 of the way to it), so the
@@ -81,7 +81,10 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: st
     v = relative(np.asarray(achieved, np.float64)[keep], start, best)
     with np.errstate(invalid="ignore"):
         means = np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)
-    top = lowest = int(np.nanargmax(means))  # walk down while asking for less delivers less (within the noise)
+    # the top: of the prompts that ask for better than the start, the one that delivers most (a weak model's
+    # answers to prompts below its start can be better by chance); from there walk down while asking for
+    # less delivers less (within the noise)
+    top = lowest = int(np.nanargmax(np.where(np.asarray(GRID) > 0, means, np.nan)))
     while lowest > 0 and means[lowest - 1] <= means[lowest] + TOLERANCE:
         lowest -= 1
     u, v = u[:, lowest : top + 1].ravel(), v[:, lowest : top + 1].ravel()
