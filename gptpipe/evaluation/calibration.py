@@ -68,9 +68,9 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: st
     """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
     ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
     response's monotone branch, the grid walked down from the prompt that delivers most on average (of
-    those asking for better than the start) for as long as asking for less delivers less. Below it the answers are no longer worse for asking worse
-    (classifiers asked for a loss above their start return networks better than the start, by chance),
-    and would bend the fit. Above it asking for more delivers less (a CartPole model trained with prompt
+    those asking for better than the start) for as long as asking for less delivers less. Below it the
+    answers are no longer worse for asking worse (classifiers asked for a loss above their start return
+    networks better than the start, by chance), and would bend the fit. Above it asking for more delivers less (a CartPole model trained with prompt
     dropout, asked for the best return, delivers less than asked for 7/8 of the way to it), so the
     calibration's top prompt is that one, and requests beyond its reach are asked for as it."""
     keep = usable(start, best, sign)
