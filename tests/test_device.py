@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -54,7 +55,7 @@ def test_the_prepared_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     from gpu_check import main
 
     out = tmp_path / "check.json"
-    result = main(["--reduced", "--device", "cpu", "--out", str(out)])
+    result = main(["--reduced", "--device", "cpu", "--out", str(out), "--mnist-runs", "8", "--train-s", "2"])
     assert result == __import__("json").loads(out.read_text())
     c = result["correctness"]
     assert c["loss_last"] < c["loss_first"] and c["resume_equal"] and c["samples_max_abs_diff_vs_cpu"] == 0.0
@@ -63,6 +64,11 @@ def test_the_prepared_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     fed = {(r["fed_from"], r["gathered_ahead"]) for r in result["training"]}
     assert {("memory", True), ("stream", True), ("memory", False)} <= fed and all(r["steps_per_s"] > 0 for r in result["training"])
     assert result["sampling"]["ddim10_samples_per_s_cpu"] > 0
+    # (d): a real mnist_mlp sweep, a G.pt trained on it, evaluated on held-out and fresh starts
+    sweep, small = result["mnist_sweep"], result["mnist_small"]
+    assert sweep["runs"] == 8 and sweep["checkpoints"] == 20 and 0 < sweep["best_test_loss"] < 2.3
+    assert small["steps"] > 10 and all(np.isfinite(small[k]) for k in ("r2_heldout", "r2_fresh", "one_step_test_error"))
+    assert 0 < small["recipe_25_epochs_test_error"] < 0.5 and small["one_step_vs_recipe"] > 0
 
 
 def test_flows_take_their_share_of_the_workers_cores(monkeypatch):

@@ -1,5 +1,7 @@
 """What G.pt's one update is compared with: ordinary optimisers started from the same networks.
 
+``sgd_baseline`` runs the sweep's own recipe from them (the bar a user would otherwise reach).
+
 ``optimiser_curves`` trains K start networks at once with SGD or Adam. Stacking the K networks into one
 ``theta [K, P]`` and handing it to ``torch.optim`` is exactly K independent optimisers: the loss is a sum
 of per-network losses and both optimisers act element-wise.
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from gptpipe.sweep import train_runs
+from gptpipe.sweep.config import SweepConfig
 
 EVAL_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -50,3 +55,12 @@ def steps_to_match(curve_mean: np.ndarray, eval_steps, value: float, higher_is_b
     curve = np.asarray(curve_mean)
     hits = np.flatnonzero(curve >= value if higher_is_better else curve <= value)
     return int(np.asarray(eval_steps)[hits[0]]) if len(hits) else None
+
+
+def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
+    """The start networks trained with the sweep's ``recipe`` at ``best_lr`` (the learning rate of its
+    best run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
+    config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "checkpoint_spacing": "linear",
+                            "lr_min": best_lr, "lr_max": best_lr})
+    result = train_runs(config, range(len(start)), dataset, init=torch.from_numpy(start))
+    return {e: {m: v[:, e] for m, v in result.metrics.items()} for e in (0, 1, 25)}

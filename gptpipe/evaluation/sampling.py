@@ -1,4 +1,5 @@
-"""Evaluation maths for G.pt (no I/O): prompts, batched sampling, prompt alignment, recursive prompting.
+"""Evaluation maths for G.pt (no I/O): prompts, batched sampling, prompt alignment, recursive prompting,
+fitting a calibration.
 
 Protocol (as in the paper): start from parameters G.pt has not trained on (held-out runs' initial
 checkpoints, fresh random inits); ask each for ``P`` metric values evenly spaced from the best value
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from gptpipe import problems
+from gptpipe.evaluation import calibration
 from gptpipe.gpt.diffusion import Diffusion
 from gptpipe.gpt.model import Gpt, Normalizer
 
@@ -184,3 +186,20 @@ def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, star
         for name, v in current.items():
             out.setdefault(name, []).append(v.double().numpy())
     return {name: np.stack(v) if isinstance(v, list) else v for name, v in out.items()}
+
+
+CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluation's (those are seeded 10_000_019 * (seed + 1) + k)
+
+
+def fit_calibration(model: Gpt, diffusion: Diffusion, problem, dataset, metric: str, best: float, sampler: str, steps: int,
+                    guidance: float, model_step: int, sampling_name: str, n: int = 64) -> calibration.Calibration:
+    """Prompt ``n`` fresh inits of the calibration's own seeds on ``calibration.GRID`` and fit the map
+    from prompt to achieved value (``calibration.fit``), with noise of its own (not an evaluation's stream)."""
+    start = problem.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n)])
+    start_metric = problem.score(start, dataset)[metric].double().numpy()
+    grid = calibration.grid_prompts(start_metric, best)
+    G = grid.shape[1]
+    theta = sample(model, diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), grid.ravel(),
+                   sampler, steps, torch.Generator().manual_seed(CALIBRATION_SEED), guidance=guidance)
+    achieved = problem.score(theta, dataset)[metric].double().numpy().reshape(n, G)
+    return calibration.fit(start_metric, grid, achieved, best, problems.sign(problem, metric), model_step, sampling_name)

@@ -22,8 +22,6 @@ from gptpipe import problems
 from gptpipe.evaluation import baselines, calibration, checks, pages, report, sampling
 from gptpipe.gpt.trainer import describe_device, load_model
 from gptpipe.stages.train import code_version, sampling_defaults, write_card
-from gptpipe.sweep import train_runs
-from gptpipe.sweep.config import SweepConfig
 from storage import catalog, evals, models, sweeps
 from storage.store import Store
 
@@ -36,7 +34,6 @@ TOP = 0  # the index of the prompt asking for the best value (prompts run from i
 ROOM = 0.1  # a start network must be this fraction of |best| away from the best value (see start_networks)
 MAX_DRAWS = 20  # rounds of fresh inits drawn in search of ones with room
 CALIBRATION_NETWORKS = 64
-CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluation's (those are seeded 10_000_019 * (seed + 1) + k)
 
 
 @dataclass
@@ -88,15 +85,6 @@ def start_networks(store: Store, s: "Session", n: int, seed: int) -> tuple[np.nd
 def has_room(s: "Session", start_metric: np.ndarray) -> np.ndarray:
     """Starts further than ``ROOM`` x |best| from the best value."""
     return problems.sign(s.problem, s.metric) * (start_metric - s.best) > ROOM * abs(s.best)
-
-
-def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
-    """The start networks trained with the sweep's ``recipe`` at ``best_lr`` (the learning rate of its
-    best run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""
-    config = SweepConfig(**{**recipe, "runs": len(start), "epochs": 25, "checkpoints": 26, "checkpoint_spacing": "linear",
-                            "lr_min": best_lr, "lr_max": best_lr})
-    result = train_runs(config, range(len(start)), dataset, init=torch.from_numpy(start))
-    return {e: {m: v[:, e] for m, v in result.metrics.items()} for e in (0, 1, 25)}
 
 
 def training_checkpoints(store: Store, lineage: dict, max_runs: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -178,19 +166,10 @@ def open_session(store: Store, req: EvalRequest) -> Session:
 
 
 def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Calibration:
-    """Prompt ``n`` fresh inits of the calibration's own seeds on ``calibration.GRID`` and fit the map
-    from prompt to achieved value. Its own seeds and noise: an evaluation samples the same whether the
-    calibration was fitted now or read."""
-    start = s.problem.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n)])
-    start_metric = s.problem.score(start, s.dataset)[s.metric].double().numpy()
-    prompts = calibration.grid_prompts(start_metric, s.best)
-    G = prompts.shape[1]
-    theta = sampling.sample(s.model, s.diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), prompts.ravel(),
-                            s.sampler, s.steps, torch.Generator().manual_seed(CALIBRATION_SEED),  # not the evaluation's stream
-                            guidance=s.guidance)
-    achieved = s.problem.score(theta, s.dataset)[s.metric].double().numpy().reshape(n, G)
-    return calibration.fit(start_metric, prompts, achieved, s.best, problems.sign(s.problem, s.metric), s.lineage.get("step", 0),
-                           s.sampling_name)
+    """The session's calibration, fitted on ``n`` fresh inits of the calibration's own seeds and noise:
+    an evaluation samples the same whether the calibration was fitted now or read."""
+    return sampling.fit_calibration(s.model, s.diffusion, s.problem, s.dataset, s.metric, s.best, s.sampler, s.steps,
+                                    s.guidance, s.lineage.get("step", 0), s.sampling_name, n)
 
 
 def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
@@ -238,7 +217,7 @@ def run_baselines(store: Store, s: Session, req: EvalRequest, start: np.ndarray,
     if s.problem.trainer == "sgd":
         curves = {name: baselines.optimiser_curves(s.problem, s.dataset, start[fresh], name, lr, seed=req.seed)
                   for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))}
-    return {"best_lr": best_lr, "recipe": sgd_baseline(s.recipe, start, s.dataset, best_lr), "curves": curves}
+    return {"best_lr": best_lr, "recipe": baselines.sgd_baseline(s.recipe, start, s.dataset, best_lr), "curves": curves}
 
 
 def memorisation_checks(store: Store, s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarray, out: dict) -> dict:
