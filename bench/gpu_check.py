@@ -170,8 +170,11 @@ def collect_mnist(runs: int, epochs: int | None) -> tuple[SweepConfig, np.ndarra
     config = SweepConfig(problem="mnist_mlp", runs=runs, epochs=epochs, **MNIST_RECIPE)
     workers = max(1, (os.cpu_count() or 2) // 2)
     chunks = [c.tolist() for c in np.array_split(np.arange(runs), max(workers, runs // 256)) if len(c)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(_collect_chunk, [config] * len(chunks), chunks, [2] * len(chunks)))
+    if workers == 1:  # a 2-core machine: no process to start
+        results = [_collect_chunk(config, chunk, torch.get_num_threads()) for chunk in chunks]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_collect_chunk, [config] * len(chunks), chunks, [2] * len(chunks)))
     params = np.concatenate([r.params for r in results])
     metrics = {m: np.concatenate([r.metrics[m] for r in results]) for m in results[0].metrics}
     return config, params, metrics, np.concatenate([r.lrs for r in results])

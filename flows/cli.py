@@ -377,6 +377,8 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="Where G.pt samples: auto (CUDA when present; the default), cpu, cuda"),
     calibration: bool = typer.Option(True, help="Prompt through the model's calibration (fitted and saved on first use); "
                                                 "--no-calibration: with the requests themselves"),
+    calibration_networks: Optional[int] = typer.Option(None, help="Fresh inits a calibration is fitted on when this evaluation "
+                                                       "fits one (default: EvalRequest's 64; fewer is faster and noisier)"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     from gptpipe.gpt.diffusion import SAMPLERS
@@ -385,8 +387,8 @@ def evaluate(
 
     url = store or default_store_url()
     with user_errors():
-        if min(networks or 2, prompts or 2) < 2:
-            raise StoreError("--networks and --prompts must be at least 2")
+        if min(networks or 2, prompts or 2, calibration_networks or 2) < 2:
+            raise StoreError("--networks, --prompts and --calibration-networks must be at least 2")
         if sampler and sampler not in SAMPLERS:
             raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         if device is not None:
@@ -407,7 +409,8 @@ def evaluate(
             summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
                                             sample_steps=sample_steps, guidance=guidance, seed=seed, device=device,
-                                            calibrate=None if calibration else False))
+                                            calibrate=None if calibration else False,
+                                            calibration_networks=calibration_networks))
     _print_summary(url, summary)
 
 

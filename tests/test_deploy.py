@@ -1,8 +1,7 @@
 """The deployments of deploy/prefect.yaml on a real Prefect server, run by real process workers:
 deploying checks the repository path; a worker killed mid-collection (with its flow run) and the run
-retried on a new worker lands every run exactly once; the scheduled evaluate deployment reports on the
-newest model in the worker's store; S3 keys come from a Prefect block. The pipeline deployment and the
-triggers: tests/test_deploy_pipeline.py."""
+retried on a new worker lands every run exactly once; S3 keys come from a Prefect block. The pipeline
+deployment, the triggers and the evaluate deployment's nightly schedule: tests/test_deploy_pipeline.py."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import pytest
 
 from storage import catalog, params, sweeps
 from storage.store import open_store
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO
 from tests.deployments import (TERMINAL, Worker, artifacts_of, deployed, prefect_client, prefect_cmd, run_logs,  # noqa: F401 (deployed: a fixture)
                                start_run, wait_for)
 
@@ -81,36 +80,6 @@ def test_worker_killed_mid_collection_then_retry_is_exactly_once(deployed, prefe
     for r in rows:
         block = np.asarray(arr[r["run"], : r["n_ckpts"]], dtype="<f4")
         assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
-
-
-def test_scheduled_evaluate_deployment_reports_newest_model(deployed, prefect_api, tmp_path):
-    store = str(tmp_path / "store")
-    env = {"PREFECT_API_URL": prefect_api}
-    run_cli("collect", "--store", store, "--sweep", "ev", "--problem", "digits_mlp", "--runs", "24", "--shard-size", "12",
-            "--epochs", "3", "--checkpoints", "5", env=env, check=True)
-    run_cli("train", "--store", store, "--sweep", "ev", "--model", "g1", "--preset", "tiny", "--steps", "4",
-            "--batch-size", "16", env=env, check=True)
-
-    with prefect_client() as client:
-        deployment = client.read_deployment_by_name("evaluate/evaluate")
-    crons = [s.schedule.cron for s in deployment.schedules if hasattr(s.schedule, "cron")]
-    assert crons == ["0 3 * * *"] and all(s.active for s in deployment.schedules)
-    assert "store" not in deployment.parameters and "model" not in deployment.parameters
-
-    # what the schedule does, now: no store (the worker's GPTPIPE_STORE), no model (the newest)
-    worker = Worker(deployed, tmp_path / "worker.log", GPTPIPE_STORE=store)
-    try:
-        run_id = start_run("evaluate/evaluate", {"networks": 4, "prompts": 3, "recursive": 2})
-        run = wait_for(run_id, worker)
-    finally:
-        worker.stop()
-    assert run.state.type.value == "COMPLETED", f"{run_logs(run_id)}\n{worker.tail()}"
-    st = open_store(store)
-    evals = st.ls("evals")
-    names = [e for e in evals if e.startswith("g1-")]
-    assert len(names) == 1, evals
-    assert st.exists("evals", names[0], "report.md") and st.exists("evals", names[0], "results.parquet")
-    assert names[0] in st.fs.cat_file(st.path("evals", "index.md")).decode()
 
 
 def test_credentials_from_a_block_reach_the_workers_s3_store(deployed, prefect_api, s3_server, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The pipeline deployment on a real Prefect server with two real workers on two queues (resuming after
-its train worker dies), and the deployments' triggers: evaluate after a training, train after a
-collection."""
+its train worker dies); the deployments' triggers (train after a collection, evaluate after a
+training) and the evaluate deployment's nightly schedule."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_pipeline_on_two_queues_resumes_after_its_train_worker_dies(deployed, pr
     parameters = {"sweep": "pd", "problem": "digits_mlp", "runs": 36, "model": model, "store": store,
                   "collect_options": {"shard_size": 12, "epochs": 4, "checkpoints": 5},
                   "train_options": {"steps": steps, "batch_size": 16, "save_every": save_every},
-                  "evaluate_options": {"networks": 4, "prompts": 3, "recursive": 2}}
+                  "evaluate_options": {"networks": 4, "prompts": 3, "recursive": 2, "calibration_networks": 8}}
     cpu = Worker(deployed, tmp_path / "cpu.log", queue="default")
     gpu = Worker(deployed, tmp_path / "gpu1.log", queue="train")
     try:
@@ -81,12 +81,13 @@ def test_pipeline_on_two_queues_resumes_after_its_train_worker_dies(deployed, pr
     assert [r.name for r in runs_of("evaluate") if r.parameters.get("model") == model] == [evaluations[0].name]
 
 
-def test_triggers_train_after_a_collection_and_evaluate_after_a_training(deployed, prefect_api, tmp_path):
+def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_evaluates_the_newest_model(deployed, prefect_api, tmp_path):
     """The train deployment's trigger is off until resumed; resumed, a completed collection schedules a
-    training of its sweep. The evaluate deployment's is on: a completed training is evaluated without
-    anyone asking."""
+    training of its sweep. The evaluate deployment's is on: a completed training schedules its
+    evaluation without anyone asking. The nightly schedule's run (no store, no model) evaluates the
+    newest model in the worker's own store."""
     store = str(tmp_path / "store")
-    cpu = Worker(deployed, tmp_path / "cpu.log", queue="default")
+    cpu = Worker(deployed, tmp_path / "cpu.log", queue="default", GPTPIPE_STORE=store)
     gpu = None
     try:
         # resumed as docs/deploy.md says; no train worker runs yet, so the training it schedules waits in
@@ -96,12 +97,9 @@ def test_triggers_train_after_a_collection_and_evaluate_after_a_training(deploye
             collected = start_run("collect/collect", {"store": store, "sweep": "tg", "problem": "digits_mlp", "runs": 24,
                                                       "shard_size": 12, "epochs": 3, "checkpoints": 5})
             assert wait_for(collected, cpu).state.type.value == "COMPLETED", run_logs(collected)
-            deadline = time.time() + 90
-            while time.time() < deadline and not [r for r in runs_of("train") if r.parameters.get("model") == "tg"]:
-                time.sleep(0.5)
+            [scheduled] = scheduled_runs("train", "tg")
         finally:
             prefect_cmd("automation", "pause", "train after collect", env=deployed)
-        [scheduled] = [r for r in runs_of("train") if r.parameters.get("model") == "tg"]
         assert scheduled.parameters == {"sweeps": ["tg"], "model": "tg", "store": store, "credentials": None}, scheduled.parameters
         with prefect_client() as client:
             client.delete_flow_run(scheduled.id)
@@ -109,16 +107,33 @@ def test_triggers_train_after_a_collection_and_evaluate_after_a_training(deploye
         gpu = Worker(deployed, tmp_path / "gpu.log", queue="train")
         trained = start_run("train/train", {"store": store, "sweeps": ["tg"], "model": "tm", "steps": 4, "batch_size": 16})
         assert wait_for(trained, gpu).state.type.value == "COMPLETED", run_logs(trained)
-        deadline = time.time() + 90
-        while time.time() < deadline and not [r for r in runs_of("evaluate") if r.parameters.get("model") == "tm"]:
-            time.sleep(0.5)
-        [evaluation] = [r for r in runs_of("evaluate") if r.parameters.get("model") == "tm"]
+        [evaluation] = scheduled_runs("evaluate", "tm")
         assert evaluation.parameters["model"] == "tm" and evaluation.parameters["store"] == store, evaluation.parameters
-        run = wait_for(str(evaluation.id), cpu)
-        assert run.state.type.value == "COMPLETED", run_logs(str(evaluation.id))
+        with prefect_client() as client:  # the evaluate deployment itself runs below, as the nightly schedule runs it
+            client.delete_flow_run(evaluation.id)
+            deployment = client.read_deployment_by_name("evaluate/evaluate")
+        crons = [s.schedule.cron for s in deployment.schedules if hasattr(s.schedule, "cron")]
+        assert crons == ["0 3 * * *"] and all(s.active for s in deployment.schedules)
+        assert "store" not in deployment.parameters and "model" not in deployment.parameters
+        nightly = start_run("evaluate/evaluate", {"networks": 4, "prompts": 3, "recursive": 2, "calibration_networks": 8})
+        run = wait_for(nightly, cpu)
+        assert run.state.type.value == "COMPLETED", f"{run_logs(nightly)}\n{cpu.tail()}"
     finally:
         if gpu is not None:
             gpu.stop()
         cpu.stop()
     st = open_store(store)
-    assert any(e.startswith("tm-") for e in st.ls("evals")) and "tm-" in st.fs.cat_file(st.path("evals", "index.md")).decode()
+    [name] = [e for e in st.ls("evals") if e.startswith("tm-")]
+    assert st.exists("evals", name, "report.md") and st.exists("evals", name, "results.parquet")
+    assert name in st.fs.cat_file(st.path("evals", "index.md")).decode()
+
+
+def scheduled_runs(deployment: str, model: str, timeout: float = 90) -> list:
+    """The runs of ``deployment`` for ``model``, once a trigger has made one (or after ``timeout``)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [r for r in runs_of(deployment) if r.parameters.get("model") == model]
+        if found:
+            return found
+        time.sleep(0.5)
+    return []

@@ -54,7 +54,7 @@ def test_train_writes_model_and_resumes(small_store, prefect_api):
 def test_evaluate_rows_params_and_report(small_store, prefect_api):
     from flows.evaluate import evaluate_flow
 
-    summary = evaluate_flow(store=small_store, model="g", eval="e1", networks=4, prompts=3, recursive=2)
+    summary = evaluate_flow(store=small_store, model="g", eval="e1", networks=4, prompts=3, recursive=2, calibration_networks=8)
     store = open_store(small_store)
     rows = catalog.query(store, "select * from evaluations where eval = 'e1' order by network, step, requested").to_pylist()
     grid = [r for r in rows if r["step"] == 1 and r["sample"] == 0]
@@ -102,7 +102,7 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     from gptpipe.evaluation import calibration
 
     saved = store.read_json("models", "g", "calibration.json")
-    assert saved["step"] == store.read_json("models", "g", "lineage.json")["step"] and saved["networks"] > 0 and summary["calibration"] == saved
+    assert saved["step"] == store.read_json("models", "g", "lineage.json")["step"] and 0 < saved["networks"] <= 8 and summary["calibration"] == saved
     net_rows = [[r for r in grid if r["network"] == n] for n in sorted({r["network"] for r in grid})]
     start = np.array([rows[0]["start"] for rows in net_rows])
     requested = np.array([[r["requested"] for r in rows] for rows in net_rows])
@@ -128,7 +128,7 @@ def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli
     saved_path = store.path("models", "g", "calibration.json")
     before = store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None
     out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "ddpm", "--networks", "2", "--prompts", "3",
-              "--sampler", "ddpm", "--sample-steps", "3")
+              "--calibration-networks", "8", "--sampler", "ddpm", "--sample-steps", "3")
     assert out.returncode == 0, out.stderr
     assert store.read_json("evals", "ddpm", "summary.json")["calibration"]["sampler"] == "ddpm:3"
     assert (store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None) == before
@@ -142,7 +142,7 @@ def test_guided_model_is_evaluated_with_its_guidance(small_store, cli):
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
     assert store.read_json("models", "cfg", "lineage.json")["train_config"]["guidance"] == 2.0
-    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "w2", "--networks", "2", "--prompts", "3",
+    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "w2", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
               "--recursive", "1")
     assert out.returncode == 0, out.stderr
     summary = store.read_json("evals", "w2", "summary.json")
@@ -203,6 +203,7 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--prompt-dropout", "1"], "--prompt-dropout must be in [0, 1)"),
         (["evaluate", "--store", small_store, "--model", "g", "--guidance", "2"], "g was trained without"),
         (["evaluate", "--store", small_store, "--model", "g", "--guidance", "0"], "--guidance must be"),
+        (["evaluate", "--store", small_store, "--model", "g", "--calibration-networks", "1"], "--calibration-networks must be at least 2"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--lr-max", "inf"], "lr_max < inf"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", str(10**12)], "split it into sweeps"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--workers", "-1"], "--workers must be"),
@@ -244,7 +245,7 @@ def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
     url = str(tmp_path / "store")
     collect_flow(store=url, sweep="cp", problem="cartpole", runs=8, shard_size=8, epochs=3, checkpoints=4)
     train_flow(store=url, sweeps=["cp"], model="g", steps=2, batch_size=16)
-    summary = evaluate_flow(store=url, model="g", eval="e", networks=2, prompts=3, recursive=2)
+    summary = evaluate_flow(store=url, model="g", eval="e", networks=2, prompts=3, recursive=2, calibration_networks=8)
     store = open_store(url)
     assert summary["metric"] == "return" and summary["best_in_sweeps"] == max(
         r["best_return"] for r in catalog.query(store, "select best_return from runs").to_pylist())

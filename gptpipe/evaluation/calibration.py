@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
 # the prompt grid in u: from "much worse than the start" (0 = the start, negative = worse) to the best
 GRID = tuple(float(u) for u in np.linspace(-1.0, 1.0, 17))
@@ -90,6 +89,8 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: st
     u, v = u[:, lowest : top + 1].ravel(), v[:, lowest : top + 1].ravel()
     ok = np.isfinite(u) & np.isfinite(v)
     grid = np.asarray(GRID[lowest : top + 1])
+    from sklearn.isotonic import IsotonicRegression  # here, not at the top: importing scikit-learn costs every flow run 2.6 s
+
     g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(grid)
     return Calibration(u=[float(x) for x in grid], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
                        step=int(step), sampler=sampler)

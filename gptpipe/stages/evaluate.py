@@ -55,6 +55,7 @@ class EvalRequest:
     walk_frames: int = 8  # frames of the latent walk in the report (0: none)
     device: str = "auto"  # where G.pt samples: "auto" (CUDA when present), "cpu", "cuda"; networks are scored on the CPU
     calibrate: bool = True  # prompt through the model's calibration (fitted on first use); False: the raw requests
+    calibration_networks: int = CALIBRATION_NETWORKS  # fresh inits a calibration is fitted on, when one is fitted
 
 
 def start_networks(store: Store, s: "Session", n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -182,7 +183,7 @@ def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration
     saved = models.read_calibration(store, req.model) if default else None
     if saved is not None:
         return calibration.Calibration(**saved)
-    fitted = fit_calibration(s)
+    fitted = fit_calibration(s, req.calibration_networks)
     if default:
         models.write_calibration(store, req.model, fitted.to_dict())
     return fitted
