@@ -451,6 +451,7 @@ class Demo:
     steps: int
     networks: int
     prompts: int = 20
+    calibration_networks: int | None = None  # None: EvalRequest's
     lr_min: float | None = None
     lr_max: float | None = None
     data_order: str | None = None  # None: SweepConfig's default
@@ -530,7 +531,8 @@ def demo(
             workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
             train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
                                 compile=d.compile or None),
-            evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts})
+            evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
+                              **given(calibration_networks=d.calibration_networks)})
     metric = problems_mod.get(problem).primary
     typer.echo(f"{metric} per learning-rate bucket (means over runs):")
     catalog(sql=f"select round(log10(lr), 1) as log10_lr, count(*) as runs, avg(best_{metric}) as best_{metric}, "
