@@ -192,7 +192,7 @@ CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluatio
 
 
 def fit_calibration(model: Gpt, diffusion: Diffusion, problem, dataset, metric: str, best: float, sampler: str, steps: int,
-                    guidance: float, model_step: int, sampling_name: str, n: int = 64) -> calibration.Calibration:
+                    guidance: float, model_step: int, sampling_name: str, n: int) -> calibration.Calibration:
     """Prompt ``n`` fresh inits of the calibration's own seeds on ``calibration.GRID`` and fit the map
     from prompt to achieved value (``calibration.fit``), with noise of its own (not an evaluation's stream)."""
     start = problem.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n)])
