@@ -114,14 +114,15 @@ def given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from gptpipe.data import DataError
-    from gptpipe.gpt.trainer import DeviceError
-    from gptpipe.problems import ProblemError
-    from gptpipe.sweep.config import SweepConfigError
-    from storage.s3server import S3ServerError
+# The errors a user's input can cause, by the module that defines them. Only modules already imported
+# can have raised one, so a failing command does not import torch (seconds) just to recognise its error.
+USER_ERRORS = {"storage.store": "StoreError", "gptpipe.data": "DataError", "gptpipe.gpt.trainer": "DeviceError",
+               "gptpipe.problems": "ProblemError", "gptpipe.sweep.config": "SweepConfigError",
+               "storage.s3server": "S3ServerError"}
 
-    return (StoreError, DataError, DeviceError, ProblemError, SweepConfigError, S3ServerError)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 @contextmanager

@@ -116,16 +116,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bo
     return proc
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    """``gptpipe ARGS`` in this process (typer's runner): for input checks that end before any flow
-    runs, a second per call instead of a fresh interpreter's five. Returns the exit status and the output
-    (stdout and stderr together)."""
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """``gptpipe ARGS`` in this process (typer's runner), with ``run_cli``'s result: for commands whose
+    process start-up is not what a test checks (input checks, store commands), a second per call instead of
+    a fresh interpreter's five."""
     from typer.testing import CliRunner
 
     from flows.cli import app
 
     result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
+    return subprocess.CompletedProcess(["gptpipe", *args], result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture

@@ -44,9 +44,9 @@ def test_collect_then_catalog(cli, tmp_path):
 ])
 def test_bad_input_one_line_nothing_written(tmp_path, args, message):
     store = tmp_path / "s"
-    status, output = invoke("collect", "--store", str(store), "--sweep", "x", *args)
-    assert status == 2, output
-    assert output.strip().count("\n") == 0 and message in output, output
+    proc = invoke("collect", "--store", str(store), "--sweep", "x", *args)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
     assert not store.exists()
 
 
@@ -76,9 +76,9 @@ def test_reused_sweep_name_and_bad_sql(cli, tmp_path):
     proc = cli("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "8", "--epochs", "1", "--checkpoints", "3")
     assert proc.returncode == 2 and "already exists with another config" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "s" / "sweeps" / "d").iterdir()) == before
-    proc = cli("catalog", "--store", store, "selec * form runs")
+    proc = invoke("catalog", "--store", store, "selec * form runs")
     assert proc.returncode == 2 and proc.stderr.startswith("error: SQL error") and proc.stderr.count("\n") == 1
-    proc = cli("catalog", "--store", str(tmp_path / "missing"), "select 1")
+    proc = invoke("catalog", "--store", str(tmp_path / "missing"), "select 1")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 

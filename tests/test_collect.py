@@ -102,14 +102,14 @@ def test_read_blocks_in_any_order(store_url):
 
 @pytest.mark.parametrize("damage", ["flip_a_bit", "truncate", "delete"])
 def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path, damage):
-    from tests.conftest import run_cli
+    from tests.conftest import invoke
 
     url = str(tmp_path / "store")
     collect.prepare(url, "s", small_config(), None)
     store = open_store(url)
     for shard in range(3):
         collect.collect_shard(store, "s", shard)
-    assert sweeps.verify(store, "s") == (10, []) and "10 of 10 committed runs intact" in run_cli("verify", "--store", url, "--sweep", "s").stdout
+    assert sweeps.verify(store, "s") == (10, []) and "10 of 10 committed runs intact" in invoke("verify", "--store", url, "--sweep", "s").stdout
     (chunk,) = [p for p in store.fs.find(store.path("sweeps", "s", "params.zarr")) if "/c/5/" in p]
     raw = bytearray(store.fs.cat_file(chunk))
     if damage == "flip_a_bit":
@@ -125,14 +125,14 @@ def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path,
     assert sweeps.read_blocks(store, "s", [4, 6]).shape == (2, 4, 760)  # the other runs read as before
     n, damaged = sweeps.verify(store, "s")
     assert n == 10 and [row["run"] for row in damaged] == [5]
-    proc = run_cli("verify", "--store", url, "--sweep", "s")
+    proc = invoke("verify", "--store", url, "--sweep", "s")
     assert proc.returncode == 1 and "run 5:" in proc.stderr and "9 of 10 committed runs intact, 1 damaged" in proc.stdout
-    proc = run_cli("export", str(tmp_path / "r5.safetensors"), "--store", url, "--sweep", "s", "--run", "5", "--ckpt", "1")
+    proc = invoke("export", str(tmp_path / "r5.safetensors"), "--store", url, "--sweep", "s", "--run", "5", "--ckpt", "1")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "run 5" in proc.stderr
     assert not (tmp_path / "r5.safetensors").exists()
     # repair: the damaged run's shard is uncommitted, the same collect redoes it, bit for bit
     digest = sweeps.run_digests(store, "s")[5]
-    proc = run_cli("verify", "--store", url, "--sweep", "s", "--repair")
+    proc = invoke("verify", "--store", url, "--sweep", "s", "--repair")
     assert proc.returncode == 1 and "uncommitted shards 1:" in proc.stdout
     assert collect.prepare(url, "s", small_config(), None) == [1]
     collect.collect_shard(open_store(url), "s", 1)

@@ -208,8 +208,8 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", str(10**12)], "split it into sweeps"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--workers", "-1"], "--workers must be"),
     ]:
-        status, output = invoke(*args)
-        assert status == 2 and message in output and output.strip().count("\n") == 0, (args, output)
+        proc = invoke(*args)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, (args, proc)
     assert not open_store(small_store).exists("models", "m") and not open_store(small_store).exists("sweeps", "x")
 
 

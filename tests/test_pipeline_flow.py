@@ -35,16 +35,16 @@ def test_demo_runs_the_pipeline_flow_and_a_rerun_reuses_the_store(prefect_api, t
     store = str(tmp_path / "store")
     before = {r.id for r in _flow_runs("pipeline")}
 
-    code, out = invoke("demo", "--store", store)
-    assert code == 0, out
+    proc = invoke("demo", "--store", store)
+    assert proc.returncode == 0, proc
+    out = proc.stdout
     assert "prompt alignment R²" in out and "sweep dm: runs=24" in out and "model dm: step=6" in out, out
     [run] = [r for r in _flow_runs("pipeline") if r.id not in before]
     assert run.state.is_completed() and run.parameters["stages"] == "subflows"
     for stage in ("collect", "train", "evaluate"):  # each stage a subflow of the pipeline's run
         assert any(r.parent_task_run_id is not None for r in _flow_runs(stage) if r.start_time and r.start_time >= run.start_time), stage
 
-    code, out = invoke("demo", "--store", store)  # again: same sweep and model, a new evaluation
-    assert code == 0, out
+    assert invoke("demo", "--store", store).returncode == 0  # again: same sweep and model, a new evaluation
     st = open_store(store)
     rows = catalog.query(st, "select count(*) as n, count(distinct run) as d from runs where sweep = 'dm'").to_pylist()
     assert rows == [{"n": 24, "d": 24}]

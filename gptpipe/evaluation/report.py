@@ -244,28 +244,35 @@ def first_layer_images(layers, theta) -> np.ndarray | None:
 
 def latent_walk_plot(images: np.ndarray, values: np.ndarray, metric: str, max_units: int = 16) -> bytes:
     """Rows: frames of a latent walk (noise slerped between two draws, same start and prompt); columns:
-    the first layer's units drawn as images; each unit keeps one colour scale across frames."""
+    the first layer's units drawn as images; each unit keeps one colour scale across frames.
+
+    The frames are tiled into one mosaic on one axis (a grid of F x U small axes took seconds of every
+    evaluation to lay out)."""
     plt = plt_module()
     F, U = images.shape[:2]
     U = min(U, max_units)
-    rgb = images.ndim == 5
-    fig, axes = plt.subplots(F, U, figsize=(0.75 * U + 1.2, 0.75 * F + 0.6), squeeze=False)
+    h, w = images.shape[2:4]
+    gap = max(1, h // 8)
+    mosaic = np.ones((F * (h + gap) - gap, U * (w + gap) - gap, 3))  # white between tiles
+    seismic = plt.get_cmap("seismic")
     for u in range(U):
-        unit = images[:, u]
-        lo, hi = float(unit.min()), float(unit.max())
-        vmax = max(abs(lo), abs(hi), 1e-8)
+        unit = images[:, u].astype(np.float64)
+        if images.ndim == 5:  # RGB filters: min-max scaled
+            lo, hi = unit.min(), unit.max()
+            tiles = (unit - lo) / max(hi - lo, 1e-8)
+        else:  # signed weights: symmetric scale, white at zero
+            vmax = max(float(np.abs(unit).max()), 1e-8)
+            tiles = seismic((unit / vmax + 1) / 2)[..., :3]
         for f in range(F):
-            ax = axes[f, u]
-            if rgb:
-                ax.imshow((unit[f] - lo) / max(hi - lo, 1e-8), interpolation="nearest")
-            else:
-                ax.imshow(unit[f], cmap="seismic", vmin=-vmax, vmax=vmax, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if u == 0:
-                ax.set_ylabel(f"{values[f]:.3g}", fontsize=7, rotation=0, ha="right", va="center")
-            if f == 0:
-                ax.set_title(f"unit {u}", fontsize=6)
+            mosaic[f * (h + gap):f * (h + gap) + h, u * (w + gap):u * (w + gap) + w] = tiles[f]
+    fig, ax = plt.subplots(figsize=(0.75 * U + 1.2, 0.75 * F + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([u * (w + gap) + (w - 1) / 2 for u in range(U)], [f"unit {u}" for u in range(U)], fontsize=6)
+    ax.xaxis.tick_top()
+    ax.set_yticks([f * (h + gap) + (h - 1) / 2 for f in range(F)], [f"{v:.3g}" for v in values[:F]], fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     fig.suptitle(f"Latent walk: first-layer weights per frame (row label: achieved {metric})", fontsize=8)
     return png(fig)
 
