@@ -380,6 +380,8 @@ def evaluate(
                                                 "--no-calibration: with the requests themselves"),
     calibration_networks: Optional[int] = typer.Option(None, help="Fresh inits a calibration is fitted on when this evaluation "
                                                        "fits one (default: EvalRequest's 64; fewer is faster and noisier)"),
+    optimiser_steps: Optional[int] = typer.Option(None, help="The longest SGD and Adam runs G.pt's one update is compared "
+                                                  "with (default: EvalRequest's 512; the curves cost 2 x this many training steps)"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     from gptpipe.gpt.diffusion import SAMPLERS
@@ -390,6 +392,8 @@ def evaluate(
     with user_errors():
         if min(networks or 2, prompts or 2, calibration_networks or 2) < 2:
             raise StoreError("--networks, --prompts and --calibration-networks must be at least 2")
+        if optimiser_steps is not None and optimiser_steps < 1:
+            raise StoreError("--optimiser-steps must be at least 1")
         if sampler and sampler not in SAMPLERS:
             raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         if device is not None:
@@ -411,7 +415,7 @@ def evaluate(
                                     **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
                                             sample_steps=sample_steps, guidance=guidance, seed=seed, device=device,
                                             calibrate=None if calibration else False,
-                                            calibration_networks=calibration_networks))
+                                            calibration_networks=calibration_networks, optimiser_steps=optimiser_steps))
     _print_summary(url, summary)
 
 
@@ -453,6 +457,7 @@ class Demo:
     networks: int
     prompts: int = 20
     calibration_networks: int | None = None  # None: EvalRequest's
+    optimiser_steps: int | None = None  # None: EvalRequest's
     lr_min: float | None = None
     lr_max: float | None = None
     data_order: str | None = None  # None: SweepConfig's default
@@ -533,7 +538,7 @@ def demo(
             train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
                                 compile=d.compile or None),
             evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
-                              **given(calibration_networks=d.calibration_networks)})
+                              **given(calibration_networks=d.calibration_networks, optimiser_steps=d.optimiser_steps)})
     metric = problems_mod.get(problem).primary
     typer.echo(f"{metric} per learning-rate bucket (means over runs):")
     catalog(sql=f"select round(log10(lr), 1) as log10_lr, count(*) as runs, avg(best_{metric}) as best_{metric}, "

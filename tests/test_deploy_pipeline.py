@@ -32,7 +32,7 @@ def test_pipeline_on_two_queues_resumes_after_its_train_worker_dies(deployed, pr
     parameters = {"sweep": "pd", "problem": "digits_mlp", "runs": 36, "model": model, "store": store,
                   "collect_options": {"shard_size": 12, "epochs": 4, "checkpoints": 5},
                   "train_options": {"steps": steps, "batch_size": 16, "save_every": save_every},
-                  "evaluate_options": {"networks": 4, "prompts": 3, "recursive": 2, "calibration_networks": 8}}
+                  "evaluate_options": {"networks": 4, "prompts": 3, "recursive": 2, "calibration_networks": 8, "optimiser_steps": 8}}
     cpu = Worker(deployed, tmp_path / "cpu.log", queue="default")
     gpu = Worker(deployed, tmp_path / "gpu1.log", queue="train")
     try:
@@ -115,7 +115,8 @@ def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_eval
         crons = [s.schedule.cron for s in deployment.schedules if hasattr(s.schedule, "cron")]
         assert crons == ["0 3 * * *"] and all(s.active for s in deployment.schedules)
         assert "store" not in deployment.parameters and "model" not in deployment.parameters
-        nightly = start_run("evaluate/evaluate", {"networks": 4, "prompts": 3, "recursive": 2, "calibration_networks": 8})
+        nightly = start_run("evaluate/evaluate", {"networks": 4, "prompts": 3, "recursive": 2, "calibration_networks": 8,
+                                                  "optimiser_steps": 8})
         run = wait_for(nightly, cpu)
         assert run.state.type.value == "COMPLETED", f"{run_logs(nightly)}\n{cpu.tail()}"
     finally:

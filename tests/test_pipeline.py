@@ -54,7 +54,8 @@ def test_train_writes_model_and_resumes(small_store, prefect_api):
 def test_evaluate_rows_params_and_report(small_store, prefect_api):
     from flows.evaluate import evaluate_flow
 
-    summary = evaluate_flow(store=small_store, model="g", eval="e1", networks=4, prompts=3, recursive=2, calibration_networks=8)
+    summary = evaluate_flow(store=small_store, model="g", eval="e1", networks=4, prompts=3, recursive=2, calibration_networks=8,
+                            optimiser_steps=100)
     store = open_store(small_store)
     rows = catalog.query(store, "select * from evaluations where eval = 'e1' order by network, step, requested").to_pylist()
     grid = [r for r in rows if r["step"] == 1 and r["sample"] == 0]
@@ -93,6 +94,7 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     assert recipe_25 and recipe_25[0] == pytest.approx(summary["sgd_25_epochs_test_loss_mean"])
     sgd = sorted((r["steps"], r["m"]) for r in base if r["optimiser"] == "sgd")
     assert [m for _, m in sgd] == pytest.approx(summary["sgd_curve_test_loss_mean"])
+    assert [s for s, _ in sgd] == summary["optimiser_steps"] == [0, 1, 2, 4, 8, 16, 32, 64]  # up to the 100 asked for
     diversity = catalog.query(store, "select network, count(*) as n from evaluations where eval = 'e1' and step = 1 "
                                      "and requested = (select min(requested) from evaluations where eval = 'e1') group by network "
                                      "having count(*) > 1").to_pylist()
@@ -114,7 +116,7 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
 
 def test_evaluate_without_calibration_prompts_the_requests(small_store, cli):
     out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "raw", "--networks", "2", "--prompts", "3",
-              "--no-calibration")
+              "--no-calibration", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     rows = catalog.query(open_store(small_store), "select requested, prompted from evaluations where eval = 'raw'").to_pylist()
     assert rows and all(r["prompted"] == r["requested"] for r in rows)
@@ -128,7 +130,7 @@ def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli
     saved_path = store.path("models", "g", "calibration.json")
     before = store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None
     out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "ddpm", "--networks", "2", "--prompts", "3",
-              "--calibration-networks", "8", "--sampler", "ddpm", "--sample-steps", "3")
+              "--calibration-networks", "8", "--sampler", "ddpm", "--sample-steps", "3", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     assert store.read_json("evals", "ddpm", "summary.json")["calibration"]["sampler"] == "ddpm:3"
     assert (store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None) == before
@@ -143,7 +145,7 @@ def test_guided_model_is_evaluated_with_its_guidance(small_store, cli):
     store = open_store(small_store)
     assert store.read_json("models", "cfg", "lineage.json")["train_config"]["guidance"] == 2.0
     out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "w2", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
-              "--recursive", "1")
+              "--recursive", "1", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     summary = store.read_json("evals", "w2", "summary.json")
     assert summary["guidance"] == 2.0 and summary["calibration"]["sampler"] == "ddim:10:w2"
@@ -204,6 +206,7 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["evaluate", "--store", small_store, "--model", "g", "--guidance", "2"], "g was trained without"),
         (["evaluate", "--store", small_store, "--model", "g", "--guidance", "0"], "--guidance must be"),
         (["evaluate", "--store", small_store, "--model", "g", "--calibration-networks", "1"], "--calibration-networks must be at least 2"),
+        (["evaluate", "--store", small_store, "--model", "g", "--optimiser-steps", "0"], "--optimiser-steps must be at least 1"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--lr-max", "inf"], "lr_max < inf"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", str(10**12)], "split it into sweeps"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--workers", "-1"], "--workers must be"),
@@ -275,7 +278,8 @@ def test_cnn_problem_goes_through_the_same_flows(tmp_path, prefect_api):
     train_flow(store=url, sweeps=["cc"], model="g", steps=2, batch_size=8)
     # the raw requests: fitting a calibration samples 64 x 17 CNNs of ~90 tokens each, two thirds of this test's
     # time, and calibration is the same code for every problem (tested on digits_mlp and CartPole)
-    summary = evaluate_flow(store=url, model="g", eval="e", networks=2, prompts=3, recursive=2, data_root=root, calibrate=False)
+    summary = evaluate_flow(store=url, model="g", eval="e", networks=2, prompts=3, recursive=2, data_root=root, calibrate=False,
+                            optimiser_steps=8)
     store = open_store(url)
     assert summary["problem"] == "cifar_cnn" and summary["metric"] == "test_loss"
     rows = catalog.query(store, "select achieved, test_error from evaluations where step = 1 and sample = 0").to_pylist()

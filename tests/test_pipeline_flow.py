@@ -29,7 +29,8 @@ def _flow_runs(flow_name: str) -> list:
 
 
 def test_demo_runs_the_pipeline_flow_and_a_rerun_reuses_the_store(prefect_api, tmp_path, monkeypatch):
-    demo = cli_module.Demo("dm", runs=24, checkpoints=5, steps=6, networks=4, prompts=3, calibration_networks=8, shard_size=12,
+    demo = cli_module.Demo("dm", runs=24, checkpoints=5, steps=6, networks=4, prompts=3, calibration_networks=8, optimiser_steps=8,
+                           shard_size=12,
                            lr_min=0.1, lr_max=0.3)
     monkeypatch.setitem(cli_module.DEMOS, "digits_mlp", demo)
     store = str(tmp_path / "store")

@@ -70,7 +70,7 @@ def test_pipeline_on_s3_through_the_cli(cli, s3_store_url, s3_server):
     assert json.loads(out.stdout) == [{"runs": 24, "ckpts": 120}]
     run("train", "--store", s3_store_url, "--sweep", "s3d", "--model", "g", "--steps", "4", "--batch-size", "16")
     out = run("evaluate", "--store", s3_store_url, "--eval", "e1", "--networks", "4", "--prompts", "3", "--recursive", "2",
-              "--calibration-networks", "8")
+              "--calibration-networks", "8", "--optimiser-steps", "8")
     assert f"{s3_store_url}/evals/e1/report.html" in out.stdout
     store = open_store(s3_store_url)
     assert catalog.query(store, "select count(*) as n from evaluations where eval = 'e1'").to_pylist()[0]["n"] >= 4 * 3

@@ -15,12 +15,17 @@ import torch
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
 
-EVAL_STEPS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+OPTIMISER_STEPS = 512  # the longest SGD/Adam run G.pt's one update is compared with
 
 
-def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: float, eval_steps=EVAL_STEPS,
+def eval_steps(max_steps: int = OPTIMISER_STEPS) -> tuple[int, ...]:
+    """The step counts the optimiser curves are scored at: 0, then powers of two up to ``max_steps``."""
+    return (0, *(2**i for i in range(max_steps.bit_length()) if 2**i <= max_steps))
+
+
+def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: float, steps: tuple[int, ...] = eval_steps(),
                      batch_size: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
-    """Test metrics ``[len(eval_steps), K]`` of the K start networks after each number of steps
+    """Test metrics ``[len(steps), K]`` of the K start networks after each number of ``steps``
     (constant learning rate; each network its own data order)."""
     theta = torch.tensor(np.asarray(start), dtype=torch.float32, requires_grad=True)
     K, n = theta.shape[0], len(dataset.x_train)
@@ -33,7 +38,7 @@ def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: fl
     g = torch.Generator().manual_seed(seed)
     out: dict[str, list] = {}
     step, order, pos = 0, None, n
-    for target in eval_steps:
+    for target in steps:
         while step < target:
             if pos + batch_size > n:  # a new epoch: every network reshuffles
                 order, pos = torch.argsort(torch.rand(K, n, generator=g), dim=1), 0
@@ -49,12 +54,12 @@ def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: fl
     return {m: np.stack(v) for m, v in out.items()}
 
 
-def steps_to_match(curve_mean: np.ndarray, eval_steps, value: float, higher_is_better: bool = False) -> int | None:
+def steps_to_match(curve_mean: np.ndarray, steps, value: float, higher_is_better: bool = False) -> int | None:
     """The first evaluated step count at which the mean metric is at least as good as ``value``;
     None if it never is within the curve."""
     curve = np.asarray(curve_mean)
     hits = np.flatnonzero(curve >= value if higher_is_better else curve <= value)
-    return int(np.asarray(eval_steps)[hits[0]]) if len(hits) else None
+    return int(np.asarray(steps)[hits[0]]) if len(hits) else None
 
 
 def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:

@@ -11,8 +11,6 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from gptpipe.evaluation.baselines import EVAL_STEPS
-
 
 # One colour per source in every plot and page, readable on white and on the Prefect UI's dark theme
 # (plots carry their own white background).
@@ -369,8 +367,9 @@ def _one_step(summary: dict) -> list[str]:
         if f"sgd_curve_{shown}_mean" in summary:  # optimiser curves need a differentiable training loss (not RL)
             lines += [f"![optimisers, {shown}](optimisers_{shown}.png)", ""]
     if f"sgd_curve_{m}_mean" in summary:
-        lines += [f"Steps to match G.pt's one update ({m}): SGD {_steps(summary.get('sgd_steps_to_match_one_step'))}, "
-                  f"Adam {_steps(summary.get('adam_steps_to_match_one_step'))} (constant learning rate, batch 128).", ""]
+        longest = max(summary["optimiser_steps"])
+        lines += [f"Steps to match G.pt's one update ({m}): SGD {_steps(summary.get('sgd_steps_to_match_one_step'), longest)}, "
+                  f"Adam {_steps(summary.get('adam_steps_to_match_one_step'), longest)} (constant learning rate, batch 128).", ""]
     return lines
 
 
@@ -445,8 +444,8 @@ def markdown(summary: dict) -> str:
     return "\n".join(_header(summary) + _one_step(summary) + _diversity_and_checks(summary) + _walk_and_lineage(summary)) + "\n"
 
 
-def _steps(n) -> str:
-    return f"{n} steps" if n is not None else f"more than {max(EVAL_STEPS)} steps"
+def _steps(n, longest: int) -> str:
+    return f"{n} steps" if n is not None else f"more than {longest} steps"
 
 
 def render(summary: dict, results: pa.Table, landscape: dict, diversity: dict, nn: dict, walk: dict | None = None) -> dict[str, bytes]:

@@ -56,6 +56,7 @@ class EvalRequest:
     device: str = "auto"  # where G.pt samples: "auto" (CUDA when present), "cpu", "cuda"; networks are scored on the CPU
     calibrate: bool = True  # prompt through the model's calibration (fitted on first use); False: the raw requests
     calibration_networks: int = CALIBRATION_NETWORKS  # fresh inits a calibration is fitted on, when one is fitted
+    optimiser_steps: int = baselines.OPTIMISER_STEPS  # the longest SGD/Adam run in the comparison with one G.pt update
 
 
 def start_networks(store: Store, s: "Session", n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -216,7 +217,8 @@ def run_baselines(store: Store, s: Session, req: EvalRequest, start: np.ndarray,
     best_lr = best_run_lr(store, s.sweep, s.metric, problems.sign(s.problem, s.metric) < 0)
     curves = {}
     if s.problem.trainer == "sgd":
-        curves = {name: baselines.optimiser_curves(s.problem, s.dataset, start[fresh], name, lr, seed=req.seed)
+        steps = baselines.eval_steps(req.optimiser_steps)
+        curves = {name: baselines.optimiser_curves(s.problem, s.dataset, start[fresh], name, lr, steps, seed=req.seed)
                   for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))}
     return {"best_lr": best_lr, "recipe": baselines.sgd_baseline(s.recipe, start, s.dataset, best_lr), "curves": curves}
 
@@ -295,7 +297,7 @@ def baseline_rows(req: EvalRequest, sources: list[str], fresh: np.ndarray, base:
     for e, scores in base["recipe"].items():
         add(range(len(sources)), "sweep_recipe", None, e, scores)
     for name, curve in base["curves"].items():
-        for i, step in enumerate(baselines.EVAL_STEPS):
+        for i, step in enumerate(baselines.eval_steps(req.optimiser_steps)):
             add(np.flatnonzero(fresh).tolist(), name, step, None, {m: v[i] for m, v in curve.items()})
     n = len(rows["network"])
     return {"eval": [req.eval] * n, "model": [req.model] * n, **rows}
@@ -353,12 +355,12 @@ def run_summary(s: Session, req: EvalRequest, base: dict, one_step: float, n_div
     """The optimiser baselines' headline numbers (curves, steps to match G.pt's one update) and how the
     evaluation ran."""
     higher = problems.sign(s.problem, s.metric) < 0
-    curves = base["curves"]
+    curves, steps = base["curves"], baselines.eval_steps(req.optimiser_steps)
     return {
         "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
-        "optimiser_steps": list(baselines.EVAL_STEPS),
+        "optimiser_steps": list(steps),
         **{f"{name}_curve_{m}_mean": [float(x) for x in v.mean(1)] for name, c in curves.items() for m, v in c.items()},
-        **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[s.metric].mean(1), baselines.EVAL_STEPS, one_step, higher)
+        **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[s.metric].mean(1), steps, one_step, higher)
            for name, c in curves.items()},
         "diversity_networks": n_diversity, "diversity_samples": req.diversity_samples,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, sampling on "
