@@ -1,7 +1,7 @@
 """The deployments of deploy/prefect.yaml on a real Prefect server, run by real process workers:
 deploying checks the repository path; a worker killed mid-collection (with its flow run) and the run
 retried on a new worker lands every run exactly once; S3 keys come from a Prefect block. The pipeline
-deployment, the triggers and the evaluate deployment's nightly schedule: tests/test_deploy_pipeline.py."""
+deployment: tests/test_deploy_pipeline.py; the triggers and the nightly schedule: tests/test_deploy_triggers.py."""
 
 from __future__ import annotations
 
