@@ -27,8 +27,10 @@ demo: $(STAMP)
 
 # Two test processes, each test file whole in one of them (its module fixtures built once): the
 # integration tests mostly wait on servers and subprocesses, so two cores run them in ~2/3 of the time.
+# Files are handed out in collection order (tests/conftest.py puts the longest first), not xdist's own
+# order by number of tests, which left the one-test deployment files, the longest, for last.
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -35,9 +35,9 @@ BIN = Path(sys.executable).parent
 
 
 # The files that take minutes, longest first. `make test` hands whole files to its two processes in
-# collection order, and the longest one handed out last (alphabetically: test_deploy_pipeline.py) kept
-# one process busy for two minutes after the other had finished; with these first, the short files fill
-# in behind them.
+# collection order (--no-loadscope-reorder: xdist's own order, most tests first, handed out the one-test
+# deployment files last, and the longest of them kept one process busy two minutes after the other had
+# finished); with these first, the short files fill in behind them.
 LONGEST_FIRST = ("test_deploy_pipeline.py", "test_s3_pipeline.py", "test_pipeline_flow.py", "test_pipeline.py",
                  "test_cli_collect.py", "test_deploy_triggers.py", "test_deploy.py", "test_dask.py")
 
