@@ -39,7 +39,8 @@ BIN = Path(sys.executable).parent
 # deployment files last, and the longest of them kept one process busy two minutes after the other had
 # finished); with these first, the short files fill in behind them.
 LONGEST_FIRST = ("test_deploy_pipeline.py", "test_s3_pipeline.py", "test_pipeline_flow.py", "test_pipeline.py",
-                 "test_cli_collect.py", "test_deploy_triggers.py", "test_deploy.py", "test_dask.py")
+                 "test_cli_collect.py", "test_deploy.py", "test_deploy_triggers.py", "test_dask.py", "test_device.py",
+                 "test_problem_flows.py", "test_prompt.py", "test_storage_s3.py")
 
 
 def pytest_collection_modifyitems(config, items):
