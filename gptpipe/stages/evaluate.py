@@ -213,14 +213,15 @@ def prompt_all(s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarra
 
 def run_baselines(store: Store, s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarray) -> dict:
     """The same start networks under the sweep's recipe at its best run's learning rate, and SGD/Adam
-    curves (these need a differentiable training loss: not for an RL problem)."""
+    curves (these need a differentiable training loss: not for an RL problem) with the step counts they are
+    scored at, which the rows and the summary read from here."""
     best_lr = best_run_lr(store, s.sweep, s.metric, problems.sign(s.problem, s.metric) < 0)
-    curves = {}
+    curves, steps = {}, baselines.eval_steps(req.optimiser_steps)
     if s.problem.trainer == "sgd":
-        steps = baselines.eval_steps(req.optimiser_steps)
         curves = {name: baselines.optimiser_curves(s.problem, s.dataset, start[fresh], name, lr, steps, seed=req.seed)
                   for name, lr in (("sgd", best_lr), ("adam", ADAM_LR))}
-    return {"best_lr": best_lr, "recipe": baselines.sgd_baseline(s.recipe, start, s.dataset, best_lr), "curves": curves}
+    return {"best_lr": best_lr, "recipe": baselines.sgd_baseline(s.recipe, start, s.dataset, best_lr), "curves": curves,
+            "steps": steps}
 
 
 def memorisation_checks(store: Store, s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarray, out: dict) -> dict:
@@ -297,7 +298,7 @@ def baseline_rows(req: EvalRequest, sources: list[str], fresh: np.ndarray, base:
     for e, scores in base["recipe"].items():
         add(range(len(sources)), "sweep_recipe", None, e, scores)
     for name, curve in base["curves"].items():
-        for i, step in enumerate(baselines.eval_steps(req.optimiser_steps)):
+        for i, step in enumerate(base["steps"]):
             add(np.flatnonzero(fresh).tolist(), name, step, None, {m: v[i] for m, v in curve.items()})
     n = len(rows["network"])
     return {"eval": [req.eval] * n, "model": [req.model] * n, **rows}
@@ -355,7 +356,7 @@ def run_summary(s: Session, req: EvalRequest, base: dict, one_step: float, n_div
     """The optimiser baselines' headline numbers (curves, steps to match G.pt's one update) and how the
     evaluation ran."""
     higher = problems.sign(s.problem, s.metric) < 0
-    curves, steps = base["curves"], baselines.eval_steps(req.optimiser_steps)
+    curves, steps = base["curves"], base["steps"]
     return {
         "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
         "optimiser_steps": list(steps),
