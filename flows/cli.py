@@ -93,6 +93,10 @@ def prefect_server() -> None:
         watcher.join()
     for watchdog in filter(None, guards):
         atexit.register(lambda w=watchdog: (w.kill(), w.wait()))  # runs before Prefect's own stop (LIFO)
+    # Task processes (the process runner, a local Dask cluster) inherit the environment, not this process's
+    # server: without its address each of them started a temporary server of its own (three in all, the
+    # workers' task runs recorded there, ~10 s of start-up each on cores busy with the sweep)
+    os.environ["PREFECT_API_URL"] = server.api_url
 
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")

@@ -118,13 +118,14 @@ def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_command_leaves_no_temporary_prefect_server(tmp_path, sig):
-    """With no server configured a command starts its own; SIGTERM (kill, a timeout, a container stop)
-    stops it in order, and SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not
-    leave it running either."""
+    """With no server configured a command starts its own, and its task processes report to it rather
+    than each starting another. SIGTERM (kill, a timeout, a container stop) stops it in order, and
+    SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not leave it running either."""
     import psutil
 
-    args = [str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", "t", "--problem", "digits_mlp",
-            "--runs", "400", "--shard-size", "20", "--epochs", "25", "--workers", "1"]
+    store = tmp_path / "s"
+    args = [str(BIN / "gptpipe"), "collect", "--store", str(store), "--sweep", "t", "--problem", "digits_mlp",
+            "--runs", "400", "--shard-size", "20", "--epochs", "25", "--runner", "process", "--workers", "2"]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -135,17 +136,24 @@ def test_a_killed_command_leaves_no_temporary_prefect_server(tmp_path, sig):
         except psutil.Error:  # a short-lived helper that exited (or is a zombie) while we looked
             return ""
 
-    server = None
-    deadline = time.time() + 120
-    while server is None and time.time() < deadline and proc.poll() is None:
-        children = psutil.Process(proc.pid).children(recursive=True)
-        server = next((c for c in children if "uvicorn" in command_line(c)), None)
+    servers: dict[int, psutil.Process] = {}
+    claimants: set[int] = set()  # processes seen holding a shard's claim
+    deadline = time.time() + 180
+    # until both task processes have been inside a shard: by then one that started a server of its own
+    # (it would, before its first task) would have done so
+    while time.time() < deadline and proc.poll() is None and len(claimants) < 2:
+        servers |= {c.pid: c for c in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in command_line(c)}
+        for claim in (store / "sweeps" / "t" / "claims").glob("*.json"):
+            try:
+                claimants.add(json.loads(claim.read_text())["pid"])
+            except (OSError, ValueError):  # released, or half-written, while we looked
+                pass
         time.sleep(0.2)
-    assert server is not None, "no temporary Prefect server was started"
-    time.sleep(2)
+    assert proc.poll() is None and len(claimants) == 2 and proc.pid not in claimants, claimants
+    assert len(servers) == 1, f"{len(servers)} Prefect servers for one command"
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
-    gone, alive = psutil.wait_procs([server], timeout=20)
+    gone, alive = psutil.wait_procs(list(servers.values()), timeout=20)
     assert not alive, "the temporary Prefect server outlived its command"
 
 
