@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import artifact_key, picture, run_shards, summary_markdown
 from flows.credentials import use_store_credentials
+from flows.runners import exit_with_parent
 from gptpipe.stages import collect
 from gptpipe.sweep.config import SweepConfig
 from storage.store import default_store_url, open_store
@@ -16,6 +17,7 @@ from storage.store import default_store_url, open_store
 def collect_shard(store_url: str, sweep: str, shard: int, data_root: str | None, torch_threads: int) -> dict:
     import torch
 
+    exit_with_parent()
     torch.set_num_threads(torch_threads)
     return collect.collect_shard(open_store(store_url), sweep, shard, data_root)
 

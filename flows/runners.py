@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 
 RUNNERS = ("thread", "process", "dask")
 
@@ -46,3 +48,19 @@ def set_torch_threads(requested: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def exit_with_parent() -> None:
+    """In a task process that a pool started (the process runner, a local Dask cluster), exit as soon as
+    the process that started it is gone. After a SIGKILL of the command (kill -9, the OOM killer) its
+    workers would otherwise go on training the shards already handed to them, unsupervised, for as long
+    as those take. A no-op in the command's own process and once a watch is running."""
+    parent = multiprocessing.parent_process()
+    if parent is None or any(t.name == "exit-with-parent" for t in threading.enumerate()):
+        return
+
+    def watch():
+        parent.join()  # waits on the parent's sentinel, which the kernel closes when it dies
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

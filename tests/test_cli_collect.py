@@ -117,10 +117,11 @@ def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_command_leaves_no_temporary_prefect_server(tmp_path, sig):
+def test_a_killed_command_leaves_nothing_running(tmp_path, sig):
     """With no server configured a command starts its own, and its task processes report to it rather
     than each starting another. SIGTERM (kill, a timeout, a container stop) stops it in order, and
-    SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not leave it running either."""
+    SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not leave its server or its
+    task processes running either."""
     import psutil
 
     store = tmp_path / "s"
@@ -136,25 +137,33 @@ def test_a_killed_command_leaves_no_temporary_prefect_server(tmp_path, sig):
         except psutil.Error:  # a short-lived helper that exited (or is a zombie) while we looked
             return ""
 
-    servers: dict[int, psutil.Process] = {}
+    seen: dict[int, psutil.Process] = {}  # every process the command started
     claimants: set[int] = set()  # processes seen holding a shard's claim
     deadline = time.time() + 180
-    # until both task processes have been inside a shard: by then one that started a server of its own
-    # (it would, before its first task) would have done so
-    while time.time() < deadline and proc.poll() is None and len(claimants) < 2:
-        servers |= {c.pid: c for c in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in command_line(c)}
-        for claim in (store / "sweeps" / "t" / "claims").glob("*.json"):
+    try:
+        # until both task processes have been inside a shard: by then one that started a server of its
+        # own (it would, before its first task) would have done so
+        while time.time() < deadline and proc.poll() is None and len(claimants) < 2:
+            seen |= {c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)}
+            for claim in (store / "sweeps" / "t" / "claims").glob("*.json"):
+                try:
+                    claimants.add(json.loads(claim.read_text())["pid"])
+                except (OSError, ValueError):  # released, or half-written, while we looked
+                    pass
+            time.sleep(0.2)
+        assert proc.poll() is None and len(claimants) == 2 and proc.pid not in claimants, claimants
+        servers = [p for p in seen.values() if "uvicorn" in command_line(p)]
+        assert len(servers) == 1, f"{len(servers)} Prefect servers for one command"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
+        gone, alive = psutil.wait_procs(list(seen.values()), timeout=20)
+        assert not alive, f"outlived their command: {[command_line(p)[:80] for p in alive]}"
+    finally:  # a failed check must not leave the sweep training
+        for p in [*seen.values(), psutil.Process(proc.pid)] if proc.poll() is None else seen.values():
             try:
-                claimants.add(json.loads(claim.read_text())["pid"])
-            except (OSError, ValueError):  # released, or half-written, while we looked
+                p.kill()
+            except psutil.Error:
                 pass
-        time.sleep(0.2)
-    assert proc.poll() is None and len(claimants) == 2 and proc.pid not in claimants, claimants
-    assert len(servers) == 1, f"{len(servers)} Prefect servers for one command"
-    proc.send_signal(sig)
-    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
-    gone, alive = psutil.wait_procs(list(servers.values()), timeout=20)
-    assert not alive, "the temporary Prefect server outlived its command"
 
 
 def test_collect_flow_records_artifacts(prefect_api, tmp_path):
