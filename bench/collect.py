@@ -10,6 +10,7 @@ same run, on the same machine.
                                                    # each data order vs the per-network loop, in turn, medians
     .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
     .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
+    .venv/bin/python bench/collect.py ppo --k 16 32 64 128   # CartPole's batched PPO: seconds per run by shard size
 
 Results are printed as a markdown table and appended as JSON lines to bench/results.jsonl.
 """
@@ -274,6 +275,30 @@ def bench_scale(args) -> None:
                note="wall_s of the last (possibly resumed) collect call")
 
 
+def bench_ppo(args) -> None:
+    """CartPole's batched PPO (the recipe, log-spaced checkpoints, each scored over the evaluation
+    episodes) on one thread: seconds per run for each shard size K, the K values taken in turn
+    ``--repeats`` times (host speed drifts), medians; ratios against the first K."""
+    from gptpipe.sweep import ppo
+
+    torch.set_num_threads(1)
+    problem = problems.get("cartpole")
+    per_run: dict[int, list[float]] = {k: [] for k in args.k}
+    for _ in range(args.repeats):
+        for k in args.k:
+            config = sweep.SweepConfig(problem="cartpole", runs=k, shard_size=k, checkpoint_spacing="log", epochs=args.epochs)
+            t = time.perf_counter()
+            ppo.train_runs(problem, config, range(k))
+            per_run[k].append((time.perf_counter() - t) / k)
+    base = statistics.median(per_run[args.k[0]])
+    for k in args.k:
+        s = statistics.median(per_run[k])
+        print(f"K={k:4d}: {s:.3f} s per run ({base / s:.2f}x K={args.k[0]})")
+    record("ppo", problem="cartpole", epochs=args.epochs, threads=1, repeats=args.repeats,
+           s_per_run={k: round(statistics.median(v), 4) for k, v in per_run.items()},
+           samples={k: [round(x, 4) for x in v] for k, v in per_run.items()})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -303,9 +328,13 @@ def main() -> None:
     s.add_argument("--runs", type=int, nargs="+", default=[1000, 10000, 100000])
     s.add_argument("--shard-size", type=int, default=256)
     s.add_argument("--store-prefix", default="/tmp/gptpipe-bench-scale")
+    q = sub.add_parser("ppo")
+    q.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128])
+    q.add_argument("--epochs", type=int, default=80)
+    q.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     {"trainer": bench_trainer, "roofline": bench_roofline, "command": bench_command, "overhead": bench_overhead,
-     "scale": bench_scale}[args.what](args)
+     "scale": bench_scale, "ppo": bench_ppo}[args.what](args)
 
 
 if __name__ == "__main__":

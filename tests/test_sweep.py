@@ -127,10 +127,14 @@ def test_bad_config_is_refused(kwargs, message):
         sweep.SweepConfig(**kwargs)
 
 
-def test_too_many_checkpoints_refused():
-    config = sweep.SweepConfig(problem="digits_mlp", runs=1, epochs=1, checkpoints=50)
-    with pytest.raises(sweep.SweepConfigError, match="more than the 12 steps"):
-        sweep_config.checkpoint_steps(config, 1400)
+@pytest.mark.parametrize("spacing", ["linear", "log"])
+@pytest.mark.parametrize("problem, n_train, steps", [("digits_mlp", 1400, 12), ("cartpole", None, 4)])
+def test_too_many_checkpoints_refused(spacing, problem, n_train, steps):
+    """Never more checkpoints than a run has steps (log spacing's early steps 1 apart used to run past the
+    end: a 3-iteration CartPole run asked for 40 checkpoints crashed after its first shard had started)."""
+    config = sweep.SweepConfig(problem=problem, runs=1, epochs=1 if n_train else 3, checkpoints=40, checkpoint_spacing=spacing)
+    with pytest.raises(sweep.SweepConfigError, match=f"more than the {steps} steps"):
+        sweep_config.checkpoint_steps(config, n_train)
 
 
 @pytest.mark.parametrize("spacing", ["linear", "log"])

@@ -119,7 +119,7 @@ def checkpoint_steps(config: SweepConfig, n_train: int | None) -> np.ndarray:
         steps = np.unique(np.maximum.accumulate(steps))
     else:
         steps = np.unique(np.round(np.linspace(0, total, config.checkpoints)).astype(np.int64))
-    if len(steps) != config.checkpoints:
+    if len(steps) != config.checkpoints or steps[-1] != total:  # log spacing's "1 apart" can run past the end
         raise SweepConfigError(f"--checkpoints {config.checkpoints} is more than the {total + 1} steps of a run")
     return steps
 
