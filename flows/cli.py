@@ -296,6 +296,8 @@ def train(
                                                    "metric, so the model can be sampled with --guidance (default 0)"),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale the model is sampled with by "
                                              "default (1 = none; above 1 needs --prompt-dropout)"),
+    seed: Optional[int] = typer.Option(None, help="Training seed: G.pt's init, its pairs and noise, and which runs are "
+                                       "held out (default 0); another seed measures how much one training differs from the next"),
 ):
     """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
     `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
@@ -334,7 +336,7 @@ def train(
             sweeps_mod.committed_runs(st, s)
         budget = int(memory_budget) if memory_budget is not None else None
         options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing,
-                        compile=compile_model or None, prompt_dropout=prompt_dropout, guidance=guidance)
+                        compile=compile_model or None, prompt_dropout=prompt_dropout, guidance=guidance, seed=seed)
         from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes

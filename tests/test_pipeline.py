@@ -158,6 +158,19 @@ def latest_artifact(api_url: str, key: str) -> dict:
         return json.load(r)[0]
 
 
+def test_train_seed_gives_another_training(small_store, cli):
+    # --seed: another draw of G.pt's init, pairs and noise and of the held-out runs (how much one training
+    # differs from the next is measured this way), recorded in the lineage
+    out = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "seed1", "--steps", "2", "--batch-size", "16",
+              "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    store = open_store(small_store)
+    seeded, default = (store.read_json("models", m, "lineage.json") for m in ("seed1", "g"))
+    assert seeded["train_config"]["seed"] == 1 and default["train_config"]["seed"] == 0
+    assert seeded["heldout_runs"]["tiny"] != default["heldout_runs"]["tiny"]
+    first_loss = [store.fs.cat_file(store.path("models", m, "train_log.csv")).decode().splitlines()[1] for m in ("seed1", "g")]
+    assert first_loss[0] != first_loss[1]
+
 def test_reports_show_every_picture_in_a_browser(small_store, prefect_server, prefect_api):
     """What a user opens: the artifacts in the Prefect UI, report.html and the index as files, the model card."""
     from flows.evaluate import evaluate_flow
