@@ -74,6 +74,16 @@ def test_the_fit_keeps_the_branch_where_asking_for_more_delivers_more():
     assert min(cal.u) >= 0 and cal.v[0] == pytest.approx(0.05, abs=0.01)
     given = calibration.condition(cal, [2.3], [[2.3 + 0.4 * (best - 2.3)]], 1)  # 40% of the way
     assert calibration.relative(given, 2.3, best)[0, 0] == pytest.approx((0.4 - 0.05) / 0.8, abs=0.03)
+    # the part left out is kept for reading: what every prompt of the grid delivered, in the report's plot too
+    grid = np.asarray(calibration.GRID)
+    np.testing.assert_allclose(cal.delivered, np.where(grid < 0, 0.45, 0.05 + 0.8 * grid), atol=1e-9)
+    assert calibration.Calibration(**cal.to_dict()) == cal  # as saved in calibration.json and read back
+
+    from gptpipe.evaluation.report import calibration_plot
+
+    with_grid = calibration_plot(cal.to_dict(), {"model": "m"})
+    without = calibration_plot({**cal.to_dict(), "delivered": []}, {"model": "m"})  # saved before the grid was kept
+    assert with_grid[:4] == without[:4] == b"\x89PNG" and with_grid != without
 
 
 def test_the_branch_ends_where_asking_for_less_stops_delivering_less():

@@ -20,7 +20,7 @@ negative return keeps a policy's return, which is how a request close to a low s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,10 @@ class Calibration:
     networks: int  # calibration networks fitted
     step: int  # the model step it was fitted for
     sampler: str = ""  # the sampler and its steps it was fitted with, "ddim:10"; "" = the model's default
+    # what every prompt of GRID delivered on average (None where no network could say), the fit's branch and
+    # the rest: where the branch stops, and why, is read here (one CartPole training delivered a third of the
+    # way up to any prompt below its start, another kept the start: docs/gpt-ablations.md)
+    delivered: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,7 +97,8 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: st
 
     g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(grid)
     return Calibration(u=[float(x) for x in grid], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
-                       step=int(step), sampler=sampler)
+                       step=int(step), sampler=sampler,
+                       delivered=[float(m) if np.isfinite(m) else None for m in means])
 
 
 def condition(cal: Calibration | dict | None, start, requested, sign: int) -> np.ndarray:

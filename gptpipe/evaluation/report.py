@@ -11,6 +11,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
+from gptpipe.evaluation.calibration import GRID
 
 # One colour per source in every plot and page, readable on white and on the Prefect UI's dark theme
 # (plots carry their own white background).
@@ -88,8 +89,12 @@ def calibration_plot(calibration: dict, summary: dict) -> bytes:
     plt = plt_module()
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     u, v = np.asarray(calibration["u"]), np.asarray(calibration["v"])
-    ax.plot(u, v, "o-", ms=3, color=COLORS["gpt"], label="G.pt on the calibration's fresh inits")
-    ax.plot([u.min(), 1], [u.min(), 1], "k--", lw=1, label="delivered = asked")
+    delivered = np.array([np.nan if d is None else d for d in calibration.get("delivered", [])], np.float64)
+    if len(delivered) == len(GRID):
+        ax.plot(GRID, delivered, "o", ms=4, mfc="none", color="0.55", label="mean delivery, every prompt of the grid")
+    ax.plot(u, v, "o-", ms=3, color=COLORS["gpt"], label="fitted on its monotone branch")
+    lo = min(u.min(), GRID[0]) if len(delivered) == len(GRID) else u.min()
+    ax.plot([lo, 1], [lo, 1], "k--", lw=1, label="delivered = asked")
     ax.axvline(0, color=COLORS["start"], lw=0.8)
     ax.set_xlabel("prompt: fraction of the way from the start to the best value")
     ax.set_ylabel("delivered: same fraction")
