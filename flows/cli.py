@@ -301,35 +301,13 @@ def train(
 ):
     """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
     `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
-    from gptpipe.gpt.model import PRESETS
     from storage import models, sweeps as sweeps_mod
     from storage.store import open_store
 
     url = store or default_store_url()
     with user_errors():
         check_name(model, "model")
-        if preset is not None and preset not in PRESETS:
-            raise StoreError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-        if save_every is not None and save_every <= 0:
-            raise StoreError(f"--save-every must be positive, got {save_every}")
-        if memory_budget is not None and not (memory_budget >= 0 and math.isfinite(memory_budget)):
-            raise StoreError(f"--memory-budget must be a number of bytes, got {memory_budget}")
-        if steps is not None and steps <= 0:
-            raise StoreError(f"--steps must be positive, got {steps}")
-        if lr is not None and not (0 < lr < 1):
-            raise StoreError(f"--lr must be between 0 and 1, got {lr}")
-        if prompt_dropout is not None and not (0 <= prompt_dropout < 1):
-            raise StoreError(f"--prompt-dropout must be in [0, 1), got {prompt_dropout}")
-        check_guidance(guidance, prompt_dropout)
-        from gptpipe.gpt.trainer import PAIRINGS
-
-        if pairing is not None and pairing not in PAIRINGS:
-            raise StoreError(f"unknown --pairing {pairing!r} (choose from {', '.join(PAIRINGS)})")
-        from gptpipe.gpt.trainer import resolve_device
-
-        if resolve_device(device or "auto").type == "cpu" and preset in GPU_PRESETS and not force:
-            raise StoreError(f"the {preset} preset is sized for a GPU and would train for days on this CPU (no CUDA device "
-                             f"visible); use --preset tiny or small, or add --force")
+        check_train_options(preset, steps, lr, pairing, save_every, memory_budget, prompt_dropout, guidance, device, force)
         st = open_store(url)
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
@@ -359,6 +337,31 @@ def train(
 
 
 GPU_PRESETS = ("paper",)  # ~392M parameters at mnist_mlp size: refused on the CPU unless --force
+
+
+def check_train_options(preset, steps, lr, pairing, save_every, memory_budget, prompt_dropout, guidance, device, force) -> None:
+    """``gptpipe train``'s settings, each refused with one line before anything is read or written."""
+    from gptpipe.gpt.model import PRESETS
+    from gptpipe.gpt.trainer import PAIRINGS, resolve_device
+
+    if preset is not None and preset not in PRESETS:
+        raise StoreError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if save_every is not None and save_every <= 0:
+        raise StoreError(f"--save-every must be positive, got {save_every}")
+    if memory_budget is not None and not (memory_budget >= 0 and math.isfinite(memory_budget)):
+        raise StoreError(f"--memory-budget must be a number of bytes, got {memory_budget}")
+    if steps is not None and steps <= 0:
+        raise StoreError(f"--steps must be positive, got {steps}")
+    if lr is not None and not (0 < lr < 1):
+        raise StoreError(f"--lr must be between 0 and 1, got {lr}")
+    if prompt_dropout is not None and not (0 <= prompt_dropout < 1):
+        raise StoreError(f"--prompt-dropout must be in [0, 1), got {prompt_dropout}")
+    check_guidance(guidance, prompt_dropout)
+    if pairing is not None and pairing not in PAIRINGS:
+        raise StoreError(f"unknown --pairing {pairing!r} (choose from {', '.join(PAIRINGS)})")
+    if resolve_device(device or "auto").type == "cpu" and preset in GPU_PRESETS and not force:
+        raise StoreError(f"the {preset} preset is sized for a GPU and would train for days on this CPU (no CUDA device "
+                         f"visible); use --preset tiny or small, or add --force")
 
 
 def _preset_steps(preset: str | None) -> int:
