@@ -147,11 +147,13 @@ def test_symmetry_of_training_pairs():
 
 @pytest.mark.parametrize("pairing", PAIRINGS)
 def test_pairings_draw_checkpoints_of_one_run_in_the_stated_order(pairing):
-    from gptpipe.gpt.pairs import REVERSED_FRAC, sample_pair_indices
+    from gptpipe.gpt.pairs import REVERSED_FRAC, STAY_FRAC, sample_pair_indices
 
     n_valid = torch.tensor([2, 5, 40, 40])
     run, i, j = sample_pair_indices(n_valid, 20_000, torch.Generator().manual_seed(0), pairing)
-    assert (i != j).all() and (i >= 0).all() and (j >= 0).all()
+    stay = (i == j).float().mean().item()
+    assert stay == pytest.approx(STAY_FRAC, abs=0.01) if pairing == "stay" else stay == 0
+    assert (i >= 0).all() and (j >= 0).all()
     assert (torch.maximum(i, j) < n_valid[run]).all()
     backward = (i > j).float().mean().item()
     assert backward == pytest.approx(REVERSED_FRAC, abs=0.02) if pairing == "two-way" else backward == 0

@@ -29,9 +29,9 @@ def _flow_runs(flow_name: str) -> list:
 
 
 def test_demo_runs_the_pipeline_flow_and_a_rerun_reuses_the_store(prefect_api, tmp_path, monkeypatch):
-    demo = cli_module.Demo("dm", runs=24, checkpoints=5, steps=6, networks=4, prompts=3, calibration_networks=8, optimiser_steps=8,
-                           shard_size=12,
-                           lr_min=0.1, lr_max=0.3)
+    # a model named apart from its sweep, trained with the CartPole demo's "stay" pairs
+    demo = cli_module.Demo("dm", model="dm-stay", runs=24, checkpoints=5, steps=6, networks=4, prompts=3, calibration_networks=8,
+                           optimiser_steps=8, shard_size=12, lr_min=0.1, lr_max=0.3, pairing="stay")
     monkeypatch.setitem(cli_module.DEMOS, "digits_mlp", demo)
     store = str(tmp_path / "store")
     before = {r.id for r in _flow_runs("pipeline")}
@@ -39,7 +39,7 @@ def test_demo_runs_the_pipeline_flow_and_a_rerun_reuses_the_store(prefect_api, t
     proc = invoke("demo", "--store", store)
     assert proc.returncode == 0, proc
     out = proc.stdout
-    assert "prompt alignment R²" in out and "sweep dm: runs=24" in out and "model dm: step=6" in out, out
+    assert "prompt alignment R²" in out and "sweep dm: runs=24" in out and "model dm-stay: step=6" in out, out
     [run] = [r for r in _flow_runs("pipeline") if r.id not in before]
     assert run.state.is_completed() and run.parameters["stages"] == "subflows"
     for stage in ("collect", "train", "evaluate"):  # each stage a subflow of the pipeline's run
@@ -49,8 +49,9 @@ def test_demo_runs_the_pipeline_flow_and_a_rerun_reuses_the_store(prefect_api, t
     st = open_store(store)
     rows = catalog.query(st, "select count(*) as n, count(distinct run) as d from runs where sweep = 'dm'").to_pylist()
     assert rows == [{"n": 24, "d": 24}]
-    assert models.step(st, "dm") == 6
-    assert len([e for e in evals.names(st) if e.startswith("dm-")]) == 2
+    assert models.step(st, "dm-stay") == 6 and not models.exists(st, "dm")
+    assert models.read_lineage(st, "dm-stay")["train_config"]["pairing"] == "stay"
+    assert len([e for e in evals.names(st) if e.startswith("dm-stay-")]) == 2
 
 
 def test_pipeline_refuses_an_unknown_way_to_run_its_stages(prefect_api, tmp_path):

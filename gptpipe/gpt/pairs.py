@@ -1,6 +1,6 @@
 """Where G.pt's training pairs come from.
 
-A training example is a pair of checkpoints (start i, target j) of one run, i < j but for "two-way" pairing. Two sources:
+A training example is a pair of checkpoints (start i, target j) of one run, i < j but for "two-way" and "stay" pairing. Two sources:
 
 - **in memory** (``Trainer`` with ``params [R, C, P]``): small sweeps are cached in memory and every
   batch draws pairs from all runs at once (the default while the training set fits the memory budget).
@@ -29,6 +29,11 @@ import torch
 # "two-way" pairing: trained only on forward pairs of PPO runs (whose returns mostly rise), a model answers
 # a prompt below the start with an improvement anyway (docs/gpt-ablations.md, CartPole)
 REVERSED_FRAC = 0.25
+# "stay" pairing: pairs whose target is the start itself. Forward pairs never ask for the value a network
+# already has, so what G.pt returns for prompts at or just below its start is learned from nothing and
+# changed from one training to the next (a CartPole model asked for its start's return delivered a third of
+# the way to the best, another the start: docs/gpt-ablations.md); these pairs teach it to keep the network
+STAY_FRAC = 0.1
 
 
 def valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
@@ -41,11 +46,12 @@ def valid_counts(params: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
 
 def sample_pair_indices(n_valid: torch.Tensor, n: int, generator: torch.Generator, pairing: str = "mixed",
                         init_frac: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(run, i, j)`` index tensors ``[n]`` with i != j, both < n_valid[run] (every n_valid >= 2).
+    """``(run, i, j)`` index tensors ``[n]`` with both < n_valid[run] (every n_valid >= 2), i != j but for "stay".
 
     "uniform" (the paper): a spacing uniform in 1..last, then a start uniform among those that fit;
     "init": i = 0; "mixed": a fraction ``init_frac`` with i = 0, the rest uniform; "two-way": "mixed"
-    with a quarter of the pairs reversed (i > j), so the model also sees targets worse than its start."""
+    with a quarter of the pairs reversed (i > j), so the model also sees targets worse than its start;
+    "stay": "mixed" with a tenth of the pairs' targets the start itself (j = i)."""
     g = generator
     run = torch.randint(0, len(n_valid), (n,), generator=g)
     last = (n_valid[run] - 1).float()  # >= 1
@@ -61,6 +67,8 @@ def sample_pair_indices(n_valid: torch.Tensor, n: int, generator: torch.Generato
     if pairing == "two-way":
         backward = torch.rand(n, generator=g) < REVERSED_FRAC
         i, j = torch.where(backward, j, i), torch.where(backward, i, j)
+    if pairing == "stay":
+        j = torch.where(torch.rand(n, generator=g) < STAY_FRAC, i, j)
     return run, i, j
 
 

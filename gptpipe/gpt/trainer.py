@@ -44,7 +44,7 @@ from gptpipe.gpt.model import UNIT_TOKENS, Gpt, GptConfig, Normalizer, fit_unit_
 from gptpipe.gpt.pairs import SYMMETRIES, StreamingPairs, gather_pairs, resolve_symmetry, sample_pair_indices, valid_counts
 
 FORMAT = "gptpipe.gpt/1"
-PAIRINGS = ("uniform", "init", "mixed", "two-way")
+PAIRINGS = ("uniform", "init", "mixed", "two-way", "stay")
 # Training settings that come with a model preset (``TrainConfig.for_preset``); the dataclass defaults are
 # the CPU demo's. "paper": the paper's MNIST configuration (configs/train/*.yaml of its code release).
 PRESET_TRAINING: dict[str, dict] = {
@@ -72,7 +72,7 @@ class TrainConfig:
     autocast: str = "auto"  # "auto" (bf16 on CUDA; on CPU bf16 from width 256 up), "bf16", "none"
     compile: bool = False  # torch.compile the training step's model (a minute or more of compiling first; bench/gpt.py compile)
     normalization: str = "layer"  # per-layer scales, or "global" (one scale)
-    pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0), "two-way" (mixed, a quarter reversed)
+    pairing: str = "mixed"  # "uniform" i<j (the paper), "init" (i = 0), "mixed" (a fraction init_frac from i = 0), "two-way" (mixed, a quarter reversed), "stay" (mixed, a tenth j = i)
     init_frac: float = 0.5
     symmetry: str = "auto"  # hidden-unit order of training pairs: "permute", "canonical", "none" (pairs.resolve_symmetry)
     unit_tokens: bool | None = None  # one shared-type token per hidden unit (problems with ``unit_axes``); None = the preset's choice
@@ -277,7 +277,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------------
     def sample_pairs(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(run, i, j)`` index tensors ``[n]`` with i != j < n_valid[run] (runs held in memory)."""
+        """``(run, i, j)`` index tensors ``[n]``, both < n_valid[run] (runs held in memory; ``sample_pair_indices``)."""
         return sample_pair_indices(self.n_valid, n, generator or self.generator, self.config.pairing, self.config.init_frac)
 
     def batch(self, n: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
