@@ -171,6 +171,7 @@ def test_train_seed_gives_another_training(small_store, cli):
     first_loss = [store.fs.cat_file(store.path("models", m, "train_log.csv")).decode().splitlines()[1] for m in ("seed1", "g")]
     assert first_loss[0] != first_loss[1]
 
+
 def test_reports_show_every_picture_in_a_browser(small_store, prefect_server, prefect_api):
     """What a user opens: the artifacts in the Prefect UI, report.html and the index as files, the model card."""
     from flows.evaluate import evaluate_flow

@@ -90,10 +90,11 @@ def calibration_plot(calibration: dict, summary: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     u, v = np.asarray(calibration["u"]), np.asarray(calibration["v"])
     delivered = np.array([np.nan if d is None else d for d in calibration.get("delivered", [])], np.float64)
-    if len(delivered) == len(GRID):
+    lo = u.min()
+    if len(delivered) == len(GRID):  # calibrations saved before the grid was kept have none
         ax.plot(GRID, delivered, "o", ms=4, mfc="none", color="0.55", label="mean delivery, every prompt of the grid")
+        lo = min(lo, GRID[0])
     ax.plot(u, v, "o-", ms=3, color=COLORS["gpt"], label="fitted on its monotone branch")
-    lo = min(u.min(), GRID[0]) if len(delivered) == len(GRID) else u.min()
     ax.plot([lo, 1], [lo, 1], "k--", lw=1, label="delivered = asked")
     ax.axvline(0, color=COLORS["start"], lw=0.8)
     ax.set_xlabel("prompt: fraction of the way from the start to the best value")
