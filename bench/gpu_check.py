@@ -210,7 +210,7 @@ def evaluate_mnist(trainer: Trainer, device: torch.device, config: SweepConfig, 
     model, diffusion, _ = load_model(trainer.state_dict_bytes(), use_ema=use_ema, device=str(device))
     dataset = datasets.load_cached("mnist5k")
     n_cal = 8 if reduced else 64
-    cal = fit_calibration(model, diffusion, PROBLEM, dataset, "test_loss", best, "ddim", 10, 1.0, trainer.step, "ddim:10", n_cal)
+    cal = fit_calibration(model, diffusion, PROBLEM, dataset, "test_loss", best, "ddim", 10, 1.0, 1.0, trainer.step, "ddim:10", n_cal)
     fresh = PROBLEM.init([torch.Generator().manual_seed(10_000_019 + k) for k in range(networks // 2)]).numpy()
     start = np.concatenate([held[: networks // 2], fresh])
     is_fresh = np.arange(len(start)) >= min(len(held), networks // 2)

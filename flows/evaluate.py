@@ -20,7 +20,8 @@ def evaluate_flow(store: str | None = None, model: str | None = None, eval: str 
                   prompts: int | None = None, recursive: int | None = None, sampler: str | None = None,
                   sample_steps: int | None = None, seed: int | None = None, data_root: str | None = None,
                   device: str | None = None, torch_threads: int | None = None, credentials: str | None = None,
-                  calibrate: bool | None = None, guidance: float | None = None, calibration_networks: int | None = None,
+                  calibrate: bool | None = None, guidance: float | None = None, temperature: float | None = None,
+                  calibration_networks: int | None = None,
                   optimiser_steps: int | None = None) -> dict:
     """Evaluate ``model`` (default: the newest in the store) into ``evals/<eval>`` (default: a new
     timestamped name), so a scheduled run never overwrites an earlier one; a setting left None is
@@ -33,7 +34,8 @@ def evaluate_flow(store: str | None = None, model: str | None = None, eval: str 
     model = model or models.newest(st)
     eval = eval or f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     settings = dict(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler, sample_steps=sample_steps, seed=seed,
-                    device=device, calibrate=calibrate, guidance=guidance, calibration_networks=calibration_networks,
+                    device=device, calibrate=calibrate, guidance=guidance, temperature=temperature,
+                    calibration_networks=calibration_networks,
                     optimiser_steps=optimiser_steps)
     request = eval_stage.EvalRequest(model=model, eval=eval, data_root=data_root, **{k: v for k, v in settings.items() if v is not None})
     summary = eval_stage.run(st, request)

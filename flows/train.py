@@ -28,7 +28,8 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
                metric: str | None = None, save_every: int | None = None, seed: int = 0, device: str | None = None,
                batch_size: int | None = None, lr: float | None = None, pairing: str | None = None,
                memory_budget: int | None = None, torch_threads: int | None = None, credentials: str | None = None,
-               compile: bool | None = None, prompt_dropout: float | None = None, guidance: float | None = None) -> dict:
+               compile: bool | None = None, prompt_dropout: float | None = None, guidance: float | None = None,
+               temperature: float | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
@@ -50,7 +51,7 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
 
     options = {k: v for k, v in dict(preset=preset, steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr,
                                      pairing=pairing, compile=compile, prompt_dropout=prompt_dropout,
-                                     guidance=guidance).items() if v is not None}
+                                     guidance=guidance, temperature=temperature).items() if v is not None}
     with one_training_at_a_time(model):
         summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
     st = open_store(store)

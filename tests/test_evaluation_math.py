@@ -91,6 +91,18 @@ def test_sample_with_explicit_noise_is_deterministic(random_denoiser):
         evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, x_T=x_T[:2])
 
 
+def test_temperature_scales_the_starting_noise(random_denoiser):
+    model, diffusion = random_denoiser
+    start, m = torch.randn(4, DIGITS.n_params), torch.full((4,), 2.0)
+    cool = evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, torch.Generator().manual_seed(3), temperature=0.5)
+    x_T = 0.5 * torch.randn(4, DIGITS.n_params, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cool, evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, x_T=x_T))
+    assert not torch.allclose(cool, evaluation.sample(model, diffusion, start, m, m - 1, "ddim", 5, torch.Generator().manual_seed(3)))
+    for bad in (dict(sampler="mean", temperature=0.5), dict(temperature=0.0), dict(temperature=0.5, x_T=x_T)):
+        with pytest.raises(ValueError):
+            evaluation.sample(model, diffusion, start, m, m - 1, **{"steps": 2, **bad})
+
+
 def test_slerp_and_latent_walk(random_denoiser):
     model, diffusion = random_denoiser
     z0, z1 = torch.randn(760), torch.randn(760)

@@ -134,21 +134,29 @@ def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli
     assert (store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None) == before
 
 
-def test_guided_model_is_evaluated_with_its_guidance(small_store, cli):
-    # a model trained with prompt dropout is sampled with its own guidance scale by default, with a
-    # calibration named for that scale (how far G.pt over- or under-delivers depends on it)
+def test_model_is_evaluated_with_its_guidance_and_temperature(small_store, cli):
+    # a model trained with prompt dropout is sampled with its own guidance scale and temperature by default,
+    # with a calibration named for them (how far G.pt over- or under-delivers depends on both)
     out = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "cfg", "--steps", "4", "--batch-size", "16",
-              "--prompt-dropout", "0.2", "--guidance", "2")
+              "--prompt-dropout", "0.2", "--guidance", "2", "--temperature", "0.5")
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
-    assert store.read_json("models", "cfg", "lineage.json")["train_config"]["guidance"] == 2.0
+    train_config = store.read_json("models", "cfg", "lineage.json")["train_config"]
+    assert train_config["guidance"] == 2.0 and train_config["temperature"] == 0.5
     out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "w2", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
               "--recursive", "1", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     summary = store.read_json("evals", "w2", "summary.json")
-    assert summary["guidance"] == 2.0 and summary["calibration"]["sampler"] == "ddim:10:w2"
-    assert "classifier-free guidance 2" in store.fs.cat_file(store.path("evals", "w2", "report.md")).decode()
-    assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2"  # the model's own, kept
+    assert summary["guidance"] == 2.0 and summary["temperature"] == 0.5 and summary["calibration"]["sampler"] == "ddim:10:w2:T0.5"
+    report_md = store.fs.cat_file(store.path("evals", "w2", "report.md")).decode()
+    assert "classifier-free guidance 2" in report_md and "temperature 0.5" in report_md
+    assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2:T0.5"  # the model's own, kept
+    # another temperature for one evaluation: a calibration of its own, the model's left as it is
+    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "t1", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
+              "--recursive", "1", "--optimiser-steps", "8", "--temperature", "1")
+    assert out.returncode == 0, out.stderr
+    assert store.read_json("evals", "t1", "summary.json")["calibration"]["sampler"] == "ddim:10:w2"
+    assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2:T0.5"
 
 
 def latest_artifact(api_url: str, key: str) -> dict:
@@ -217,6 +225,8 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--prompt-dropout", "1"], "--prompt-dropout must be in [0, 1)"),
         (["evaluate", "--store", small_store, "--model", "g", "--guidance", "2"], "g was trained without"),
         (["evaluate", "--store", small_store, "--model", "g", "--guidance", "0"], "--guidance must be"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--temperature", "0"], "--temperature must be"),
+        (["evaluate", "--store", small_store, "--model", "g", "--sampler", "mean", "--temperature", "0.5"], "not of 'mean'"),
         (["evaluate", "--store", small_store, "--model", "g", "--calibration-networks", "1"], "--calibration-networks must be at least 2"),
         (["evaluate", "--store", small_store, "--model", "g", "--optimiser-steps", "0"], "--optimiser-steps must be at least 1"),
         (["collect", "--store", small_store, "--sweep", "x", "--problem", "digits_mlp", "--runs", "2", "--lr-max", "inf"], "lr_max < inf"),

@@ -308,8 +308,11 @@ def nn_plot(nn: dict, summary: dict) -> bytes:
     return png(fig)
 
 
-def guidance_note(guidance: float) -> str:
-    return "" if guidance == 1.0 else f", classifier-free guidance {guidance:g}"
+def sampling_note(summary: dict) -> str:
+    """What the header says of guidance and temperature when they are not 1."""
+    guidance, temperature = summary.get("guidance", 1.0), summary.get("temperature", 1.0)
+    return ((f", classifier-free guidance {guidance:g}" if guidance != 1.0 else "")
+            + (f", starting noise at temperature {temperature:g}" if temperature != 1.0 else ""))
 
 
 def _header(summary: dict) -> list[str]:
@@ -320,7 +323,7 @@ def _header(summary: dict) -> list[str]:
         f"Problem `{summary['problem']}`, prompted metric `{m}`; sweeps {', '.join(summary['sweeps'])} "
         f"(catalog digest `{summary['catalog_digest'][:12]}`); model step {summary['model_step']}; "
         f"sampler {summary['sampler']} with {summary['sample_steps']} step(s)"
-        f"{guidance_note(summary.get('guidance', 1.0))}; code {summary['code_version']}; "
+        f"{sampling_note(summary)}; code {summary['code_version']}; "
         f"{summary['networks']} start networks × {summary['prompts']} prompts from the best value in the sweeps "
         f"({summary['best_in_sweeps']:.4g}) to 0.9 × each start value; {summary['eval_wall_s']} s.",
         "",

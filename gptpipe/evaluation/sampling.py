@@ -43,13 +43,20 @@ def canonical_index(model: Gpt, start: torch.Tensor) -> torch.Tensor | None:
 @torch.no_grad()
 def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target, sampler: str = "ddim", steps: int | None = 1,
            generator: torch.Generator | None = None, batch_size: int = 2048, x_T: torch.Tensor | None = None,
-           guidance: float = 1.0) -> torch.Tensor:
+           guidance: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
     """New parameters ``[N, P]`` (raw, de-normalised) for N (start, prompt) problems, in batches.
 
     ``start_params [N, P]`` raw parameters; ``start_metric [N]`` what they achieve; ``target [N]`` the
     requested metric. Sampler names and ``steps`` as in ``Diffusion.sample``. ``x_T [N, P]``: explicit
     initial noise (in the diffusion variable's normalised units) instead of drawing it from ``generator``.
-    ``guidance``: the classifier-free guidance scale (``Gpt.guided``; 1 = none)."""
+    ``guidance``: the classifier-free guidance scale (``Gpt.guided``; 1 = none). ``temperature``: the
+    starting noise is drawn from N(0, temperature^2) (``ddim``, ``ddpm``; 1 = the model's own noise): below
+    1 the samples keep closer to what G.pt finds most likely for the prompt."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if temperature != 1.0 and (sampler == "mean" or x_T is not None):
+        raise ValueError("temperature scales the starting noise G.pt draws for 'ddim' or 'ddpm'; "
+                         "not for 'mean' or an explicit x_T")
     device = next(model.parameters()).device
     norm = Normalizer(model.config, device)
     start_params = torch.as_tensor(np.asarray(start_params), dtype=torch.float32)
@@ -65,6 +72,8 @@ def sample(model: Gpt, diffusion: Diffusion, start_params, start_metric, target,
         m0, m1 = start_metric[a : a + batch_size].to(device), target[a : a + batch_size].to(device)
         denoise = lambda x_t, t: model.guided(x_t, s, t, m0, m1, guidance)
         noise = None if x_T is None else torch.as_tensor(x_T)[a : a + batch_size]
+        if temperature != 1.0:  # the draw Diffusion would make, scaled
+            noise = temperature * torch.randn(tuple(s.shape), generator=generator)
         x0 = diffusion.sample(denoise, tuple(s.shape), sampler, steps, generator, device, x_T=noise)
         out.append(norm.denormalize(norm.params(x0, s)).cpu())
     out = torch.cat(out)
@@ -86,7 +95,8 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alphas: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def latent_walk(model: Gpt, diffusion: Diffusion, start, start_metric: float, target: float, n_frames: int = 8,
-                generator: torch.Generator | None = None, steps: int = 10, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, steps: int = 10, guidance: float = 1.0,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Walk through G.pt's noise space for one (start, prompt): draw two noises, slerp between them in
     ``n_frames`` frames and sample each deterministically (DDIM, ``steps`` steps). Neighbouring frames
     differ only by a small move of the noise, so the frames show how the generated network changes
@@ -97,7 +107,7 @@ def latent_walk(model: Gpt, diffusion: Diffusion, start, start_metric: float, ta
     P = start.shape[1]
     z0 = torch.randn(P, generator=generator)
     z1 = torch.randn(P, generator=generator)
-    noise = slerp(z0, z1, torch.linspace(0.0, 1.0, n_frames))
+    noise = temperature * slerp(z0, z1, torch.linspace(0.0, 1.0, n_frames))
     theta = sample(model, diffusion, start.expand(n_frames, -1), torch.full((n_frames,), float(start_metric)),
                    torch.full((n_frames,), float(target)), "ddim", steps, generator, x_T=noise, guidance=guidance)
     return theta, noise
@@ -140,7 +150,7 @@ class PromptResult:
 def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, best: float, n_prompts: int = 20,
                     metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
                     generator: torch.Generator | None = None, top_frac: float = 0.9, condition=None,
-                    guidance: float = 1.0) -> PromptResult:
+                    guidance: float = 1.0, temperature: float = 1.0) -> PromptResult:
     """Prompt N starting networks with ``n_prompts`` values each and measure what the samples achieve.
     ``condition(start_metric [N], requested [N, P]) -> prompts [N, P]`` turns requests into what G.pt is
     conditioned on (a calibration); None conditions on the requests themselves."""
@@ -152,7 +162,7 @@ def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_pa
                                                                   dtype=torch.float32)
     rep = lambda x: x.repeat_interleave(n_prompts, dim=0)
     theta = sample(model, diffusion, rep(start_params), rep(start_metric), prompted.reshape(-1), sampler, steps, generator,
-                   guidance=guidance)
+                   guidance=guidance, temperature=temperature)
     scores = problem.score(theta, dataset)
     achieved = {k: v.double().numpy().reshape(N, n_prompts) for k, v in scores.items()}
     req = requested.double().numpy()
@@ -170,7 +180,7 @@ def prompt_networks(model: Gpt, diffusion: Diffusion, problem, dataset, start_pa
 
 def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, start_params, target, k: int = 5,
                         metric: str = "test_loss", sampler: str = "ddim", steps: int | None = 1,
-                        generator: torch.Generator | None = None, guidance: float = 1.0) -> dict:
+                        generator: torch.Generator | None = None, guidance: float = 1.0, temperature: float = 1.0) -> dict:
     """Feed G.pt's output back as the next start, ``k`` times, always asking for ``target [N]``.
 
     Returns ``params [k, N, n_params]`` and, for every metric of the problem, ``[k, N]`` (row s = after
@@ -180,7 +190,8 @@ def recursive_prompting(model: Gpt, diffusion: Diffusion, problem, dataset, star
     current = problem.score(theta, dataset)
     out = {"start": current[metric].double().numpy(), "params": []}
     for _ in range(k):
-        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator, guidance=guidance)
+        theta = sample(model, diffusion, theta, current[metric], target, sampler, steps, generator, guidance=guidance,
+                       temperature=temperature)
         current = problem.score(theta, dataset)
         out["params"].append(theta.numpy())
         for name, v in current.items():
@@ -192,7 +203,7 @@ CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluatio
 
 
 def fit_calibration(model: Gpt, diffusion: Diffusion, problem, dataset, metric: str, best: float, sampler: str, steps: int,
-                    guidance: float, model_step: int, sampling_name: str, n: int) -> calibration.Calibration:
+                    guidance: float, temperature: float, model_step: int, sampling_name: str, n: int) -> calibration.Calibration:
     """Prompt ``n`` fresh inits of the calibration's own seeds on ``calibration.GRID`` and fit the map
     from prompt to achieved value (``calibration.fit``), with noise of its own (not an evaluation's stream)."""
     start = problem.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n)])
@@ -200,6 +211,6 @@ def fit_calibration(model: Gpt, diffusion: Diffusion, problem, dataset, metric: 
     grid = calibration.grid_prompts(start_metric, best)
     G = grid.shape[1]
     theta = sample(model, diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), grid.ravel(),
-                   sampler, steps, torch.Generator().manual_seed(CALIBRATION_SEED), guidance=guidance)
+                   sampler, steps, torch.Generator().manual_seed(CALIBRATION_SEED), guidance=guidance, temperature=temperature)
     achieved = problem.score(theta, dataset)[metric].double().numpy().reshape(n, G)
     return calibration.fit(start_metric, grid, achieved, best, problems.sign(problem, metric), model_step, sampling_name)

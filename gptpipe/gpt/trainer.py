@@ -85,6 +85,7 @@ class TrainConfig:
     sampler: str = "ddim"  # defaults for evaluation
     sample_steps: int = 10
     guidance: float = 1.0  # classifier-free guidance scale (> 1 needs prompt_dropout > 0)
+    temperature: float = 1.0  # scale of the sampler's starting noise (evaluation.sampling.sample)
 
     def __post_init__(self):
         if self.pairing not in PAIRINGS:
@@ -93,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"symmetry must be one of {', '.join(SYMMETRIES)}, not {self.symmetry!r}")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, not {self.autocast!r}")
+        if not 0 < self.temperature <= 2:
+            raise ValueError(f"temperature must be in (0, 2], got {self.temperature}")
         if self.guidance != 1.0 and not self.prompt_dropout > 0:
             raise ValueError(f"guidance {self.guidance} needs a model trained with prompt_dropout > 0")
 

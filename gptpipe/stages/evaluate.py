@@ -51,6 +51,7 @@ class EvalRequest:
     sampler: str = ""  # "" = the model's default
     sample_steps: int = 0  # 0 = the model's default
     guidance: float = 0.0  # classifier-free guidance scale; 0 = the model's default
+    temperature: float = 0.0  # scale of the sampler's starting noise; 0 = the model's default
     seed: int = 0
     walk_frames: int = 8  # frames of the latent walk in the report (0: none)
     device: str = "auto"  # where G.pt samples: "auto" (CUDA when present), "cpu", "cuda"; networks are scored on the CPU
@@ -134,6 +135,7 @@ class Session:
     sampler: str
     steps: int
     guidance: float
+    temperature: float
     generator: torch.Generator
     calibration_map: calibration.Calibration | None = None  # None: G.pt is prompted with the requests themselves
 
@@ -143,16 +145,18 @@ class Session:
 
     def sample(self, start_params, start_metric, target) -> torch.Tensor:
         return sampling.sample(self.model, self.diffusion, start_params, start_metric, target, self.sampler, self.steps,
-                               self.generator, guidance=self.guidance)
+                               self.generator, guidance=self.guidance, temperature=self.temperature)
 
     @property
-    def sampling(self) -> tuple[str, int, float]:
-        return self.sampler, self.steps, self.guidance
+    def sampling(self) -> tuple[str, int, float, float]:
+        return self.sampler, self.steps, self.guidance, self.temperature
 
     @property
     def sampling_name(self) -> str:
-        """"ddim:10", or "ddim:10:w2" with guidance: the key a calibration is fitted for."""
-        return f"{self.sampler}:{self.steps}" + (f":w{self.guidance:g}" if self.guidance != 1.0 else "")
+        """"ddim:10"; "ddim:10:w2" with guidance, "ddim:10:T0.5" at another temperature: the key a
+        calibration is fitted for."""
+        return (f"{self.sampler}:{self.steps}" + (f":w{self.guidance:g}" if self.guidance != 1.0 else "")
+                + (f":T{self.temperature:g}" if self.temperature != 1.0 else ""))
 
 
 def open_session(store: Store, req: EvalRequest) -> Session:
@@ -160,10 +164,10 @@ def open_session(store: Store, req: EvalRequest) -> Session:
     model, diffusion, _ = load_model(models.read_state(store, req.model), device=req.device)
     sweep = lineage["sweeps"][0]
     recipe = sweeps.read_config(store, sweep)["recipe"]
-    sampler, steps, guidance = sampling_defaults(lineage)
+    sampler, steps, guidance, temperature = sampling_defaults(lineage)
     return Session(model, diffusion, problems.get(lineage["problem"]), lineage, lineage["metric"], float(lineage["best"]),
                    sweep, recipe, datasets.load_cached(recipe["data"], req.data_root),
-                   req.sampler or sampler, req.sample_steps or steps, req.guidance or guidance,
+                   req.sampler or sampler, req.sample_steps or steps, req.guidance or guidance, req.temperature or temperature,
                    torch.Generator().manual_seed(req.seed))
 
 
@@ -171,7 +175,7 @@ def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Ca
     """The session's calibration, fitted on ``n`` fresh inits of the calibration's own seeds and noise:
     an evaluation samples the same whether the calibration was fitted now or read."""
     return sampling.fit_calibration(s.model, s.diffusion, s.problem, s.dataset, s.metric, s.best, s.sampler, s.steps,
-                                    s.guidance, s.lineage.get("step", 0), s.sampling_name, n)
+                                    s.guidance, s.temperature, s.lineage.get("step", 0), s.sampling_name, n)
 
 
 def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
@@ -194,7 +198,8 @@ def prompt_all(s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarra
     """1. one-step prompting over a range of requested values (sample 0 of every (network, prompt));
     2. recursive prompting from fresh inits at the best value (update 1 is the grid's sample at the best
     prompt, updates 2..K feed each output back in); 3. more samples for a few (fresh init, best prompt)."""
-    options = dict(metric=s.metric, sampler=s.sampler, steps=s.steps, generator=s.generator, guidance=s.guidance)
+    options = dict(metric=s.metric, sampler=s.sampler, steps=s.steps, generator=s.generator, guidance=s.guidance,
+                   temperature=s.temperature)
     prompted = sampling.prompt_networks(s.model, s.diffusion, s.problem, s.dataset, start, s.best, req.prompts,
                                         condition=s.condition, **options)
     recursive = sampling.recursive_prompting(s.model, s.diffusion, s.problem, s.dataset, prompted.params[fresh, TOP],
@@ -272,7 +277,7 @@ def walk_frames(s: Session, req: EvalRequest, start: np.ndarray, fresh: np.ndarr
     n0 = int(np.flatnonzero(fresh)[0])
     walk_steps = s.steps if s.sampler == "ddim" else 10
     walk_params, _ = sampling.latent_walk(s.model, s.diffusion, start[n0], float(start_metric[n0]), s.best, req.walk_frames,
-                                          torch.Generator().manual_seed(req.seed + 7), walk_steps, s.guidance)
+                                          torch.Generator().manual_seed(req.seed + 7), walk_steps, s.guidance, s.temperature)
     values = s.problem.score(walk_params, s.dataset)[s.metric].double().numpy()
     images = report.first_layer_images(s.problem.layers, walk_params.numpy())
     if images is None:
@@ -358,7 +363,7 @@ def run_summary(s: Session, req: EvalRequest, base: dict, one_step: float, n_div
     higher = problems.sign(s.problem, s.metric) < 0
     curves, steps = base["curves"], base["steps"]
     return {
-        "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
+        "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "temperature": s.temperature, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
         "optimiser_steps": list(steps),
         **{f"{name}_curve_{m}_mean": [float(x) for x in v.mean(1)] for name, c in curves.items() for m, v in c.items()},
         **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[s.metric].mean(1), steps, one_step, higher)

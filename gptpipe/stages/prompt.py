@@ -95,6 +95,7 @@ class TrainedGpt:
     sampler: str
     sample_steps: int
     guidance: float
+    temperature: float
     calibration_map: dict | None = None  # the model's prompt calibration for its step (fitted by its first evaluation)
 
     @classmethod
@@ -158,7 +159,7 @@ class TrainedGpt:
             prompt = self.prompt_for(value, target)
             candidates = sampling.sample(self.model, self.diffusion, theta.expand(samples, -1), np.full(samples, value),
                                          np.full(samples, prompt), self.sampler, self.sample_steps, generator,
-                                         guidance=self.guidance)
+                                         guidance=self.guidance, temperature=self.temperature)
             if not self.scored:  # nothing to choose by: every candidate goes back
                 return PromptResult([self.problem.state_dict(v) for v in candidates], self.metric, target, start, None, note)
             scores = self.score(candidates)

@@ -179,10 +179,12 @@ def lineage_matches(old: dict, new: dict) -> list[str]:
     return [k for k in a if json.dumps(a[k], sort_keys=True) != json.dumps(b[k], sort_keys=True)]
 
 
-def sampling_defaults(lineage: dict) -> tuple[str, int, float]:
-    """The sampler, its steps and the guidance scale a model is sampled with unless told otherwise (saved with it)."""
+def sampling_defaults(lineage: dict) -> tuple[str, int, float, float]:
+    """The sampler, its steps, the guidance scale and the temperature a model is sampled with unless told
+    otherwise (saved with it)."""
     train_config = lineage.get("train_config", {})
-    return train_config.get("sampler", "ddim"), train_config.get("sample_steps", 1), float(train_config.get("guidance", 1.0))
+    return (train_config.get("sampler", "ddim"), train_config.get("sample_steps", 1), float(train_config.get("guidance", 1.0)),
+            float(train_config.get("temperature", 1.0)))
 
 
 def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> None:
