@@ -431,7 +431,11 @@ def evaluate(
         model = model or models.newest(st)
         lineage = models.read_lineage(st, model)
         check_guidance(guidance, lineage.get("train_config", {}).get("prompt_dropout"), model)
-        check_temperature(temperature, sampler or lineage.get("train_config", {}).get("sampler", "ddim"))
+        defaults = lineage.get("train_config", {})
+        check_temperature(temperature, sampler or defaults.get("sampler", "ddim"))
+        if sampler == "mean" and temperature is None and defaults.get("temperature", 1.0) != 1.0:
+            raise StoreError(f"{model} is sampled at temperature {defaults['temperature']:g}, which the 'mean' sampler "
+                             "cannot do: add --temperature 1")
         if eval:
             evals.check_new(st, eval)
         server_ready = start_prefect_server()  # starts while the flow's modules load

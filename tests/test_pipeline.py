@@ -156,6 +156,8 @@ def test_model_is_evaluated_with_its_guidance_and_temperature(small_store, cli):
               "--recursive", "1", "--optimiser-steps", "8", "--temperature", "1")
     assert out.returncode == 0, out.stderr
     assert store.read_json("evals", "t1", "summary.json")["calibration"]["sampler"] == "ddim:10:w2"
+    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--sampler", "mean")
+    assert out.returncode == 2 and "add --temperature 1" in out.stderr and out.stderr.strip().count("\n") == 0
     assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2:T0.5"
 
 
