@@ -430,8 +430,8 @@ def evaluate(
         st = open_store(url)
         model = model or models.newest(st)
         lineage = models.read_lineage(st, model)
-        check_guidance(guidance, lineage.get("train_config", {}).get("prompt_dropout"), model)
-        defaults = lineage.get("train_config", {})
+        defaults = lineage.get("train_config", {})  # how the model is sampled unless told otherwise
+        check_guidance(guidance, defaults.get("prompt_dropout"), model)
         check_temperature(temperature, sampler or defaults.get("sampler", "ddim"))
         if sampler == "mean" and temperature is None and defaults.get("temperature", 1.0) != 1.0:
             raise StoreError(f"{model} is sampled at temperature {defaults['temperature']:g}, which the 'mean' sampler "
