@@ -363,7 +363,8 @@ def run_summary(s: Session, req: EvalRequest, base: dict, one_step: float, n_div
     higher = problems.sign(s.problem, s.metric) < 0
     curves, steps = base["curves"], base["steps"]
     return {
-        "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "temperature": s.temperature, "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
+        "sampler": s.sampler, "sample_steps": s.steps, "guidance": s.guidance, "temperature": s.temperature,
+        "best_lr": base["best_lr"], "adam_lr": ADAM_LR,
         "optimiser_steps": list(steps),
         **{f"{name}_curve_{m}_mean": [float(x) for x in v.mean(1)] for name, c in curves.items() for m, v in c.items()},
         **{f"{name}_steps_to_match_one_step": baselines.steps_to_match(c[s.metric].mean(1), steps, one_step, higher)
