@@ -457,6 +457,14 @@ def _echo_summary(what: str, summary: dict) -> None:
     typer.echo(f"{what}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
+def _ratio_note(s: dict, metric: str) -> str:
+    """"; one step = 1.45× ± 0.04 the recipe's 25 epochs" (paired over the same fresh inits), where known."""
+    ratio, se = s.get(f"one_step_over_recipe_{metric}"), s.get(f"one_step_over_recipe_{metric}_se")
+    if ratio is None or ratio != ratio:
+        return ""
+    return f"; one step = {ratio:.3g}×" + (f" ± {se:.2g}" if se == se else "") + " the recipe's 25 epochs"
+
+
 def _print_summary(url: str, s: dict) -> None:
     m = s["metric"]
     typer.echo(f"evaluation {s['eval']} of {s['model']} ({s['problem']}, prompted with {m}):")
@@ -466,7 +474,7 @@ def _print_summary(url: str, s: dict) -> None:
         if f"one_step_best_prompt_{metric}_mean" in s:
             typer.echo(f"  {metric}, fresh inits: start {s[f'start_{metric}_mean']:.4g} -> G.pt one step {s[f'one_step_best_prompt_{metric}_mean']:.4g} "
                        f"(best {s[f'one_step_best_prompt_{metric}_best']:.4g}); the sweep's recipe: 1 epoch {s[f'sgd_1_epoch_{metric}_mean']:.4g}, "
-                       f"25 epochs {s[f'sgd_25_epochs_{metric}_mean']:.4g}")
+                       f"25 epochs {s[f'sgd_25_epochs_{metric}_mean']:.4g}{_ratio_note(s, metric)}")
     if "nn_distance_generated_median" in s:
         typer.echo(f"  not copies: median distance to the nearest training checkpoint {s['nn_distance_generated_median']:.4g} "
                    f"(held-out runs' own: {s['nn_distance_heldout_final_median']:.4g} final, "

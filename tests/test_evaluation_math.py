@@ -183,3 +183,25 @@ def test_at_level_picks_each_runs_checkpoint_closest_to_the_level():
     values = np.array([[2.3, 1.0, 0.6, 0.4], [2.3, 0.9, np.nan, 0.3]])  # a checkpoint the catalog lacks is skipped
     np.testing.assert_array_equal(at_level(blocks, values, 0.55), blocks[[0, 1], [2, 3]])
     np.testing.assert_array_equal(at_level(blocks, values, 5.0), blocks[:, 0])
+
+
+def test_paired_ratio_and_its_standard_error():
+    from gptpipe.evaluation.baselines import paired_ratio
+
+    rng = np.random.default_rng(0)
+    hardness = rng.gamma(2.0, 0.05, size=4000)  # some inits are hard for both G.pt and the recipe
+    recipe = 0.08 + hardness
+    gpt = 1.5 * recipe + rng.normal(0, 0.01, size=4000)
+    ratio, se = paired_ratio(gpt, recipe)
+    assert ratio == pytest.approx(gpt.mean() / recipe.mean())
+    # the standard error is that of the ratio over draws of 64 start networks (checked by drawing them)
+    draws = [paired_ratio(gpt[i], recipe[i])[0] for i in rng.integers(0, 4000, size=(2000, 64))]
+    _, se64 = paired_ratio(gpt[:64], recipe[:64])
+    assert se64 == pytest.approx(np.std(draws), rel=0.25)
+    # pairing is what keeps it small: the same values taken as two independent samples give far more
+    g, b = gpt[:64], recipe[:64]
+    unpaired = np.sqrt(g.var(ddof=1) + (g.mean() / b.mean()) ** 2 * b.var(ddof=1)) / np.sqrt(64) / b.mean()
+    assert se64 < 0.5 * unpaired
+    # exactly proportional: no uncertainty; a recipe mean of 0: no ratio
+    assert paired_ratio(2 * recipe[:10], recipe[:10]) == pytest.approx((2.0, 0.0), abs=1e-12)
+    assert np.isnan(paired_ratio([0.1, 0.2], [0.0, 0.0])[0])

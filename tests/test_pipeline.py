@@ -90,6 +90,11 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
                                 "where eval = 'e1' and source = 'fresh_init' group by all").to_pylist()
     recipe_25 = [r["m"] for r in base if r["optimiser"] == "sweep_recipe" and r["epochs"] == 25]
     assert recipe_25 and recipe_25[0] == pytest.approx(summary["sgd_25_epochs_test_loss_mean"])
+    # G.pt's one step over the recipe's 25 epochs, paired over the same fresh inits: the report and the
+    # command line give it with its standard error
+    ratio, se = summary["one_step_over_recipe_test_loss"], summary["one_step_over_recipe_test_loss_se"]
+    assert ratio == pytest.approx(summary["one_step_best_prompt_test_loss_mean"] / recipe_25[0]) and se > 0
+    assert f"| {ratio:.3g}× ± {se:.2g} |" in report
     sgd = sorted((r["steps"], r["m"]) for r in base if r["optimiser"] == "sgd")
     assert [m for _, m in sgd] == pytest.approx(summary["sgd_curve_test_loss_mean"])
     assert [s for s, _ in sgd] == summary["optimiser_steps"] == [0, 1, 2, 4, 8, 16, 32, 64]  # up to the 100 asked for
@@ -119,6 +124,8 @@ def test_evaluate_without_calibration_prompts_the_requests(small_store, cli):
     rows = catalog.query(open_store(small_store), "select requested, prompted from evaluations where eval = 'raw'").to_pylist()
     assert rows and all(r["prompted"] == r["requested"] for r in rows)
     assert "calibration.png" not in open_store(small_store).ls("evals", "raw")
+    ratio = open_store(small_store).read_json("evals", "raw", "summary.json")["one_step_over_recipe_test_loss"]
+    assert f"one step = {ratio:.3g}× the recipe's 25 epochs" in out.stdout  # one fresh init: no standard error
 
 
 def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli):

@@ -62,6 +62,19 @@ def steps_to_match(curve_mean: np.ndarray, steps, value: float, higher_is_better
     return int(np.asarray(steps)[hits[0]]) if len(hits) else None
 
 
+def paired_ratio(gpt, recipe) -> tuple[float, float]:
+    """``mean(gpt) / mean(recipe)`` over the same start networks, and its standard error: the delta method
+    on the paired differences ``gpt - ratio * recipe``, so that a start network hard for both (the same
+    init under G.pt and under the recipe) does not count as noise twice. NaN where the recipe's mean is 0."""
+    gpt, recipe = np.asarray(gpt, dtype=float), np.asarray(recipe, dtype=float)
+    denominator = recipe.mean()
+    if denominator == 0:
+        return float("nan"), float("nan")
+    ratio = gpt.mean() / denominator
+    se = np.std(gpt - ratio * recipe, ddof=1) / np.sqrt(len(gpt)) / abs(denominator) if len(gpt) > 1 else float("nan")
+    return float(ratio), float(se)
+
+
 def sgd_baseline(recipe: dict, start: np.ndarray, dataset, best_lr: float) -> dict[int, dict[str, np.ndarray]]:
     """The start networks trained with the sweep's ``recipe`` at ``best_lr`` (the learning rate of its
     best run), scored after 1 and 25 epochs (checkpoints of one 25-epoch cosine run)."""

@@ -362,14 +362,15 @@ def _one_step(summary: dict) -> list[str]:
         "The recipe columns train the same start networks with the sweep's own recipe at its best run's learning "
         "rate (SGD; PPO for cartpole, where an epoch is a PPO iteration).",
         "",
-        "| metric | start | G.pt 1 step (mean) | G.pt 1 step (best) | recipe 1 epoch | recipe 25 epochs |",
-        "|---|---|---|---|---|---|",
+        "| metric | start | G.pt 1 step (mean) | G.pt 1 step (best) | recipe 1 epoch | recipe 25 epochs | "
+        "G.pt 1 step / recipe 25 epochs (± standard error) |",
+        "|---|---|---|---|---|---|---|",
     ]
     prefix, suffix = "one_step_best_prompt_", "_mean"
     for metric in sorted({k[len(prefix): -len(suffix)] for k in summary if k.startswith(prefix) and k.endswith(suffix)}):
         lines.append(f"| {metric} | {summary[f'start_{metric}_mean']:.4g} | {summary[f'one_step_best_prompt_{metric}_mean']:.4g} | "
                      f"{summary[f'one_step_best_prompt_{metric}_best']:.4g} | {summary[f'sgd_1_epoch_{metric}_mean']:.4g} | "
-                     f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} |")
+                     f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} | {_ratio(summary, metric)} |")
     lines.append("")
     for shown in plotted_metrics(summary):
         lines += [f"![one step, {shown}](one_step_{shown}.png)", ""]
@@ -380,6 +381,16 @@ def _one_step(summary: dict) -> list[str]:
         lines += [f"Steps to match G.pt's one update ({m}): SGD {_steps(summary.get('sgd_steps_to_match_one_step'), longest)}, "
                   f"Adam {_steps(summary.get('adam_steps_to_match_one_step'), longest)} (constant learning rate, batch 128).", ""]
     return lines
+
+
+def _ratio(summary: dict, metric: str) -> str:
+    """G.pt's one step over the recipe's 25 epochs, paired over the same fresh inits ("n/a" in evaluations
+    from before it was recorded, or where the recipe's mean is 0)."""
+    ratio = summary.get(f"one_step_over_recipe_{metric}", float("nan"))
+    if ratio != ratio:
+        return "n/a"
+    se = summary[f"one_step_over_recipe_{metric}_se"]
+    return f"{ratio:.3g}×" + (f" ± {se:.2g}" if se == se else "")  # one fresh init: no standard error
 
 
 def plotted_metrics(summary: dict) -> list[str]:

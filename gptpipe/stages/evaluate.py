@@ -444,6 +444,8 @@ def headline(req, lineage, prompted, recursive, baseline, sources, metric, best)
         out[f"start_{m}_mean"] = float(np.mean(baseline[0][m][fresh]))
         out[f"sgd_1_epoch_{m}_mean"] = float(np.mean(baseline[1][m][fresh]))
         out[f"sgd_25_epochs_{m}_mean"] = float(np.mean(baseline[25][m][fresh]))
+        ratio = baselines.paired_ratio(v[fresh, TOP], baseline[25][m][fresh])
+        out[f"one_step_over_recipe_{m}"], out[f"one_step_over_recipe_{m}_se"] = ratio
         later = [float(x) for x in np.mean(recursive[m], axis=1)] if recursive is not None else []
         out[f"recursive_{m}_mean"] = [float(np.mean(v[fresh, TOP]))] + later
     return out
