@@ -522,9 +522,9 @@ DEMOS = {
     # 13,500 G.pt steps (one-step test error 1.39x / 1.41x the recipe's, against 1.58x / 1.53x after 9,000 on the
     # same sweep, 1.67x after 6,000), compiled (0.25 against 0.32 s/step on 2 cores, after ~50 s of compiling);
     # sampled at temperature 0.5 (one-step error 0.02-0.06x lower in all six evaluations of three trainings, R² no
-    # lower); 128 start networks: over 32 fresh inits the mean one-step error has a standard error of ~0.07x
+    # lower); 256 start networks (192 fresh inits): over 64 the one-step ratio has a standard error of 0.04-0.06x
     "mnist_mlp": Demo("demo-mnist-8192", model="demo-mnist-8192-13k-t05", runs=8192, checkpoints=20, steps=13500,
-                      networks=128, lr_min=0.02, lr_max=0.1, data_order="shared", checkpoint_spacing="log",
+                      networks=256, lr_min=0.02, lr_max=0.1, data_order="shared", checkpoint_spacing="log",
                       memory_budget=7e9, compile=True, temperature=0.5),
     # CartPole: PPO's recipe, checkpoints every iteration for the first 30 (returns 37 -> 350 on average) so
     # G.pt sees the whole range of returns it is prompted with; processes, as gymnasium's numpy holds the GIL.
