@@ -84,7 +84,8 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
         assert store.fs.cat_file(store.path("evals", "e1", png))[:4] == b"\x89PNG"
     assert "![latent walk](latent_walk.png)" in report and summary["latent_walk_frames"] == 8
     assert summary["latent_walk_s"] < 5
-    assert "e1" in store.fs.cat_file(store.path("evals", "index.md")).decode()
+    index = store.fs.cat_file(store.path("evals", "index.md")).decode()
+    assert "e1" in index and f"| {summary['one_step_over_recipe_test_error']:.3g}× ± " in index  # in test error, as the index shows classifiers
     # baselines are in the catalog too, and the report's SGD numbers come from them
     base = catalog.query(store, "select optimiser, epochs, steps, avg(test_loss) as m from baselines "
                                 "where eval = 'e1' and source = 'fresh_init' group by all").to_pylist()

@@ -18,7 +18,7 @@ import re
 import markdown as markdown_lib
 import numpy as np
 
-from gptpipe.evaluation.report import COLORS, metric_label, plt_module, png
+from gptpipe.evaluation.report import COLORS, metric_label, plt_module, png, ratio_to_recipe
 
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 ARTIFACT_IMAGE_WIDTH = 720  # pixels: as wide as the Prefect UI's artifact column
@@ -113,8 +113,9 @@ def trend_plot(summaries: list[dict]) -> bytes:
     return png(fig)
 
 
-INDEX_HEAD = ["| eval | created | model | step | metric | R² held-out | R² fresh | start | G.pt 1 step | recipe 1 epoch |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+INDEX_HEAD = ["| eval | created | model | step | metric | R² held-out | R² fresh | start | G.pt 1 step | recipe 1 epoch | "
+              "G.pt 1 step / recipe 25 epochs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def index_rows(summaries: list[dict], link: str) -> list[str]:
@@ -125,7 +126,7 @@ def index_rows(summaries: list[dict], link: str) -> list[str]:
         rows.append(f"| [{s['eval']}]({link.format(eval=s['eval'])}) | {s.get('created_at', '')[:16]} | {s['model']} | "
                     f"{s.get('model_step')} | {shown} | {s.get('r2_heldout_run', nan):.3f} | {s.get('r2_fresh_init', nan):.3f} | "
                     f"{s.get(f'start_{shown}_mean', nan):.3f} | {s.get(f'one_step_best_prompt_{shown}_mean', nan):.3f} | "
-                    f"{s.get(f'sgd_1_epoch_{shown}_mean', nan):.3f} |")
+                    f"{s.get(f'sgd_1_epoch_{shown}_mean', nan):.3f} | {ratio_to_recipe(s, shown)} |")
     return rows
 
 
@@ -134,7 +135,8 @@ def index_markdown(summaries: list[dict], report: str = "report.md") -> str:
     evaluation, newest first, with its headline numbers, under the trend plot."""
     return "\n".join(["# Evaluations", "", "![trend over evaluations](trend.png)", "",
                       "Each row in its model's own metric: the start networks' mean, then after one G.pt update "
-                      "prompted with the sweep's best value, then after one epoch of the sweep's recipe.", "",
+                      "prompted with the sweep's best value, then after one epoch of the sweep's recipe; last, G.pt's "
+                      "one update over the recipe's 25 epochs from the same fresh inits (± its standard error).", "",
                       *INDEX_HEAD, *index_rows(summaries, "{eval}/" + report)]) + "\n"
 
 

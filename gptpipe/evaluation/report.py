@@ -370,7 +370,7 @@ def _one_step(summary: dict) -> list[str]:
     for metric in sorted({k[len(prefix): -len(suffix)] for k in summary if k.startswith(prefix) and k.endswith(suffix)}):
         lines.append(f"| {metric} | {summary[f'start_{metric}_mean']:.4g} | {summary[f'one_step_best_prompt_{metric}_mean']:.4g} | "
                      f"{summary[f'one_step_best_prompt_{metric}_best']:.4g} | {summary[f'sgd_1_epoch_{metric}_mean']:.4g} | "
-                     f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} | {_ratio(summary, metric)} |")
+                     f"{summary[f'sgd_25_epochs_{metric}_mean']:.4g} | {ratio_to_recipe(summary, metric)} |")
     lines.append("")
     for shown in plotted_metrics(summary):
         lines += [f"![one step, {shown}](one_step_{shown}.png)", ""]
@@ -383,7 +383,7 @@ def _one_step(summary: dict) -> list[str]:
     return lines
 
 
-def _ratio(summary: dict, metric: str) -> str:
+def ratio_to_recipe(summary: dict, metric: str) -> str:
     """G.pt's one step over the recipe's 25 epochs, paired over the same fresh inits ("n/a" in evaluations
     from before it was recorded, or where the recipe's mean is 0)."""
     ratio = summary.get(f"one_step_over_recipe_{metric}", float("nan"))
