@@ -459,10 +459,10 @@ def _echo_summary(what: str, summary: dict) -> None:
 
 def _ratio_note(s: dict, metric: str) -> str:
     """"; one step = 1.45× ± 0.04 the recipe's 25 epochs" (paired over the same fresh inits), where known."""
-    ratio, se = s.get(f"one_step_over_recipe_{metric}"), s.get(f"one_step_over_recipe_{metric}_se")
-    if ratio is None or ratio != ratio:
-        return ""
-    return f"; one step = {ratio:.3g}×" + (f" ± {se:.2g}" if se == se else "") + " the recipe's 25 epochs"
+    from gptpipe.evaluation.report import ratio_to_recipe
+
+    shown = ratio_to_recipe(s, metric)
+    return "" if shown == "n/a" else f"; one step = {shown} the recipe's 25 epochs"
 
 
 def _print_summary(url: str, s: dict) -> None:
