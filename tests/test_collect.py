@@ -100,6 +100,17 @@ def test_read_blocks_in_any_order(store_url):
     np.testing.assert_array_equal(sweeps.read_blocks(store, "s5", runs), np.stack([arr[r] for r in runs]))
 
 
+def test_each_run_block_lands_in_its_own_row_whatever_the_order(tmp_path):
+    store = open_store(str(tmp_path), create=True)
+    array = params.create_params(store, ("p.zarr",), 8, 2, 3)
+    runs = [5, 1, 2, 7]  # out of order, with gaps: three ranges
+    blocks = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
+    sweeps.write_blocks(array, runs, blocks)
+    for k, run in enumerate(runs):
+        np.testing.assert_array_equal(array[run], blocks[k])
+    assert np.isnan(array[[0, 3, 4, 6]]).all()  # rows of no run stay empty
+
+
 @pytest.mark.parametrize("damage", ["flip_a_bit", "truncate", "delete"])
 def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path, damage):
     from tests.conftest import invoke
