@@ -4,6 +4,7 @@ in-process (no server needed; set PREFECT_API_URL to record runs on a real one).
 from __future__ import annotations
 
 import atexit
+import gc
 import math
 import os
 import signal
@@ -21,6 +22,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from storage.store import StoreError, check_name, default_store_url, redact
+
+# At exit, the garbage collector's last passes over every object torch, Prefect and the flows made take
+# 1.2 s of a collect's 10 s fixed cost; the memory goes back to the system either way. Registered first,
+# so it runs after every other exit handler (those stop the temporary server and flush Prefect's logs).
+atexit.register(gc.freeze)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="G.pt as a pipeline: collect checkpoints, train G.pt, prompt it.")
 store_app = typer.Typer(no_args_is_help=True, help="Object storage for development.")
@@ -228,7 +234,9 @@ def collect(
         collect_stage.check(url, sweep, config, data_root)
         server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.collect import collect_flow
+        from gptpipe.evaluation.report import plt_module
 
+        plt_module()  # the sweep's summary plot needs it at the end; now it loads while the server starts
         workers = workers or (os.cpu_count() or 1)
         flow = collect_flow.with_options(task_runner=task_runner(runner, workers, dask_address))
 
