@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from storage.store import StoreError, check_name, default_store_url, redact
 
 # At exit, the garbage collector's last passes over every object torch, Prefect and the flows made take
-# 1.2 s of a collect's 10 s fixed cost; the memory goes back to the system either way. Registered first,
-# so it runs after every other exit handler (those stop the temporary server and flush Prefect's logs).
+# 1.2 s of a collect's 10 s fixed cost; the memory goes back to the system either way. Registered before
+# the handlers that stop the temporary server and flush Prefect's logs, so it runs after them.
 atexit.register(gc.freeze)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="G.pt as a pipeline: collect checkpoints, train G.pt, prompt it.")
