@@ -105,10 +105,8 @@ def write_blocks(array: zarr.Array, runs: list[int], blocks: np.ndarray) -> None
     """Write run ``runs[k]``'s block ``blocks[k]`` into its row. A run is one whole chunk, so writers never share
     a chunk; each range of consecutive runs is one write, whose chunks zarr encodes and stores
     concurrently (a shard's commit 1.6x faster than run by run)."""
-    runs = np.asarray(runs, dtype=np.int64)
-    order = np.argsort(runs)
-    for at, first, stop in consecutive_ranges(runs[order]):
-        array[first:stop] = blocks[order[at : at + stop - first]]
+    for positions, first, stop in consecutive_ranges(runs):
+        array[first:stop] = blocks[positions]
 
 
 def committed_shards(store: Store, sweep: str) -> set[int]:
@@ -141,26 +139,28 @@ def read_blocks(store: Store, sweep: str, runs: list[int] | np.ndarray,
     digests = run_digests(store, sweep) if digests is None else digests
     # each range of consecutive runs is read as one slice; zarr fetches its chunks concurrently
     out = np.empty((len(runs), *array.shape[1:]), dtype=np.float32)
-    order = np.argsort(runs)
-    for at, first, stop in consecutive_ranges(runs[order]):
+    for positions, first, stop in consecutive_ranges(runs):
         try:
             block = array[first:stop]
         except Exception as e:  # a chunk the codec cannot decode: find the run it belongs to
             bad = next((r for r in range(first, stop) if _unreadable(array, r)), first)
             raise StoreError(f"sweep {sweep!r} run {bad}: its parameters cannot be read ({type(e).__name__}); "
                              f"`gptpipe verify --sweep {sweep}` lists every damaged run") from None
-        out[order[at : at + stop - first]] = block
+        out[positions] = block
     for run, block in zip(runs.tolist(), out):
         if problem := check_block(digests, run, block):
             raise StoreError(f"sweep {sweep!r} run {run}: {problem}; `gptpipe verify --sweep {sweep}` lists every damaged run")
     return out
 
 
-def consecutive_ranges(sorted_runs: np.ndarray) -> list[tuple[int, int, int]]:
-    """``(position, first run, last run + 1)`` of each range of consecutive runs in ``sorted_runs``."""
-    breaks = (np.flatnonzero(np.diff(sorted_runs) != 1) + 1).tolist()
-    bounds = [0, *breaks, len(sorted_runs)] if len(sorted_runs) else []
-    return [(a, int(sorted_runs[a]), int(sorted_runs[b - 1]) + 1) for a, b in zip(bounds, bounds[1:])]
+def consecutive_ranges(runs: list[int] | np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """The runs (distinct, in any order) as ranges of consecutive runs: ``(positions in runs, first run,
+    last run + 1)`` for each, the positions in run order."""
+    runs = np.asarray(runs, dtype=np.int64)
+    order = np.argsort(runs)
+    breaks = np.flatnonzero(np.diff(runs[order]) != 1) + 1
+    return [(positions, int(runs[positions[0]]), int(runs[positions[-1]]) + 1)
+            for positions in np.split(order, breaks) if len(positions)]
 
 
 def _unreadable(array: zarr.Array, run: int) -> bool:
