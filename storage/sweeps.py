@@ -243,36 +243,43 @@ class ShardClaim:
     path: tuple[str, ...]
     owner: dict
     _stop: threading.Event = field(default_factory=threading.Event)
+    _renewer: threading.Thread | None = None
 
     def __enter__(self) -> "ShardClaim":
         def renew():
             while not self._stop.wait(RENEW_S):
                 self.store.write_json({**self.owner, "at": time.time()}, *self.path)
 
-        _HELD.add(self.owner["token"])
-        threading.Thread(target=renew, daemon=True).start()
+        self._renewer = threading.Thread(target=renew, daemon=True)
+        self._renewer.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        _HELD.discard(self.owner["token"])
+        self._renewer.join()  # a renewal under way would write the file again after its removal
         try:
             self.store.fs.rm_file(self.store.path(*self.path))
         except OSError:  # gone already, or the store is away (the failure that ended the attempt): it goes stale
             pass
+        _HELD.discard(self.owner["token"])  # after the file is gone, so no thread of ours takes it over meanwhile
 
 
 def claim_shard(store: Store, sweep: str, shard: int) -> ShardClaim | None:
     """The claim on ``shard`` if nobody else holds a live one (else None: another collect trains it)."""
     path = claim_path(sweep, shard)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "at": time.time()}
+    # Held from before the file exists: another thread of this process reading it must not take it for
+    # the leftover of a failed attempt of ours.
+    _HELD.add(owner["token"])
     if store.create_json(owner, *path):
         return ShardClaim(store, path, owner)
     try:
         held = store.read_json(*path)
-    except FileNotFoundError:  # released between our create and this read: try again next time
-        return None
-    if not _stale(held):
-        return None
-    store.write_json(owner, *path)  # taking over a stale claim
-    return ShardClaim(store, path, owner)
+        if _stale(held):
+            store.write_json(owner, *path)  # taking over a stale claim; two takers: the last write wins
+            if store.read_json(*path)["token"] == owner["token"]:
+                return ShardClaim(store, path, owner)
+    except FileNotFoundError:  # released meanwhile: try again next time
+        pass
+    _HELD.discard(owner["token"])
+    return None

@@ -199,3 +199,14 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
         assert (got is not None) == taken, claim
         if got is not None:
             assert store.read_json(*sweeps.claim_path("s", 0))["token"] == got.owner["token"]
+
+
+def test_a_claim_just_made_by_another_thread_is_not_taken_for_a_leftover_of_ours(tmp_path):
+    """Threads of one collect (Prefect's thread runner) share a pid: a claim another thread has created but
+    not yet entered is live, not the leftover of a failed attempt of this process."""
+    store = open_store(str(tmp_path), create=True)
+    first = sweeps.claim_shard(store, "s", 0)
+    assert first is not None and sweeps.claim_shard(store, "s", 0) is None
+    with first:
+        assert sweeps.claim_shard(store, "s", 0) is None
+    assert sweeps.claim_shard(store, "s", 0) is not None  # released: free again
