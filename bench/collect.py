@@ -5,10 +5,12 @@ same run, on the same machine.
                                                    # per-run vs shared data order
     .venv/bin/python bench/collect.py roofline     # fp32 GEMM peak and memory bandwidth measured here, FLOPs and bytes
                                                    # per network-epoch (step, scoring), the bound, the trainer against it
-    .venv/bin/python bench/collect.py command --data-order per_run shared
+    .venv/bin/python bench/collect.py command --data-order per_run shared --server cold warm
                                                    # the whole `gptpipe collect` (start-up and writes included) in
-                                                   # each data order vs the per-network loop, in turn, medians
-    .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute
+                                                   # each data order, starting or finding the local Prefect server,
+                                                   # vs the per-network loop, in turn, medians
+    .venv/bin/python bench/collect.py overhead     # wall time of a 1,000-run `gptpipe collect` / summed task compute,
+                                                   # and the fixed cost, with the local Prefect server cold and warm
     .venv/bin/python bench/collect.py scale --runs 1000 10000 100000   # cost growth of digits_mlp sweeps
     .venv/bin/python bench/collect.py ppo --k 16 32 64 128   # CartPole's batched PPO: seconds per run by shard size
 
@@ -196,6 +198,22 @@ def gptpipe(*args: str, env: dict | None = None) -> float:
     return time.perf_counter() - t
 
 
+SERVERS = ("cold", "warm")
+
+
+def server_env(server: str, scratch: str) -> dict:
+    """The environment of a timed command, with no Prefect API configured. ``cold``: a Prefect home of its
+    own, so the command starts the local Prefect server (which retires a second after it); ``warm``: the
+    benchmark's one home, whose server is already up, as every command after a user's first finds it."""
+    os.environ.pop("PREFECT_API_URL", None)
+    if server == "cold":
+        return {"PREFECT_HOME": f"{scratch}/prefect-{time.monotonic_ns()}", "GPTPIPE_PREFECT_IDLE_S": "1"}
+    home = {"PREFECT_HOME": f"{scratch}/prefect-warm"}
+    subprocess.run([sys.executable, "-c", "from flows import local_server; local_server.connect()"], check=True,
+                   cwd=REPO, env={**os.environ, **home})
+    return home
+
+
 def catalog_json(store: str, sql: str) -> list[dict]:
     out = subprocess.run([str(Path(sys.executable).parent / "gptpipe"), "catalog", "--store", store, "--format", "json", sql],
                          check=True, capture_output=True, text=True).stdout
@@ -203,47 +221,57 @@ def catalog_json(store: str, sql: str) -> list[dict]:
 
 
 def bench_command(args) -> None:
-    """What a user waits for: ``gptpipe collect`` of an mnist_mlp sweep, end to end (imports, the temporary
-    Prefect server, data loading, store writes), against the per-network loop on the same recipe, the two
-    measured in turn ``--repeats`` times so that a slow spell of the host hits both; medians. Each given
-    data order is one command per repeat, all against the same loop measurements. The loop trains every
-    eighth run (its cost per network is constant) and is scaled to the sweep."""
+    """What a user waits for: ``gptpipe collect`` of an mnist_mlp sweep, end to end (imports, the local
+    Prefect server started (``cold``) or found (``warm``), data loading, store writes), against the
+    per-network loop on the same recipe, the two measured in turn ``--repeats`` times so that a slow spell
+    of the host hits both; medians. Each given data order and server state is one command per repeat, all
+    against the same loop measurements. The loop trains every eighth run (its cost per network is
+    constant) and is scaled to the sweep."""
     torch.set_num_threads(args.threads)
     dataset = data.load("mnist5k")
     config = sweep.SweepConfig(problem="mnist_mlp", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints)
     loop_runs = max(2, args.runs // 8)
-    command_s, loop_s = {order: [] for order in args.data_order}, []
+    scratch = f"/tmp/gptpipe-bench-command-{os.getpid()}"
+    cases = [(order, server) for order in args.data_order for server in args.server]
+    command_s, loop_s = {case: [] for case in cases}, []
     for rep in range(args.repeats):
-        for order in args.data_order:
-            store = f"/tmp/gptpipe-bench-command-{os.getpid()}-{rep}"
-            command_s[order].append(gptpipe("collect", "--store", store, "--sweep", "c", "--problem", "mnist_mlp", "--runs",
-                                            str(args.runs), "--epochs", str(args.epochs), "--checkpoints", str(args.checkpoints),
-                                            "--data-order", order))
+        for order, server in cases:
+            store = f"{scratch}/store-{rep}"
+            command_s[order, server].append(gptpipe(
+                "collect", "--store", store, "--sweep", "c", "--problem", "mnist_mlp", "--runs", str(args.runs),
+                "--epochs", str(args.epochs), "--checkpoints", str(args.checkpoints), "--data-order", order,
+                env=server_env(server, scratch)))
             subprocess.run(["rm", "-rf", store])
         loop_s.append(plain_loop(config, loop_runs, dataset) * args.runs / loop_runs)
+    subprocess.run(["rm", "-rf", scratch])
     net_epochs = args.runs * args.epochs
     loop = net_epochs / statistics.median(loop_s)
-    for order, seconds in command_s.items():
+    for (order, server), seconds in command_s.items():
         command = net_epochs / statistics.median(seconds)
         record("command", problem="mnist_mlp/mnist5k", runs=args.runs, epochs=args.epochs, checkpoints=args.checkpoints,
-               data_order=order, command_workers=os.cpu_count(), command_threads_per_worker=1, loop_threads=args.threads,
-               command_s=[round(x, 1) for x in seconds], loop_s=[round(x, 1) for x in loop_s],
+               data_order=order, prefect_server=server, command_workers=os.cpu_count(), command_threads_per_worker=1,
+               loop_threads=args.threads, command_s=[round(x, 1) for x in seconds], loop_s=[round(x, 1) for x in loop_s],
                command_net_epochs_per_s=round(command, 1), loop_net_epochs_per_s=round(loop, 1), speedup=round(command / loop, 2))
 
 
 def bench_overhead(args) -> None:
     """Wall x workers / summed task compute of a collect, and the command's fixed cost: the same command
-    again on the finished sweep (imports, the temporary Prefect server, checks, summary, exit)."""
-    store = f"/tmp/gptpipe-bench-overhead-{os.getpid()}"
-    collect = ("collect", "--store", store, "--sweep", "o", "--problem", args.problem, "--runs", str(args.runs),
-               "--shard-size", str(args.shard_size), "--workers", str(args.workers))
-    wall = gptpipe(*collect)
-    fixed = gptpipe(*collect)
-    compute = catalog_json(store, "select sum(wall_s) as s from runs")[0]["s"]
-    record("overhead", problem=args.problem, runs=args.runs, shard_size=args.shard_size, workers=args.workers,
-           wall_s=round(wall, 1), summed_task_compute_s=round(compute, 1), wall_over_compute=round(wall / compute, 3),
-           wall_x_workers_over_compute=round(wall * args.workers / compute, 3), fixed_s=round(fixed, 1))
-    subprocess.run(["rm", "-rf", store])
+    again on the finished sweep (imports, the local Prefect server, checks, summary, exit). For each
+    ``--server`` state: ``cold``, the command starts the server (a user's first command); ``warm``, it
+    finds it running."""
+    scratch = f"/tmp/gptpipe-bench-overhead-{os.getpid()}"
+    for server in args.server:
+        store = f"{scratch}/store-{server}"
+        collect = ("collect", "--store", store, "--sweep", "o", "--problem", args.problem, "--runs", str(args.runs),
+                   "--shard-size", str(args.shard_size), "--workers", str(args.workers))
+        wall = gptpipe(*collect, env=server_env(server, scratch))
+        fixed = gptpipe(*collect, env=server_env(server, scratch))
+        compute = catalog_json(store, "select sum(wall_s) as s from runs")[0]["s"]
+        record("overhead", problem=args.problem, runs=args.runs, shard_size=args.shard_size, workers=args.workers,
+               prefect_server=server, wall_s=round(wall, 1), summed_task_compute_s=round(compute, 1),
+               wall_over_compute=round(wall / compute, 3), wall_x_workers_over_compute=round(wall * args.workers / compute, 3),
+               fixed_s=round(fixed, 1))
+    subprocess.run(["rm", "-rf", scratch])
 
 
 def store_stats(path: str) -> tuple[int, int]:
@@ -317,6 +345,7 @@ def main() -> None:
     c.add_argument("--epochs", type=int, default=25)
     c.add_argument("--checkpoints", type=int, default=40)
     c.add_argument("--data-order", nargs="+", default=["per_run"], choices=["per_run", "shared"])
+    c.add_argument("--server", nargs="+", default=["cold"], choices=SERVERS)
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--threads", type=int, default=os.cpu_count())
     o = sub.add_parser("overhead")
@@ -324,6 +353,7 @@ def main() -> None:
     o.add_argument("--runs", type=int, default=1000)
     o.add_argument("--shard-size", type=int, default=64)
     o.add_argument("--workers", type=int, default=os.cpu_count())
+    o.add_argument("--server", nargs="+", default=["cold", "warm"], choices=SERVERS)
     s = sub.add_parser("scale")
     s.add_argument("--runs", type=int, nargs="+", default=[1000, 10000, 100000])
     s.add_argument("--shard-size", type=int, default=256)

@@ -1,5 +1,6 @@
 """The ``gptpipe`` command line. Each command checks its input, then runs the matching Prefect flow
-in-process (no server needed; set PREFECT_API_URL to record runs on a real one)."""
+in-process, on the Prefect server set by PREFECT_API_URL or else on this machine's local one
+(``flows.local_server``, started by the first command that needs it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -21,11 +21,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows import local_server
 from storage.store import StoreError, check_name, default_store_url, redact
 
 # At exit, the garbage collector's last passes over every object torch, Prefect and the flows made take
 # 1.2 s of a collect's 10 s fixed cost; the memory goes back to the system either way. Registered before
-# the handlers that stop the temporary server and flush Prefect's logs, so it runs after them.
+# the handler that flushes Prefect's logs, so it runs after it.
 atexit.register(gc.freeze)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="G.pt as a pipeline: collect checkpoints, train G.pt, prompt it.")
@@ -37,72 +38,44 @@ console = Console(stderr=True)
 @app.callback()
 def _exit_cleanly_on_sigterm() -> None:
     """``kill``, a scheduler's timeout or a container stop send SIGTERM, which by default ends Python
-    without running ``atexit``: the temporary Prefect server a command started would live on, orphaned.
-    Turned into a normal exit, the server is stopped; an interrupted sweep resumes as after any crash."""
+    without running ``atexit``: Prefect's logs would not be flushed. Turned into a normal exit; an
+    interrupted sweep resumes as after any crash."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-# Prefect's own default (20 s) is about what the temporary server needs on 2 idle cores (17 s measured):
-# on a busy machine a command would fail before its first shard
-SERVER_START_TIMEOUT_S = 120
-
-
 def start_prefect_server() -> Callable[[], None]:
-    """Start ``prefect_server`` in a thread and return the wait for it, to call before the first flow:
-    the server's start-up, seconds of its own process, runs while the command imports its flow."""
-    failure: list[BaseException] = []
+    """Find or start the local Prefect server (``flows.local_server``) in a thread and return the wait
+    for it, to call before the first flow: a start-up, seconds of its own process, runs while the
+    command imports its flow."""
+    found: list = []
 
     def start():
         try:
-            prefect_server()
+            found.append(local_server.connect())
         except BaseException as e:  # handed to the main thread by ready()
-            failure.append(e)
+            found.append(e)
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
 
     def ready() -> None:
         thread.join()
-        if failure:
-            raise failure[0]
+        if isinstance(found[0], BaseException):
+            raise found[0]
+        if found[0] is None:  # an API is configured
+            return
+        url, started = found[0]
+        if started:
+            console.print(f"Prefect server for this machine's commands: {url} (it exits after "
+                          f"{local_server.idle_s():.0f} s unused)")
+        # Task processes (the process runner, a local Dask cluster) inherit the environment, and this
+        # process's clients read it once more now
+        os.environ["PREFECT_API_URL"] = url
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
 
     return ready
-
-
-def prefect_server() -> None:
-    """Where no Prefect API is set, start Prefect's temporary server now, under a watchdog: Prefect stops
-    it at a normal exit, but after a SIGKILL of this command only the watchdog does (Prefect would
-    start the same server on first use, unguarded)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from storage.watchdog import kill_with_parent
-
-    server = SubprocessASGIServer()  # the one instance Prefect's clients use
-    guards = []
-
-    def guard():  # as soon as the server process exists: start() then waits seconds for it to answer
-        while server.server_process is None and not guards:
-            time.sleep(0.02)
-        if server.server_process is not None:
-            guards.append(kill_with_parent(server.server_process.pid))
-
-    watcher = threading.Thread(target=guard, daemon=True)
-    watcher.start()
-    try:
-        server.start(timeout=SERVER_START_TIMEOUT_S)
-    finally:
-        guards.append(None)  # stops the watcher if start() failed before there was a process
-        watcher.join()
-    for watchdog in filter(None, guards):
-        atexit.register(lambda w=watchdog: (w.kill(), w.wait()))  # runs before Prefect's own stop (LIFO)
-    # Task processes (the process runner, a local Dask cluster) inherit the environment, not this process's
-    # server: without its address each of them started a temporary server of its own (three in all, the
-    # workers' task runs recorded there, ~10 s of start-up each on cores busy with the sweep)
-    os.environ["PREFECT_API_URL"] = server.api_url
 
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")

@@ -10,6 +10,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from flows.artifacts import artifact_key, picture, summary_markdown
+from flows import local_server
 from flows.credentials import use_store_credentials
 from flows.runners import set_torch_threads
 from gptpipe.stages import train
@@ -74,7 +75,8 @@ def one_training_at_a_time(model: str):
 
     name = artifact_key("train", model)
     with ExitStack() as holding:
-        others_alive = None if PREFECT_API_URL.value() else holding.enter_context(temporary_server_holder(name))
+        ephemeral = local_server.in_use() or not PREFECT_API_URL.value()
+        others_alive = holding.enter_context(ephemeral_server_holder(name)) if ephemeral else None
         with get_client(sync_client=True) as client:
             try:
                 client.upsert_global_concurrency_limit_by_name(name, 1)
@@ -92,9 +94,10 @@ def one_training_at_a_time(model: str):
 
 
 @contextmanager
-def temporary_server_holder(name: str):
-    """Prefect's temporary server (no ``PREFECT_API_URL``: each command starts its own on the database in
-    ``PREFECT_HOME``) runs no lease repossessor, so a training killed there (kill -9, the OOM killer)
+def ephemeral_server_holder(name: str):
+    """The local server commands share (``flows.local_server``) and Prefect's temporary one (a flow called
+    from Python with no ``PREFECT_API_URL``), both on the database in ``PREFECT_HOME``, run no lease
+    repossessor, so a training killed there (kill -9, the OOM killer)
     would hold its slot for ever. Every process that waits for or holds a slot there leaves its pid in
     ``PREFECT_HOME/gptpipe-slots/<limit>/``; only processes of this host share that database. Yields
     whether another of them is alive: if none is, slots still taken are a killed training's."""

@@ -27,6 +27,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests compare with CPU tensors and run tiny models: pinned to the CPU on a GPU machine too (what "auto"
 # picks is tested in tests/test_device.py; the GPU itself by bench/gpu_check.py).
 os.environ.setdefault("GPTPIPE_DEVICE", "cpu")
+# A command run without the session's server starts the local one of its Prefect home (flows.local_server):
+# it exits seconds after the test rather than minutes
+os.environ.setdefault("GPTPIPE_PREFECT_IDLE_S", "10")
 # Whatever a test leaves to the default store lands in a scratch folder, never in the user's ~/.gptpipe/store
 os.environ["GPTPIPE_STORE"] = tempfile.mkdtemp(prefix="gptpipe-test-store-")
 

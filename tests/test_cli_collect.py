@@ -116,20 +116,26 @@ def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
         assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
 
 
+def no_prefect_api(tmp_path, idle_s: float) -> dict:
+    """A command's environment with no Prefect API configured: it uses the local server of its own
+    Prefect home, which exits ``idle_s`` seconds after its last command."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "GPTPIPE_PREFECT_IDLE_S": str(idle_s)}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_command_leaves_nothing_running(tmp_path, sig):
-    """With no server configured a command starts its own, and its task processes report to it rather
-    than each starting another. SIGTERM (kill, a timeout, a container stop) stops it in order, and
-    SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not leave its server or its
-    task processes running either."""
+    """With no server configured a command starts the local one, and its task processes report to it
+    rather than each starting another. SIGTERM (kill, a timeout, a container stop) stops the command in
+    order, and SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not leave its
+    task processes running either; the server, held by nobody, exits after its idle time."""
     import psutil
 
     store = tmp_path / "s"
     args = [str(BIN / "gptpipe"), "collect", "--store", str(store), "--sweep", "t", "--problem", "digits_mlp",
             "--runs", "400", "--shard-size", "20", "--epochs", "25", "--runner", "process", "--workers", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, env=no_prefect_api(tmp_path, idle_s=3), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
     def command_line(p: psutil.Process) -> str:
         try:
@@ -152,18 +158,59 @@ def test_a_killed_command_leaves_nothing_running(tmp_path, sig):
                     pass
             time.sleep(0.2)
         assert proc.poll() is None and len(claimants) == 2 and proc.pid not in claimants, claimants
-        servers = [p for p in seen.values() if "uvicorn" in command_line(p)]
+        servers = [p for p in seen.values() if "flows.local_server" in command_line(p) or "uvicorn" in command_line(p)]
         assert len(servers) == 1, f"{len(servers)} Prefect servers for one command"
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
-        gone, alive = psutil.wait_procs(list(seen.values()), timeout=20)
+        gone, alive = psutil.wait_procs([p for p in seen.values() if p not in servers], timeout=20)
         assert not alive, f"outlived their command: {[command_line(p)[:80] for p in alive]}"
+        servers[0].wait(timeout=30)  # raises psutil.TimeoutExpired if it stays
+        assert not (tmp_path / "prefect" / "gptpipe-server.json").exists()
     finally:  # a failed check must not leave the sweep training
         for p in [*seen.values(), psutil.Process(proc.pid)] if proc.poll() is None else seen.values():
             try:
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def test_commands_share_the_local_server_while_they_use_it(tmp_path):
+    """Without a configured API the first command starts the local Prefect server and says so; it stays
+    up through a command longer than its idle time, a command started meanwhile uses it (no second
+    start-up), both flow runs are recorded in its database, and it exits once no command has used it for
+    its idle time."""
+    import sqlite3
+
+    import psutil
+
+    idle_s = 4
+    env = no_prefect_api(tmp_path, idle_s)
+
+    def collect(sweep: str, runs: int) -> list[str]:
+        return [str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", sweep, "--problem",
+                "digits_mlp", "--runs", str(runs), "--shard-size", "16", "--epochs", "25", "--workers", "1"]
+
+    started = time.time()
+    long = subprocess.Popen(collect("long", 256), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    state_file = tmp_path / "prefect" / "gptpipe-server.json"
+    while not state_file.exists() and long.poll() is None:
+        time.sleep(0.1)
+    time.sleep(2 * idle_s)
+    assert long.poll() is None, "the check needs a first command longer than twice the server's idle time"
+    state = json.loads(state_file.read_text())
+    short = subprocess.run(collect("short", 8), env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert short.returncode == 0, short.stderr
+    assert "Prefect server for this machine's commands" not in short.stderr
+    _, long_stderr = long.communicate(timeout=300)
+    assert long.returncode == 0, long_stderr
+    assert "Prefect server for this machine's commands: http://127.0.0.1:" in long_stderr
+    assert json.loads(state_file.read_text()) == state and time.time() - started > 2 * idle_s
+    psutil.Process(state["pid"]).wait(timeout=30)  # raises psutil.TimeoutExpired if it stays
+    assert not state_file.exists()
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        runs = db.execute("select parameters, state_type from flow_run").fetchall()
+    assert sorted((json.loads(p)["sweep"], s) for p, s in runs) == [("long", "COMPLETED"), ("short", "COMPLETED")]
 
 
 def test_collect_flow_records_artifacts(prefect_api, tmp_path):

@@ -85,10 +85,11 @@ def test_two_trainings_of_one_model_take_turns(prefect_api, tmp_path):
     assert limit.limit == 1 and limit.active_slots == 0
 
 
-def test_a_training_killed_on_the_temporary_server_does_not_lock_its_model(prefect_api, tmp_path):
-    """With no server configured each command runs Prefect's temporary one, which never repossesses a
-    lease: a training killed with SIGKILL (kill -9, the OOM killer) left train-<model> taken, and the next
-    `gptpipe train` of that model waited for ever. It now frees the slot and resumes."""
+def test_a_training_killed_on_the_local_server_does_not_lock_its_model(prefect_api, tmp_path):
+    """With no server configured commands share the local one (ephemeral, as Prefect's temporary server),
+    which never repossesses a lease: a training killed with SIGKILL (kill -9, the OOM killer) left
+    train-<model> taken, and the next `gptpipe train` of that model waited for ever. It now frees the slot
+    and resumes."""
     from flows.collect import collect_flow
 
     store = str(tmp_path / "store")
@@ -102,7 +103,7 @@ def test_a_training_killed_on_the_temporary_server_does_not_lock_its_model(prefe
     deadline = time.time() + 180
     while time.time() < deadline and first.poll() is None and not models.exists(open_store(store), "k"):
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the command, its temporary server and its watchdog
+    os.killpg(first.pid, signal.SIGKILL)  # the command and its task processes (the local server lives on)
     first.wait()
     saved = models.step(open_store(store), "k")
     assert saved >= 10
