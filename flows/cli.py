@@ -67,7 +67,7 @@ def start_prefect_server() -> Callable[[], None]:
         url, started = found[0]
         if started:
             console.print(f"Prefect server for this machine's commands: {url} (it exits after "
-                          f"{local_server.idle_s():.0f} s unused)")
+                          f"{local_server.idle_s():.0f} s unused)", soft_wrap=True)
         # Task processes (the process runner, a local Dask cluster) inherit the environment, and this
         # process's clients read it once more now
         os.environ["PREFECT_API_URL"] = url

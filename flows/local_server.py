@@ -44,10 +44,20 @@ def _locked(path: Path):
         yield  # closing the file releases the lock
 
 
+def _runtime() -> dict:
+    """What a found server must share with the command: its interpreter and Prefect (another venv's
+    server would serve an older or newer API on the same database)."""
+    import prefect
+
+    return {"python": sys.executable, "prefect": prefect.__version__}
+
+
 def _answering(home: Path) -> str | None:
-    """The API address of this home's server if it is running and answers."""
+    """The API address of this home's server if it is running, is this runtime's, and answers."""
     try:
         state = json.loads((home / STATE).read_text())
+        if {k: state.get(k) for k in _runtime()} != _runtime():
+            return None
         with urllib.request.urlopen(state["api_url"] + "/health", timeout=5) as response:
             return state["api_url"] if response.status == 200 else None
     except (OSError, ValueError, KeyError):
@@ -72,7 +82,7 @@ def _start(home: Path) -> str:
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as response:
                 if response.status == 200:
-                    (home / STATE).write_text(json.dumps({"pid": proc.pid, "api_url": url}))
+                    (home / STATE).write_text(json.dumps({"pid": proc.pid, "api_url": url, **_runtime()}))
                     return url
         except OSError:
             time.sleep(0.1)

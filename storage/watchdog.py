@@ -1,6 +1,6 @@
 """Servers that die with the command that started them.
 
-A child server started in its own session (weed) or by a library (Prefect's temporary API server)
+A child server started in its own session (the S3 server, weed) or by a library
 outlives a parent killed with SIGKILL: no ``atexit``, no signal handler runs. A watchdog process, which
 holds nothing but the child's pid, notices that the parent is gone (it is re-parented) and kills the
 child. The same code works for any child, on Linux and macOS, without changing how it was started.
