@@ -202,16 +202,20 @@ SERVERS = ("cold", "warm")
 
 
 def server_env(server: str, scratch: str) -> dict:
-    """The environment of a timed command, with no Prefect API configured. ``cold``: a Prefect home of its
-    own, so the command starts the local Prefect server (which retires a second after it); ``warm``: the
-    benchmark's one home, whose server is already up, as every command after a user's first finds it."""
+    """The environment of a timed command, with no Prefect API configured. ``cold``: the command starts
+    the local Prefect server (the benchmark's cold home, whose server retires a second after each
+    command: a user's first command of the day); ``warm``: it finds it running (the benchmark's warm home,
+    as every command after a user's first). Both homes' databases exist before the first timed command."""
     os.environ.pop("PREFECT_API_URL", None)
-    if server == "cold":
-        return {"PREFECT_HOME": f"{scratch}/prefect-{time.monotonic_ns()}", "GPTPIPE_PREFECT_IDLE_S": "1"}
-    home = {"PREFECT_HOME": f"{scratch}/prefect-warm"}
-    subprocess.run([sys.executable, "-c", "from flows import local_server; local_server.connect()"], check=True,
-                   cwd=REPO, env={**os.environ, **home})
-    return home
+    home = f"{scratch}/prefect-{server}"
+    env = {"PREFECT_HOME": home, **({"GPTPIPE_PREFECT_IDLE_S": "1"} if server == "cold" else {})}
+    if server == "warm" or not os.path.exists(home):
+        os.makedirs(home, exist_ok=True)
+        subprocess.run([sys.executable, "-c", "from flows import local_server; local_server.connect()"], check=True,
+                       cwd=REPO, env={**os.environ, **env})
+    while server == "cold" and os.path.exists(f"{home}/gptpipe-server.json"):  # until the last one has retired
+        time.sleep(0.2)
+    return env
 
 
 def catalog_json(store: str, sql: str) -> list[dict]:
