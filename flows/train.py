@@ -9,8 +9,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from flows.artifacts import artifact_key, picture, summary_markdown
 from flows import local_server
+from flows.artifacts import artifact_key, picture, summary_markdown
 from flows.credentials import use_store_credentials
 from flows.runners import set_torch_threads
 from gptpipe.stages import train
@@ -97,8 +97,7 @@ def one_training_at_a_time(model: str):
 def ephemeral_server_holder(name: str):
     """The local server commands share (``flows.local_server``) and Prefect's temporary one (a flow called
     from Python with no ``PREFECT_API_URL``), both on the database in ``PREFECT_HOME``, run no lease
-    repossessor, so a training killed there (kill -9, the OOM killer)
-    would hold its slot for ever. Every process that waits for or holds a slot there leaves its pid in
+    repossessor, so a training killed there (kill -9, the OOM killer) would hold its slot for ever. Every process that waits for or holds a slot there leaves its pid in
     ``PREFECT_HOME/gptpipe-slots/<limit>/``; only processes of this host share that database. Yields
     whether another of them is alive: if none is, slots still taken are a killed training's."""
     from prefect.settings import PREFECT_HOME
