@@ -97,9 +97,10 @@ def one_training_at_a_time(model: str):
 def ephemeral_server_holder(name: str):
     """The local server commands share (``flows.local_server``) and Prefect's temporary one (a flow called
     from Python with no ``PREFECT_API_URL``), both on the database in ``PREFECT_HOME``, run no lease
-    repossessor, so a training killed there (kill -9, the OOM killer) would hold its slot for ever. Every process that waits for or holds a slot there leaves its pid in
-    ``PREFECT_HOME/gptpipe-slots/<limit>/``; only processes of this host share that database. Yields
-    whether another of them is alive: if none is, slots still taken are a killed training's."""
+    repossessor, so a training killed there (kill -9, the OOM killer) would hold its slot for ever. Every
+    process that waits for or holds a slot there leaves its pid in ``PREFECT_HOME/gptpipe-slots/<limit>/``;
+    only processes of this host share that database. Yields whether another of them is alive: if none
+    is, slots still taken are a killed training's."""
     from prefect.settings import PREFECT_HOME
 
     holders = Path(PREFECT_HOME.value()) / "gptpipe-slots" / name
