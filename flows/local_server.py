@@ -17,13 +17,14 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from storage.s3server import free_ports
 
 STATE, LOCK, USERS, LOG = "gptpipe-server.json", "gptpipe-server.lock", "gptpipe-server.users", "gptpipe-server.log"
 # Prefect's own default (20 s) is about what the server needs on 2 idle cores (17 s measured): on a busy
@@ -52,22 +53,28 @@ def _runtime() -> dict:
     return {"python": sys.executable, "prefect": prefect.__version__}
 
 
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(api_url + "/health", timeout=5) as response:
+            return response.status == 200
+    except (OSError, ValueError):  # not answering, or no address at all
+        return False
+
+
 def _answering(home: Path) -> str | None:
     """The API address of this home's server if it is running, is this runtime's, and answers."""
     try:
         state = json.loads((home / STATE).read_text())
-        if {k: state.get(k) for k in _runtime()} != _runtime():
-            return None
-        with urllib.request.urlopen(state["api_url"] + "/health", timeout=5) as response:
-            return state["api_url"] if response.status == 200 else None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
+    runtime = _runtime()
+    if {k: state.get(k) for k in runtime} != runtime or not _healthy(state.get("api_url", "")):
+        return None
+    return state["api_url"]
 
 
 def _start(home: Path) -> str:
-    with socket.socket() as s:  # a free port on loopback; nothing else on the host takes it in the next seconds
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]  # nothing else on the host takes it in the next seconds
     url = f"http://127.0.0.1:{port}/api"
     from prefect.settings import get_current_settings
 
@@ -79,13 +86,10 @@ def _start(home: Path) -> str:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the local Prefect server exited at start-up (code {proc.returncode}); see {home / LOG}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    (home / STATE).write_text(json.dumps({"pid": proc.pid, "api_url": url, **_runtime()}))
-                    return url
-        except OSError:
-            time.sleep(0.1)
+        if _healthy(url):
+            (home / STATE).write_text(json.dumps({"pid": proc.pid, "api_url": url, **_runtime()}))
+            return url
+        time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"the local Prefect server did not answer within {START_TIMEOUT_S} s; see {home / LOG}")
 
