@@ -68,6 +68,8 @@ def _answering(home: Path) -> str | None:
     except (OSError, ValueError):
         return None
     runtime = _runtime()
+    if not isinstance(state, dict):  # not a state this code wrote
+        return None
     if {k: state.get(k) for k in runtime} != runtime or not _healthy(state.get("api_url", "")):
         return None
     return state["api_url"]
