@@ -111,6 +111,15 @@ def test_each_run_block_lands_in_its_own_row_whatever_the_order(tmp_path):
     assert np.isnan(array[[0, 3, 4, 6]]).all()  # rows of no run stay empty
 
 
+def test_a_shards_runs_in_order_are_written_from_a_view_of_its_blocks():
+    blocks = np.zeros((64, 2, 3), dtype=np.float32)
+    [(positions, first, stop)] = sweeps.consecutive_ranges(list(range(128, 192)))
+    assert (first, stop) == (128, 192) and np.shares_memory(blocks[positions], blocks)  # no 80 MB copy per commit
+    ranges = sweeps.consecutive_ranges([9, 3, 4, 8])  # runs 3-4 at positions 1-2, runs 8-9 at positions 3, 0
+    assert [(f, s) for _, f, s in ranges] == [(3, 5), (8, 10)]
+    assert ranges[0][0] == slice(1, 3) and ranges[1][0].tolist() == [3, 0]
+
+
 @pytest.mark.parametrize("damage", ["flip_a_bit", "truncate", "delete"])
 def test_damaged_parameters_are_caught_on_read_by_export_and_by_verify(tmp_path, damage):
     from tests.conftest import invoke
