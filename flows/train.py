@@ -30,14 +30,16 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
                batch_size: int | None = None, lr: float | None = None, pairing: str | None = None,
                memory_budget: int | None = None, torch_threads: int | None = None, credentials: str | None = None,
                compile: bool | None = None, prompt_dropout: float | None = None, guidance: float | None = None,
-               temperature: float | None = None) -> dict:
+               temperature: float | None = None, candidates: int = 1) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
     ``memory_budget`` (bytes): bigger training sets are streamed from the store (default 2 GiB).
     ``torch_threads``: see ``flows.runners.set_torch_threads``. A setting left None is ``TrainConfig``'s
     (or the train stage's) default. ``credentials``: see ``flows.credentials``. Two trainings of one
-    model never run at once: the second waits for the first (``one_training_at_a_time``)."""
+    model never run at once: the second waits for the first (``one_training_at_a_time``). ``candidates`` > 1:
+    that many trainings with seeds ``seed``, ``seed + 1``, ... and the best by validation kept as ``model``
+    (``train.train_candidates``)."""
     use_store_credentials(credentials)
     store = store or default_store_url()
     print(f"{set_torch_threads(torch_threads)} torch threads")
@@ -54,7 +56,10 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
                                      pairing=pairing, compile=compile, prompt_dropout=prompt_dropout,
                                      guidance=guidance, temperature=temperature).items() if v is not None}
     with one_training_at_a_time(model):
-        summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
+        if candidates > 1:
+            summary = train.train_candidates(data, store, model, candidates, options, save_every, on_progress=progress)
+        else:
+            summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
     st = open_store(store)
     create_markdown_artifact(key=artifact_key("model", model), description=f"G.pt {model}",
                              markdown=summary_markdown(f"G.pt `{model}`", summary) + "\n\n"

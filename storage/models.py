@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from datetime import datetime, timezone
 
 from storage.store import Store, StoreError, check_name
@@ -83,6 +85,20 @@ def save(store: Store, model: str, state_path: str, lineage: dict, losses: list[
     store.write_bytes(loss_plot, MODELS, model, LOSS_PLOT)
     now = datetime.now(timezone.utc).isoformat()
     store.write_json({**lineage, "created_at": lineage.get("created_at", now), "updated_at": now}, MODELS, model, LINEAGE)
+
+
+def promote(store: Store, source: str, model: str, lineage: dict) -> None:
+    """Save model ``source`` under the name ``model`` too, with ``lineage`` added to its own: the state
+    (through a scratch file, in pieces), log and plot first, the lineage last (see the module docstring)."""
+    check_name(model, "model")
+    source_lineage = read_lineage(store, source)
+    with tempfile.TemporaryDirectory(prefix="gptpipe-promote-") as scratch:
+        path = os.path.join(scratch, STATE)
+        store.get_file(path, MODELS, source, STATE)
+        store.put_file(path, MODELS, model, STATE)
+    for part in (LOG, LOSS_PLOT):
+        store.write_bytes(store.fs.cat_file(store.path(MODELS, source, part)), MODELS, model, part)
+    store.write_json({**source_lineage, **lineage}, MODELS, model, LINEAGE)
 
 
 def read_calibration(store: Store, model: str) -> dict | None:

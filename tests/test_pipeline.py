@@ -190,6 +190,33 @@ def test_train_seed_gives_another_training(small_store, cli):
     assert first_loss[0] != first_loss[1]
 
 
+def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, cli):
+    from gptpipe.stages.train import validation_score
+
+    command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "best2", "--steps", "4", "--batch-size", "16",
+               "--candidates", "2")
+    out = cli(*command)
+    assert out.returncode == 0, out.stderr
+    store = open_store(small_store)
+    lineage = store.read_json("models", "best2", "lineage.json")
+    scores = lineage["candidates"]
+    assert set(scores) == {"best2-candidate0", "best2-candidate1"} and lineage["validation_metric"] == "train_loss"
+    candidates = {name: store.read_json("models", name, "lineage.json") for name in scores}
+    assert {c["train_config"]["seed"] for c in candidates.values()} == {0, 1}  # two draws of G.pt's own randomness...
+    assert len({json.dumps(c["heldout_runs"]) for c in candidates.values()}) == 1  # ...on the same training runs
+    for name, score in scores.items():  # each score is the candidate's validation as stored, recomputed
+        assert score == pytest.approx(validation_score(store, name), rel=1e-5)
+    assert scores[lineage["chosen"]] == min(scores.values())  # lower training loss is better
+    state = lambda name: store.fs.cat_file(store.path("models", name, "state.safetensors"))
+    assert state("best2") == state(lineage["chosen"])
+    assert cli(*command).returncode == 0  # re-run: trained candidates are only checked, the choice kept
+    assert store.read_json("models", "best2", "lineage.json")["updated_at"] == lineage["updated_at"]
+    refused = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "g", "--steps", "4", "--batch-size", "16",
+                  "--candidates", "2")  # an existing model was not chosen from candidates: not overwritten
+    assert refused.returncode != 0 and "not chosen from 2 candidates" in refused.stderr
+    assert state("g") != state("best2")
+
+
 def test_reports_show_every_picture_in_a_browser(small_store, prefect_server, prefect_api):
     """What a user opens: the artifacts in the Prefect UI, report.html and the index as files, the model card."""
     from flows.evaluate import evaluate_flow

@@ -298,6 +298,70 @@ def run_training(data: TrainingData, store: str, model: str, options: dict | Non
     return training_summary(model, trainer.step, resumed_at, trainer.wall_s, trainer.losses, data, distributed.world_size())
 
 
+VALIDATION_INITS = 128
+VALIDATION_SEED = 1 << 40  # fresh inits 2^40, 2^40 + 1, ...: a stream no evaluation or calibration draws from
+
+
+def candidate_name(model: str, k: int) -> str:
+    return f"{model}-candidate{k}"
+
+
+def training_split_metric(problem, metric: str) -> str:
+    """``metric`` on the data the generated networks train on (test_loss -> train_loss; return stays)."""
+    twin = metric.replace("test_", "train_", 1)
+    return twin if twin in problem.metrics else metric
+
+
+def validation_score(store: Store, model: str, n: int = VALIDATION_INITS) -> float:
+    """How well ``model`` does what users ask of it, without the test split or any evaluation's inits: the
+    mean training-split value of its metric after one update from ``n`` fresh inits of a seed stream of its
+    own, each prompted with the best value in the model's sweeps (its own sampler settings)."""
+    from gptpipe import data as datasets
+    from gptpipe.evaluation.sampling import sample
+    from gptpipe.gpt.trainer import load_model
+
+    lineage = models.read_lineage(store, model)
+    problem = problems.get(lineage["problem"])
+    dataset = datasets.load_cached(sweeps.read_config(store, lineage["sweeps"][0])["recipe"]["data"], None)
+    gpt, diffusion, _ = load_model(models.read_state(store, model))
+    start = problem.init([torch.Generator().manual_seed(VALIDATION_SEED + i) for i in range(n)])
+    start_metric = problem.score(start, dataset)[lineage["metric"]].double().numpy()
+    sampler, steps, guidance, temperature = sampling_defaults(lineage)
+    updated = sample(gpt, diffusion, start, start_metric, np.full(n, float(lineage["best"])), sampler, steps,
+                     torch.Generator().manual_seed(0), guidance=guidance, temperature=temperature)
+    return float(problem.score(updated, dataset)[training_split_metric(problem, lineage["metric"])].double().mean())
+
+
+def train_candidates(data: TrainingData, store: str, model: str, candidates: int, options: dict | None = None,
+                     save_every: int | None = None, on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+    """Train ``candidates`` G.pts on the same training runs, differing only in the seed of their own draws
+    (seed, seed + 1, ...: initial weights, pairs, noise), as ``<model>-candidate<k>``, and save the one with
+    the best ``validation_score`` as ``model``. Trainings of one recipe differ: on mnist_mlp ten of them
+    reached 1.39-1.59x the recipe's one-update error, and this score ranks them as the report does
+    (docs/gpt-ablations.md). Resumes like ``run_training``: trained candidates are only checked."""
+    st = open_store(store)
+    names = [candidate_name(model, k) for k in range(candidates)]
+    done = models.read_lineage(st, model).get("candidates") if models.exists(st, model) else None
+    if models.exists(st, model) and set(done or {}) != set(names):
+        raise StoreError(f"model {model!r} exists and was not chosen from {candidates} candidates; choose a new --model name")
+    seed = (options or {}).get("seed", 0)
+    summaries = []
+    for k, name in enumerate(names):
+        progress = on_progress and (lambda step, target, loss, k=k: on_progress(k * target + step, candidates * target, loss))
+        summaries.append(run_training(data, store, name, {**(options or {}), "seed": seed + k}, save_every, progress))
+    scores = done or {name: validation_score(st, name) for name in names}
+    problem = problems.get(data.problem)
+    metric = training_split_metric(problem, data.metric)
+    chosen = min(names, key=lambda name: problems.sign(problem, metric) * scores[name])
+    if not done:
+        models.promote(st, chosen, model, {"candidates": scores, "chosen": chosen, "validation_metric": metric})
+        write_card(st, model)
+    print(f"{model} = {chosen}, the best of {candidates} by its validation {metric} ("
+          + ", ".join(f"{v:.4f}" for v in scores.values()) + ")")
+    return {**summaries[names.index(chosen)], "model": model, "chosen": chosen, "validation_metric": metric,
+            "validation_scores": [scores[name] for name in names]}
+
+
 def training_summary(model: str, step: int, resumed_at: int, wall_s: float, losses: list[float], data: TrainingData,
                      processes: int) -> dict:
     recent = losses[-100:]
