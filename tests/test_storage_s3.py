@@ -24,6 +24,7 @@ try:
 except ImportError:  # tests/ itself on sys.path (plain ``pytest`` without the repository root)
     from s3 import s3_env, s3_server, s3_store_url  # noqa: F401
 
+from test_models_store import check_promote
 from test_storage import check_catalog, check_catalog_is_locked_to_the_store, write_sweep
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,10 @@ def test_params_round_trip_on_s3(s3_store_url):
     # one object per run: writers own whole chunks
     chunks = [p for p in store.fs.find(store.path("sweeps", "s", "params.zarr")) if "/c/" in p]
     assert len(chunks) == n_runs
+
+
+def test_promote_a_model_on_s3(s3_store_url, tmp_path):
+    check_promote(open_store(s3_store_url), tmp_path)
 
 
 def test_catalog_query_on_s3(s3_store_url):
