@@ -209,6 +209,8 @@ def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, 
     assert scores[lineage["chosen"]] == min(scores.values())  # lower training loss is better
     state = lambda name: store.fs.cat_file(store.path("models", name, "state.safetensors"))
     assert state("best2") == state(lineage["chosen"])
+    card = store.fs.cat_file(store.path("models", "best2", "card.html")).decode()
+    assert "Chosen from candidates" in card and all(f"{score:.4f}" in card for score in scores.values())
     assert cli(*command).returncode == 0  # re-run: trained candidates are only checked, the choice kept
     assert store.read_json("models", "best2", "lineage.json")["updated_at"] == lineage["updated_at"]
     refused = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "g", "--steps", "4", "--batch-size", "16",

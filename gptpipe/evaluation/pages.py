@@ -158,6 +158,11 @@ def model_card(model: str, lineage: dict, loss_png: bytes, summaries: list[dict]
              f"created {str(lineage.get('created_at', ''))[:16]}, updated {str(lineage.get('updated_at', ''))[:16]}.", "",
              "![training loss](train_loss.png)", "", "## Training settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in config.items()]
+    if candidates := lineage.get("candidates"):  # gptpipe.stages.train.train_candidates
+        lines += ["", "## Chosen from candidates", "", f"The best of {len(candidates)} trainings by one update from validation "
+                  f"inits, scored by `{lineage.get('validation_metric')}` on the training split:", "",
+                  "| candidate | validation score | |", "|---|---|---|"]
+        lines += [f"| `{name}` | {score:.4f} | {'kept' if name == lineage.get('chosen') else ''} |" for name, score in candidates.items()]
     lines += ["", "## Evaluations", ""]
     if summaries:
         lines += [*INDEX_HEAD, *index_rows(summaries, "../../evals/{eval}/report.html")]
