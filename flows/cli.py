@@ -295,6 +295,8 @@ def train(
                                        "held out (default 0); another seed measures how much one training differs from the next"),
     candidates: int = typer.Option(1, help="Train this many G.pts (seeds seed, seed + 1, ...) and keep the best by one "
                                    "update from validation inits, scored on the training split, as --model"),
+    data_root: Optional[str] = typer.Option(None, help="With --candidates: folder with the sweep's torchvision data "
+                                            "(mnist, fashion_mnist, cifar10), which the candidates are scored on"),
 ):
     """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
     `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
@@ -312,6 +314,10 @@ def train(
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
+        if candidates > 1:  # the data they are scored on, once trained: missing data is one line now
+            from gptpipe.stages.train import sweep_data
+
+            sweep_data(st, sweep[0], data_root)
         budget = int(memory_budget) if memory_budget is not None else None
         options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing,
                         compile=compile_model or None, prompt_dropout=prompt_dropout, guidance=guidance,
@@ -336,7 +342,7 @@ def train(
         server_ready()
         with progress_bar(f"train {model}", target * candidates, lambda: trained_steps(st, model, candidates)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
-                                 candidates=candidates, **given(save_every=save_every), **options)
+                                 candidates=candidates, **given(save_every=save_every, data_root=data_root), **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 

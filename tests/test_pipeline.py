@@ -219,6 +219,23 @@ def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, 
     assert state("g") != state("best2")
 
 
+def test_train_candidates_on_torchvision_data_needs_its_root_before_training(tmp_path, cli):
+    from tests.test_data import write_idx
+
+    write_idx(tmp_path / "data", "MNIST", n_train=200, n_test=50)
+    store = str(tmp_path / "store")
+    out = cli("collect", "--store", store, "--sweep", "m", "--problem", "mnist_mlp", "--data", "mnist", "--data-root",
+              str(tmp_path / "data"), "--runs", "4", "--shard-size", "4", "--epochs", "1", "--checkpoints", "2", "--workers", "1")
+    assert out.returncode == 0, out.stderr
+    train = ("train", "--store", store, "--sweep", "m", "--model", "c", "--steps", "2", "--batch-size", "16", "--candidates", "2")
+    refused = cli(*train)  # the candidates are scored on the sweep's data: without it, nothing is trained
+    assert refused.returncode != 0 and "needs --data-root" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store" / "models").exists()
+    out = cli(*train, "--data-root", str(tmp_path / "data"))
+    assert out.returncode == 0, out.stderr
+    assert set(open_store(store).read_json("models", "c", "lineage.json")["candidates"]) == {"c-candidate0", "c-candidate1"}
+
+
 def test_reports_show_every_picture_in_a_browser(small_store, prefect_server, prefect_api):
     """What a user opens: the artifacts in the Prefect UI, report.html and the index as files, the model card."""
     from flows.evaluate import evaluate_flow

@@ -312,17 +312,23 @@ def training_split_metric(problem, metric: str) -> str:
     return twin if twin in problem.metrics else metric
 
 
-def validation_score(store: Store, model: str, n: int = VALIDATION_INITS) -> float:
+def sweep_data(store: Store, sweep: str, data_root: str | None = None):
+    """The data set sweep ``sweep`` trained on (``data_root``: where torchvision data sets are)."""
+    from gptpipe import data as datasets
+
+    return datasets.load_cached(sweeps.read_config(store, sweep)["recipe"]["data"], data_root)
+
+
+def validation_score(store: Store, model: str, n: int = VALIDATION_INITS, data_root: str | None = None) -> float:
     """How well ``model`` does what users ask of it, without the test split or any evaluation's inits: the
     mean training-split value of its metric after one update from ``n`` fresh inits of a seed stream of its
     own, each prompted with the best value in the model's sweeps (its own sampler settings)."""
-    from gptpipe import data as datasets
     from gptpipe.evaluation.sampling import sample
     from gptpipe.gpt.trainer import load_model
 
     lineage = models.read_lineage(store, model)
     problem = problems.get(lineage["problem"])
-    dataset = datasets.load_cached(sweeps.read_config(store, lineage["sweeps"][0])["recipe"]["data"], None)
+    dataset = sweep_data(store, lineage["sweeps"][0], data_root)
     gpt, diffusion, _ = load_model(models.read_state(store, model))
     start = problem.init([torch.Generator().manual_seed(VALIDATION_SEED + i) for i in range(n)])
     start_metric = problem.score(start, dataset)[lineage["metric"]].double().numpy()
@@ -333,13 +339,16 @@ def validation_score(store: Store, model: str, n: int = VALIDATION_INITS) -> flo
 
 
 def train_candidates(data: TrainingData, store: str, model: str, candidates: int, options: dict | None = None,
-                     save_every: int | None = None, on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+                     save_every: int | None = None, on_progress: Callable[[int, int, float], None] | None = None,
+                     data_root: str | None = None) -> dict:
     """Train ``candidates`` G.pts on the same training runs, differing only in the seed of their own draws
     (seed, seed + 1, ...: initial weights, pairs, noise), as ``<model>-candidate<k>``, and save the one with
     the best ``validation_score`` as ``model``. Trainings of one recipe differ: on mnist_mlp ten of them
     reached 1.39-1.59x the recipe's one-update error, and this score ranks them as the report does
-    (docs/gpt-ablations.md). Resumes like ``run_training``: trained candidates are only checked."""
+    (docs/gpt-ablations.md). Resumes like ``run_training``: trained candidates are only checked.
+    ``data_root``: where the sweep's data is, if torchvision's (validation scores networks on it)."""
     st = open_store(store)
+    sweep_data(st, data.lineage["sweeps"][0], data_root)  # data that is not at hand fails now, not after the trainings
     names = [candidate_name(model, k) for k in range(candidates)]
     done = models.read_lineage(st, model).get("candidates") if models.exists(st, model) else None
     if models.exists(st, model) and set(done or {}) != set(names):
@@ -349,7 +358,7 @@ def train_candidates(data: TrainingData, store: str, model: str, candidates: int
     for k, name in enumerate(names):
         progress = on_progress and (lambda step, target, loss, k=k: on_progress(k * target + step, candidates * target, loss))
         summaries.append(run_training(data, store, name, {**(options or {}), "seed": seed + k}, save_every, progress))
-    scores = done or {name: validation_score(st, name) for name in names}
+    scores = done or {name: validation_score(st, name, data_root=data_root) for name in names}
     problem = problems.get(data.problem)
     metric = training_split_metric(problem, data.metric)
     chosen = min(names, key=lambda name: problems.sign(problem, metric) * scores[name])
