@@ -293,8 +293,11 @@ def train(
                                              "default (1 = none; above 1 needs --prompt-dropout)"),
     seed: Optional[int] = typer.Option(None, help="Training seed: G.pt's init, its pairs and noise, and which runs are "
                                        "held out (default 0); another seed measures how much one training differs from the next"),
-    candidates: int = typer.Option(1, help="Train this many G.pts (seeds seed, seed + 1, ...) and keep the best by one "
-                                   "update from validation inits, scored on the training split, as --model"),
+    candidates: int = typer.Option(1, help="Train this many G.pts (seeds seed, seed + 1, ...) and keep the best by "
+                                   "validation (--choose-by) as --model"),
+    choose_by: str = typer.Option("one-update", help="With --candidates, how they are scored: one-update (one update from "
+                                  "validation inits at the best prompt, scored on the training split) or alignment (prompt "
+                                  "alignment R² of validation inits over a range of prompts)"),
     data_root: Optional[str] = typer.Option(None, help="With --candidates: folder with the sweep's torchvision data "
                                             "(mnist, fashion_mnist, cifar10), which the candidates are scored on"),
 ):
@@ -308,16 +311,11 @@ def train(
         check_name(model, "model")
         check_train_options(preset, steps, lr, pairing, save_every, memory_budget, prompt_dropout, guidance, device, force)
         check_temperature(temperature)
-        if candidates < 1:
-            raise StoreError(f"--candidates must be at least 1, got {candidates}")
         st = open_store(url)
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
-        if candidates > 1:  # the data they are scored on, once trained: missing data is one line now
-            from gptpipe.stages.train import sweep_data
-
-            sweep_data(st, sweep[0], data_root)
+        check_candidates(st, sweep[0], candidates, choose_by, data_root)
         budget = int(memory_budget) if memory_budget is not None else None
         options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing,
                         compile=compile_model or None, prompt_dropout=prompt_dropout, guidance=guidance,
@@ -342,13 +340,26 @@ def train(
         server_ready()
         with progress_bar(f"train {model}", target * candidates, lambda: trained_steps(st, model, candidates)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
-                                 candidates=candidates, **given(save_every=save_every, data_root=data_root), **options)
+                                 candidates=candidates, choose_by=choose_by, **given(save_every=save_every, data_root=data_root),
+                                 **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
+
+
+def check_candidates(st, sweep: str, candidates: int, choose_by: str, data_root: str | None) -> None:
+    """``--candidates`` and ``--choose-by``, and the data the candidates are scored on once trained: one line now."""
+    from gptpipe.stages.candidates import CHOOSE_BY, sweep_data
+
+    if candidates < 1:
+        raise StoreError(f"--candidates must be at least 1, got {candidates}")
+    if choose_by not in CHOOSE_BY:
+        raise StoreError(f"unknown --choose-by {choose_by!r} (choose from {', '.join(CHOOSE_BY)})")
+    if candidates > 1:
+        sweep_data(st, sweep, data_root)
 
 
 def trained_steps(st, model: str, candidates: int) -> int:
     """Steps saved so far of ``model``, or of all its candidates together."""
-    from gptpipe.stages.train import candidate_name
+    from gptpipe.stages.candidates import candidate_name
     from storage import models
 
     if candidates == 1:
@@ -514,7 +525,8 @@ class Demo:
     pairing: str | None = None  # None: TrainConfig's default
     compile: bool = False  # torch.compile the training step: pays from ~1,100 steps on (bench/gpt.py compile)
     temperature: float | None = None  # the model's sampling temperature; None: TrainConfig's (1)
-    candidates: int = 1  # G.pts trained, the best by validation kept (gptpipe.stages.train.train_candidates)
+    candidates: int = 1  # G.pts trained, the best by validation kept (gptpipe.stages.candidates)
+    choose_by: str | None = None  # how the candidates are scored; None: one-update
 
 
 DEMOS = {
@@ -595,7 +607,7 @@ def demo(
             workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
             train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
                                 compile=d.compile or None, temperature=d.temperature,
-                                candidates=d.candidates if d.candidates > 1 else None),
+                                candidates=d.candidates if d.candidates > 1 else None, choose_by=d.choose_by),
             evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
                               **given(calibration_networks=d.calibration_networks, optimiser_steps=d.optimiser_steps)})
     metric = problems_mod.get(problem).primary

@@ -14,6 +14,7 @@ from flows.artifacts import artifact_key, picture, summary_markdown
 from flows.credentials import use_store_credentials
 from flows.runners import set_torch_threads
 from gptpipe.stages import train
+from gptpipe.stages.candidates import train_candidates
 from storage import models
 from storage.store import default_store_url, open_store
 from storage.watchdog import process_exists
@@ -30,7 +31,7 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
                batch_size: int | None = None, lr: float | None = None, pairing: str | None = None,
                memory_budget: int | None = None, torch_threads: int | None = None, credentials: str | None = None,
                compile: bool | None = None, prompt_dropout: float | None = None, guidance: float | None = None,
-               temperature: float | None = None, candidates: int = 1,
+               temperature: float | None = None, candidates: int = 1, choose_by: str = "one-update",
                data_root: str | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
@@ -39,8 +40,9 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
     ``torch_threads``: see ``flows.runners.set_torch_threads``. A setting left None is ``TrainConfig``'s
     (or the train stage's) default. ``credentials``: see ``flows.credentials``. Two trainings of one
     model never run at once: the second waits for the first (``one_training_at_a_time``). ``candidates`` > 1:
-    that many trainings with seeds ``seed``, ``seed + 1``, ... and the best by validation kept as ``model``
-    (``train.train_candidates``; ``data_root``: where the sweep's torchvision data is, which they are scored on)."""
+    that many trainings with seeds ``seed``, ``seed + 1``, ... and the best by validation (``choose_by``:
+    one-update or alignment) kept as ``model`` (``gptpipe.stages.candidates``; ``data_root``: where the
+    sweep's torchvision data is, which they are scored on)."""
     use_store_credentials(credentials)
     store = store or default_store_url()
     print(f"{set_torch_threads(torch_threads)} torch threads")
@@ -58,8 +60,8 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
                                      guidance=guidance, temperature=temperature).items() if v is not None}
     with one_training_at_a_time(model):
         if candidates > 1:
-            summary = train.train_candidates(data, store, model, candidates, options, save_every, on_progress=progress,
-                                             data_root=data_root)
+            summary = train_candidates(data, store, model, candidates, options, save_every, on_progress=progress,
+                                       data_root=data_root, choose_by=choose_by)
         else:
             summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
     st = open_store(store)

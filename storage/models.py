@@ -96,8 +96,9 @@ def promote(store: Store, source: str, model: str, lineage: dict) -> None:
         path = os.path.join(scratch, STATE)
         store.get_file(path, MODELS, source, STATE)
         store.put_file(path, MODELS, model, STATE)
-    for part in (LOG, LOSS_PLOT):
-        store.write_bytes(store.fs.cat_file(store.path(MODELS, source, part)), MODELS, model, part)
+    for part in (LOG, LOSS_PLOT, CALIBRATION):  # the calibration too, where one was fitted (it is the same model)
+        if part != CALIBRATION or store.exists(MODELS, source, part):
+            store.write_bytes(store.fs.cat_file(store.path(MODELS, source, part)), MODELS, model, part)
     store.write_json({**source_lineage, **lineage}, MODELS, model, LINEAGE)
 
 

@@ -29,6 +29,10 @@ def check_promote(store, tmp_path) -> None:
     assert models.read_losses(store, "m") == [1.0, 0.5]
     source, promoted = models.read_lineage(store, "m-candidate1"), models.read_lineage(store, "m")
     assert promoted == {**source, "chosen": "m-candidate1"} and models.step(store, "m") == 25
+    assert models.read_calibration(store, "m") is None  # none fitted: none made up
+    models.write_calibration(store, "m-candidate1", {"step": 25, "u": [0.0, 1.0], "v": [0.0, 0.9]})
+    models.promote(store, "m-candidate1", "m2", {"chosen": "m-candidate1"})
+    assert models.read_calibration(store, "m2") == {"step": 25, "u": [0.0, 1.0], "v": [0.0, 0.9]}  # fitted: carried over
 
 
 def test_promote_saves_a_model_under_a_second_name(tmp_path):

@@ -191,7 +191,7 @@ def test_train_seed_gives_another_training(small_store, cli):
 
 
 def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, cli):
-    from gptpipe.stages.train import validation_score
+    from gptpipe.stages.candidates import validation_score
 
     command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "best2", "--steps", "4", "--batch-size", "16",
                "--candidates", "2")
@@ -201,6 +201,7 @@ def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, 
     lineage = store.read_json("models", "best2", "lineage.json")
     scores = lineage["candidates"]
     assert set(scores) == {"best2-candidate0", "best2-candidate1"} and lineage["validation_metric"] == "train_loss"
+    assert lineage["chosen_by"] == "one-update"
     candidates = {name: store.read_json("models", name, "lineage.json") for name in scores}
     assert {c["train_config"]["seed"] for c in candidates.values()} == {0, 1}  # two draws of G.pt's own randomness...
     assert len({json.dumps(c["heldout_runs"]) for c in candidates.values()}) == 1  # ...on the same training runs
@@ -217,6 +218,32 @@ def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, 
                   "--candidates", "2")  # an existing model was not chosen from candidates: not overwritten
     assert refused.returncode != 0 and "not chosen from 2 candidates" in refused.stderr
     assert state("g") != state("best2")
+
+
+def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, cli):
+    """--choose-by alignment (CartPole's target): each candidate's prompt alignment R² over validation inits,
+    through its own calibration, which the kept model carries over."""
+    from gptpipe.stages.candidates import validation_score
+    from storage import models
+
+    command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "aligned2", "--steps", "4", "--batch-size", "16",
+               "--candidates", "2", "--choose-by", "alignment")
+    out = cli(*command)
+    assert out.returncode == 0, out.stderr
+    store = open_store(small_store)
+    lineage = store.read_json("models", "aligned2", "lineage.json")
+    scores = lineage["candidates"]
+    assert lineage["chosen_by"] == "alignment" and lineage["validation_metric"] == "test_loss alignment R²"
+    calibrations = {name: models.read_calibration(store, name) for name in scores}
+    assert all(c is not None for c in calibrations.values())  # fitted for the validation, as an evaluation fits it
+    for name, score in scores.items():
+        assert score == pytest.approx(validation_score(store, name, "alignment"), abs=1e-9)
+    assert scores[lineage["chosen"]] == max(scores.values())  # higher R² is better
+    assert models.read_calibration(store, "aligned2") == calibrations[lineage["chosen"]]
+    card = store.fs.cat_file(store.path("models", "aligned2", "card.html")).decode()
+    assert "prompt alignment of validation inits" in card
+    refused = cli(*command[:-1], "one-update")  # chosen by alignment: not re-chosen another way under the same name
+    assert refused.returncode != 0 and "by one-update" in refused.stderr
 
 
 def test_train_candidates_on_torchvision_data_needs_its_root_before_training(tmp_path, cli):
@@ -275,6 +302,7 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["evaluate", "--store", str(tmp_path), "--model", "g"], "no model 'g'"),
         (["train", "--store", str(tmp_path / "missing"), "--sweep", "tiny", "--model", "m"], "does not exist"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--save-every", "0"], "--save-every must be positive"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--choose-by", "luck"], "unknown --choose-by 'luck'"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--memory-budget", "nan"], "--memory-budget must be"),
         (["train", "--store", small_store, "--sweep", "/etc", "--model", "m"], "leaves the store"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--guidance", "2"], "--guidance needs a model trained with --prompt-dropout"),

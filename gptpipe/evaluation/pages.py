@@ -158,9 +158,11 @@ def model_card(model: str, lineage: dict, loss_png: bytes, summaries: list[dict]
              f"created {str(lineage.get('created_at', ''))[:16]}, updated {str(lineage.get('updated_at', ''))[:16]}.", "",
              "![training loss](train_loss.png)", "", "## Training settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in config.items()]
-    if candidates := lineage.get("candidates"):  # gptpipe.stages.train.train_candidates
-        lines += ["", "## Chosen from candidates", "", f"The best of {len(candidates)} trainings by one update from validation "
-                  f"inits, scored by `{lineage.get('validation_metric')}` on the training split:", "",
+    if candidates := lineage.get("candidates"):  # gptpipe.stages.candidates
+        how = (f"prompt alignment of validation inits over a range of prompts (`{lineage.get('validation_metric')}`)"
+               if lineage.get("chosen_by") == "alignment" else
+               f"one update from validation inits, scored by `{lineage.get('validation_metric')}` on the training split")
+        lines += ["", "## Chosen from candidates", "", f"The best of {len(candidates)} trainings by {how}:", "",
                   "| candidate | validation score | |", "|---|---|---|"]
         lines += [f"| `{name}` | {score:.4f} | {'kept' if name == lineage.get('chosen') else ''} |" for name, score in candidates.items()]
     lines += ["", "## Evaluations", ""]

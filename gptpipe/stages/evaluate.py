@@ -64,25 +64,36 @@ def start_networks(store: Store, s: "Session", n: int, seed: int) -> tuple[np.nd
     """Held-out runs' initial checkpoints (up to half) and fresh random inits (the rest), each with room
     to improve: a start already within ``ROOM`` of the best value (a random CartPole policy can balance
     the pole for 500 steps) is passed over, since its prompts would span less than the metric's noise."""
-    room = lambda params: has_room(s, s.problem.score(torch.as_tensor(params), s.dataset)[s.metric].double().numpy())
     held_runs = [(sweep, r) for sweep, runs in s.lineage["heldout_runs"].items() for r in runs]
     starts, sources = [], []
     for sweep in dict.fromkeys(sweep for sweep, _ in held_runs):
         params = sweeps.read_blocks(store, sweep, [r for sw, r in held_runs if sw == sweep])[:, 0]
-        starts.append(params[room(params)][: n // 2 - len(sources)])
+        starts.append(params[with_room(s, params)][: n // 2 - len(sources)])
         sources += ["heldout_run"] * len(starts[-1])
-    n_fresh, fresh, drawn = n - len(sources), [], []
-    for k in range(0, MAX_DRAWS * n_fresh, n_fresh):
-        params = s.problem.init([torch.Generator().manual_seed(10_000_019 * (seed + 1) + k + i) for i in range(n_fresh)]).numpy()
+    n_fresh = n - len(sources)
+    starts.append(fresh_inits(s, n_fresh, 10_000_019 * (seed + 1)))
+    sources += ["fresh_init"] * n_fresh
+    return np.concatenate(starts).astype(np.float32), sources
+
+
+def fresh_inits(s: "Session", n: int, first_seed: int) -> np.ndarray:
+    """``n`` random inits with room to improve, drawn from seeds ``first_seed``, ``first_seed + 1``, ...
+    (each evaluation seed, the calibration and validation have streams of their own)."""
+    fresh, drawn = [], []
+    for k in range(0, MAX_DRAWS * n, n):
+        params = s.problem.init([torch.Generator().manual_seed(first_seed + k + i) for i in range(n)]).numpy()
         drawn.append(params)
-        fresh.append(params[room(params)])
-        if sum(map(len, fresh)) >= n_fresh:
+        fresh.append(params[with_room(s, params)])
+        if sum(map(len, fresh)) >= n:
             break
     else:  # hardly any init has room (a sweep whose best is barely better than chance): take them as drawn
         fresh = drawn
-    starts.append(np.concatenate(fresh)[:n_fresh])
-    sources += ["fresh_init"] * n_fresh
-    return np.concatenate(starts).astype(np.float32), sources
+    return np.concatenate(fresh)[:n].astype(np.float32)
+
+
+def with_room(s: "Session", params: np.ndarray) -> np.ndarray:
+    """Which networks ``params [N, P]`` have room to improve (``has_room`` of what they score)."""
+    return has_room(s, s.problem.score(torch.as_tensor(params), s.dataset)[s.metric].double().numpy())
 
 
 def has_room(s: "Session", start_metric: np.ndarray) -> np.ndarray:
