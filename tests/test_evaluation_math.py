@@ -17,6 +17,7 @@ def test_r2_hand_computed():
     achieved = [[1.0, 2.0, 4.0], [2.0, 2.0, 2.0]]
     # network 1: 1 - 1/2 = 0.5; network 2: 1 - (1 + 0 + 1)/2 = 0; mean 0.25
     assert evaluation.prompt_alignment_r2(requested, achieved) == pytest.approx(0.25)
+    np.testing.assert_allclose(evaluation.network_r2(requested, achieved), [0.5, 0.0])
     assert evaluation.prompt_alignment_r2(requested, requested) == 1.0
     # an answer that ignores the prompt and always gives the mean request scores 0
     assert evaluation.prompt_alignment_r2([[1.0, 3.0]], [[2.0, 2.0]]) == pytest.approx(0.0)
