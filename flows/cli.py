@@ -484,7 +484,8 @@ def _print_summary(url: str, s: dict) -> None:
     m = s["metric"]
     typer.echo(f"evaluation {s['eval']} of {s['model']} ({s['problem']}, prompted with {m}):")
     typer.echo(f"  prompt alignment R²: held-out runs {s.get('r2_heldout_run', float('nan')):.3f}, "
-               f"fresh inits {s.get('r2_fresh_init', float('nan')):.3f} (Pearson {s.get('pearson_all', float('nan')):.3f})")
+               f"fresh inits {s.get('r2_fresh_init', float('nan')):.3f} (medians {s.get('r2_median_heldout_run', float('nan')):.3f} / "
+               f"{s.get('r2_median_fresh_init', float('nan')):.3f}; Pearson {s.get('pearson_all', float('nan')):.3f})")
     for metric in dict.fromkeys((m, "test_error")):
         if f"one_step_best_prompt_{metric}_mean" in s:
             typer.echo(f"  {metric}, fresh inits: start {s[f'start_{metric}_mean']:.4g} -> G.pt one step {s[f'one_step_best_prompt_{metric}_mean']:.4g} "

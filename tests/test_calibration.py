@@ -109,3 +109,22 @@ def test_the_branch_starts_at_the_prompt_that_delivers_most():
     given = calibration.condition(cal, [20.0], [[500.0, 20.0 + 0.5 * 480.0]], -1)
     assert calibration.relative(given, 20.0, best)[0, 0] == pytest.approx(0.875)
     assert calibration.relative(given, 20.0, best)[0, 1] == pytest.approx((0.5 - 0.05) / 0.99, abs=0.02)
+
+
+def test_a_model_trained_with_pairs_that_stay_is_never_prompted_with_its_start():
+    """Such a G.pt answers a prompt at exactly its start value with the start itself, a hair away, which
+    breaks a knife-edge CartPole policy: its calibration fits the grid without u = 0, and a request at or
+    below the start is asked for as a prompt below it, never at it."""
+    assert calibration.grid_for("stay") == tuple(u for u in calibration.GRID if u != 0.0)
+    assert calibration.grid_for("mixed") == calibration.grid_for(None) == calibration.GRID
+    best, start = 500.0, np.repeat([40.0, 300.0], 8)
+    grid = calibration.grid_for("stay")
+    prompts = calibration.grid_prompts(start, best, grid)
+    u = calibration.relative(prompts, start[:, None], best)
+    v = np.where(u < 0, 0.05 * (u + 1), 0.3 + 0.6 * u)  # asked for worse: a little better; asked for more: more
+    cal = calibration.fit(start, prompts, start[:, None] + v * (best - start[:, None]), best, -1, step=0, grid=grid)
+    assert cal.grid == list(grid) and 0.0 not in cal.u and min(cal.u) < 0
+    assert calibration.Calibration(**cal.to_dict()) == cal
+    requested = np.array([[36.0, 40.0, 45.0], [270.0, 300.0, 310.0]])  # 0.9 x start, the start, a little above
+    given = calibration.condition(cal, [40.0, 300.0], requested, -1)
+    assert not np.isclose(given, np.array([[40.0], [300.0]])).any()

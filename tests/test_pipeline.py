@@ -74,8 +74,11 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     req = np.array([r["requested"] for r in held]).reshape(-1, 3)
     ach = np.array([r["achieved"] for r in held]).reshape(-1, 3)
     assert summary["r2_heldout_run"] == pytest.approx(prompt_alignment_r2(req, ach))
+    per_network = 1 - ((req - ach) ** 2).sum(1) / ((req - req.mean(1, keepdims=True)) ** 2).sum(1)
+    assert summary["r2_median_heldout_run"] == pytest.approx(np.median(per_network))  # by hand: unbounded below
     report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
-    assert f"| prompt alignment R² | {summary['r2_heldout_run']:.3f} |" in report
+    assert f"| prompt alignment R² (mean over networks) | {summary['r2_heldout_run']:.3f} |" in report
+    assert f"| median network's R² | {summary['r2_median_heldout_run']:.3f} |" in report
     # not copies: the samples' distance to the training checkpoints against held-out runs' own, at the end
     # of their runs and where SGD got them to the samples' level
     assert summary["nn_distance_heldout_at_level_median"] > 0

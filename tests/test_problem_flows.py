@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptpipe import data, problems
-from storage import catalog, params
+from gptpipe.evaluation import calibration
+from storage import catalog, models, params
 from storage.store import open_store
 from tests.test_cifar import write_cifar
 
@@ -23,13 +24,16 @@ def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
 
     url = str(tmp_path / "store")
     collect_flow(store=url, sweep="cp", problem="cartpole", runs=8, shard_size=8, epochs=3, checkpoints=4)
-    train_flow(store=url, sweeps=["cp"], model="g", steps=2, batch_size=16)
+    train_flow(store=url, sweeps=["cp"], model="g", steps=2, batch_size=16, pairing="stay")  # the CartPole demo's pairs
     summary = evaluate_flow(store=url, model="g", eval="e", networks=2, prompts=3, recursive=2, calibration_networks=8)
     store = open_store(url)
     assert summary["metric"] == "return" and summary["best_in_sweeps"] == max(
         r["best_return"] for r in catalog.query(store, "select best_return from runs").to_pylist())
-    rows = catalog.query(store, "select requested, achieved, start from evaluations where step = 1 and sample = 0").to_pylist()
+    rows = catalog.query(store, "select requested, prompted, achieved, start from evaluations where step = 1 and sample = 0").to_pylist()
     assert len(rows) == 2 * 3 and all(0 < r["achieved"] <= 500 for r in rows)
+    # trained with pairs that stay: calibrated without the start's own value, and never prompted with it
+    assert models.read_calibration(store, "g")["grid"] == list(calibration.grid_for("stay"))
+    assert all(r["prompted"] != r["start"] for r in rows)
     # every start network had room to improve (a random policy can already balance near the sweep's best)
     assert all(r["start"] < 0.9 * summary["best_in_sweeps"] for r in rows)
     report = store.fs.cat_file(store.path("evals", "e", "report.md")).decode()

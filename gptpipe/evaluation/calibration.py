@@ -26,6 +26,16 @@ import numpy as np
 
 # the prompt grid in u: from "much worse than the start" (0 = the start, negative = worse) to the best
 GRID = tuple(float(u) for u in np.linspace(-1.0, 1.0, 17))
+# A model trained with pairs that stay (target = start) answers a prompt of exactly its start value with the
+# start itself, ~0.3% of its norm away, and a CartPole policy that starts at a high return sits on a knife edge
+# that such a move breaks (73% of those starting at 200+ fell under 50); a prompt one return point off moves
+# it to a policy that gains. Its calibration never asks for exactly the start (docs/gpt-ablations.md).
+STAY_GRID = tuple(u for u in GRID if u != 0.0)
+
+
+def grid_for(pairing: str | None) -> tuple[float, ...]:
+    """The prompt grid a model trained with ``pairing`` is calibrated on."""
+    return STAY_GRID if pairing == "stay" else GRID
 TOLERANCE = 0.02  # in v: a step down the grid that delivers up to this much more still counts as "less"
 
 
@@ -40,7 +50,8 @@ class Calibration:
     networks: int  # calibration networks fitted
     step: int  # the model step it was fitted for
     sampler: str = ""  # the sampler and its steps it was fitted with, "ddim:10"; "" = the model's default
-    # what every prompt of GRID delivered on average (None where no network could say), the fit's branch and
+    grid: list[float] = field(default_factory=lambda: list(GRID))  # the prompts it was fitted on (grid_for)
+    # what every prompt of the grid delivered on average (None where no network could say), the fit's branch and
     # the rest: where the branch stops, and why, is read here (one CartPole training delivered a third of the
     # way up to any prompt below its start, another kept the start: docs/gpt-ablations.md)
     delivered: list[float | None] = field(default_factory=list)
@@ -61,15 +72,16 @@ def usable(start, best, sign: int) -> np.ndarray:
     return sign * (np.asarray(start, np.float64) - best) > 1e-9 * max(1.0, abs(best))
 
 
-def grid_prompts(start, best: float) -> np.ndarray:
-    """``[N, len(GRID)]`` absolute prompts for N networks with these ``start`` values."""
+def grid_prompts(start, best: float, grid: tuple[float, ...] = GRID) -> np.ndarray:
+    """``[N, len(grid)]`` absolute prompts for N networks with these ``start`` values."""
     start = np.asarray(start, np.float64).reshape(-1, 1)
-    return start + np.asarray(GRID).reshape(1, -1) * (best - start)
+    return start + np.asarray(grid).reshape(1, -1) * (best - start)
 
 
-def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: str = "") -> Calibration:
+def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: str = "",
+        grid: tuple[float, ...] = GRID) -> Calibration:
     """The calibration from networks at ``start [N]`` given the grid's ``prompts [N, G]`` (column k from
-    ``GRID[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
+    ``grid[k]``), which delivered ``achieved [N, G]``: one isotonic curve over the (u, v) pairs of the
     response's monotone branch, the grid walked down from the prompt that delivers most on average (of
     those asking for better than the start) for as long as asking for less delivers less. Below it the
     answers are no longer worse for asking worse (classifiers asked for a loss above their start return
@@ -87,17 +99,17 @@ def fit(start, prompts, achieved, best: float, sign: int, step: int, sampler: st
     # the top: of the prompts that ask for better than the start, the one that delivers most (a weak model's
     # answers to prompts below its start can be better by chance); from there walk down while asking for
     # less delivers less (within the noise)
-    top = lowest = int(np.nanargmax(np.where(np.asarray(GRID) > 0, means, np.nan)))
+    top = lowest = int(np.nanargmax(np.where(np.asarray(grid) > 0, means, np.nan)))
     while lowest > 0 and means[lowest - 1] <= means[lowest] + TOLERANCE:
         lowest -= 1
     u, v = u[:, lowest : top + 1].ravel(), v[:, lowest : top + 1].ravel()
     ok = np.isfinite(u) & np.isfinite(v)
-    grid = np.asarray(GRID[lowest : top + 1])
+    branch = np.asarray(grid[lowest : top + 1])
     from sklearn.isotonic import IsotonicRegression  # here, not at the top: importing scikit-learn costs every flow run 2.6 s
 
-    g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(grid)
-    return Calibration(u=[float(x) for x in grid], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
-                       step=int(step), sampler=sampler,
+    g = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(u[ok], v[ok]).predict(branch)
+    return Calibration(u=[float(x) for x in branch], v=[float(x) for x in g], best=float(best), networks=int(keep.sum()),
+                       step=int(step), sampler=sampler, grid=[float(x) for x in grid],
                        delivered=[float(m) if np.isfinite(m) else None for m in means])
 
 

@@ -91,9 +91,10 @@ def calibration_plot(calibration: dict, summary: dict) -> bytes:
     u, v = np.asarray(calibration["u"]), np.asarray(calibration["v"])
     delivered = np.array([np.nan if d is None else d for d in calibration.get("delivered", [])], np.float64)
     lo = u.min()
-    if len(delivered) == len(GRID):  # calibrations saved before the grid was kept have none
-        ax.plot(GRID, delivered, "o", ms=4, mfc="none", color="0.55", label="mean delivery, every prompt of the grid")
-        lo = min(lo, GRID[0])
+    grid = calibration.get("grid", GRID)
+    if len(delivered) == len(grid):  # calibrations saved before the grid's answers were kept have none
+        ax.plot(grid, delivered, "o", ms=4, mfc="none", color="0.55", label="mean delivery, every prompt of the grid")
+        lo = min(lo, grid[0])
     ax.plot(u, v, "o-", ms=3, color=COLORS["gpt"], label="fitted on its monotone branch")
     ax.plot([lo, 1], [lo, 1], "k--", lw=1, label="delivered = asked")
     ax.axvline(0, color=COLORS["start"], lw=0.8)
@@ -329,7 +330,8 @@ def _header(summary: dict) -> list[str]:
         "",
         "| | held-out runs | fresh inits | all |",
         "|---|---|---|---|",
-        "| prompt alignment R² | " + " | ".join(r(f"r2_{k}") for k in ("heldout_run", "fresh_init", "all")) + " |",
+        "| prompt alignment R² (mean over networks) | " + " | ".join(r(f"r2_{k}") for k in ("heldout_run", "fresh_init", "all")) + " |",
+        "| median network's R² | " + " | ".join(r(f"r2_median_{k}") for k in ("heldout_run", "fresh_init", "all")) + " |",
         "| Pearson | " + " | ".join(r(f"pearson_{k}") for k in ("heldout_run", "fresh_init", "all")) + " |",
         "",
         "![alignment](alignment.png)",

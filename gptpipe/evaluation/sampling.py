@@ -211,14 +211,16 @@ CALIBRATION_SEED = 3_000_000_019  # fresh inits of their own: never an evaluatio
 
 
 def fit_calibration(model: Gpt, diffusion: Diffusion, problem, dataset, metric: str, best: float, sampler: str, steps: int,
-                    guidance: float, temperature: float, model_step: int, sampling_name: str, n: int) -> calibration.Calibration:
-    """Prompt ``n`` fresh inits of the calibration's own seeds on ``calibration.GRID`` and fit the map
-    from prompt to achieved value (``calibration.fit``), with noise of its own (not an evaluation's stream)."""
+                    guidance: float, temperature: float, model_step: int, sampling_name: str, n: int,
+                    grid: tuple[float, ...] = calibration.GRID) -> calibration.Calibration:
+    """Prompt ``n`` fresh inits of the calibration's own seeds on ``grid`` (``calibration.grid_for``) and fit
+    the map from prompt to achieved value (``calibration.fit``), with noise of its own (not an evaluation's stream)."""
     start = problem.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n)])
     start_metric = problem.score(start, dataset)[metric].double().numpy()
-    grid = calibration.grid_prompts(start_metric, best)
-    G = grid.shape[1]
-    theta = sample(model, diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), grid.ravel(),
+    prompts = calibration.grid_prompts(start_metric, best, grid)
+    G = prompts.shape[1]
+    theta = sample(model, diffusion, start.repeat_interleave(G, 0).numpy(), np.repeat(start_metric, G), prompts.ravel(),
                    sampler, steps, torch.Generator().manual_seed(CALIBRATION_SEED), guidance=guidance, temperature=temperature)
     achieved = problem.score(theta, dataset)[metric].double().numpy().reshape(n, G)
-    return calibration.fit(start_metric, grid, achieved, best, problems.sign(problem, metric), model_step, sampling_name)
+    return calibration.fit(start_metric, prompts, achieved, best, problems.sign(problem, metric), model_step, sampling_name,
+                           grid)

@@ -159,6 +159,11 @@ class Session:
                                self.generator, guidance=self.guidance, temperature=self.temperature)
 
     @property
+    def grid(self) -> tuple[float, ...]:
+        """The prompt grid the model's calibration is fitted on."""
+        return calibration.grid_for(self.lineage.get("train_config", {}).get("pairing"))
+
+    @property
     def sampling(self) -> tuple[str, int, float, float]:
         return self.sampler, self.steps, self.guidance, self.temperature
 
@@ -186,7 +191,7 @@ def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Ca
     """The session's calibration, fitted on ``n`` fresh inits of the calibration's own seeds and noise:
     an evaluation samples the same whether the calibration was fitted now or read."""
     return sampling.fit_calibration(s.model, s.diffusion, s.problem, s.dataset, s.metric, s.best, s.sampler, s.steps,
-                                    s.guidance, s.temperature, s.lineage.get("step", 0), s.sampling_name, n)
+                                    s.guidance, s.temperature, s.lineage.get("step", 0), s.sampling_name, n, s.grid)
 
 
 def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
@@ -197,7 +202,7 @@ def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration
         return None
     default = s.sampling == sampling_defaults(s.lineage)
     saved = models.read_calibration(store, req.model) if default else None
-    if saved is not None:
+    if saved is not None and saved.get("grid", list(calibration.GRID)) == list(s.grid):  # else fitted on an older grid
         return calibration.Calibration(**saved)
     fitted = fit_calibration(s, req.calibration_networks)
     if default:
@@ -446,7 +451,9 @@ def headline(req, lineage, prompted, recursive, baseline, sources, metric, best)
            "sweeps": lineage["sweeps"], "catalog_digest": lineage["catalog_digest"]}
     for name, mask in (("all", np.ones(len(src), bool)), ("heldout_run", src == "heldout_run"), ("fresh_init", src == "fresh_init")):
         if mask.any():
-            out[f"r2_{name}"] = sampling.prompt_alignment_r2(prompted.requested[mask], prompted.achieved[metric][mask])
+            per_network = sampling.network_r2(prompted.requested[mask], prompted.achieved[metric][mask])
+            out[f"r2_{name}"] = float(np.mean(per_network))  # the paper's figure
+            out[f"r2_median_{name}"] = float(np.median(per_network))  # what a typical network gets: R² is unbounded below
             out[f"pearson_{name}"] = sampling.pearson(prompted.requested[mask], prompted.achieved[metric][mask])
     fresh = src == "fresh_init"
     for m, v in prompted.achieved.items():
