@@ -552,7 +552,7 @@ DEMOS = {
     # prompt at its start's return changed from one training to the next (docs/gpt-ablations.md); 128 start
     # policies, as the README's figures: with 64, the handful that start above 100 moved R² by ~0.1 from draw to draw;
     # sampled at temperature 0.5 (R² 0.03-0.08 higher on all three trainings measured); three trainings, the best
-    # by the median alignment of validation policies kept: one training to the next moves R² by up to 0.15
+    # by the alignment of 1,024 validation policies kept: one training to the next moves R² by up to 0.15
     "cartpole": Demo("demo-cartpole-3072", model="demo-cartpole-3072-best3", runs=3072, checkpoints=40, steps=6000,
                      networks=128, prompts=10, checkpoint_spacing="log", shard_size=128, runner="process", compile=True,
                      pairing="stay", temperature=0.5, candidates=3, choose_by="alignment"),
