@@ -230,22 +230,23 @@ def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, cli):
     from storage import models
 
     command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "aligned2", "--steps", "4", "--batch-size", "16",
-               "--candidates", "2", "--choose-by", "alignment")
+               "--candidates", "2", "--choose-by", "alignment", "--validation-inits", "48")
     out = cli(*command)
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
     lineage = store.read_json("models", "aligned2", "lineage.json")
     scores = lineage["candidates"]
     assert lineage["chosen_by"] == "alignment" and lineage["validation_metric"] == "test_loss alignment R²"
+    assert lineage["validation_inits"] == 48
     calibrations = {name: models.read_calibration(store, name) for name in scores}
     assert all(c is not None for c in calibrations.values())  # fitted for the validation, as an evaluation fits it
     for name, score in scores.items():
-        assert score == pytest.approx(validation_score(store, name, "alignment"), abs=1e-9)
+        assert score == pytest.approx(validation_score(store, name, "alignment", 48), abs=1e-9)
     assert scores[lineage["chosen"]] == max(scores.values())  # higher R² is better
     assert models.read_calibration(store, "aligned2") == calibrations[lineage["chosen"]]
     card = store.fs.cat_file(store.path("models", "aligned2", "card.html")).decode()
     assert "prompt alignment of validation inits" in card
-    refused = cli(*command[:-1], "one-update")  # chosen by alignment: not re-chosen another way under the same name
+    refused = cli(*command[:-3], "one-update")  # chosen by alignment: not re-chosen another way under the same name
     assert refused.returncode != 0 and "by one-update" in refused.stderr
 
 
@@ -306,6 +307,7 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["train", "--store", str(tmp_path / "missing"), "--sweep", "tiny", "--model", "m"], "does not exist"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--save-every", "0"], "--save-every must be positive"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--choose-by", "luck"], "unknown --choose-by 'luck'"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--validation-inits", "1"], "--validation-inits must be at least 2"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--memory-budget", "nan"], "--memory-budget must be"),
         (["train", "--store", small_store, "--sweep", "/etc", "--model", "m"], "leaves the store"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--guidance", "2"], "--guidance needs a model trained with --prompt-dropout"),

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gptpipe import data as datasets
 from gptpipe import problems
 from gptpipe.evaluation import sampling
 from gptpipe.stages import evaluate
@@ -52,19 +53,21 @@ def validation_metric(problem, metric: str, choose_by: str) -> str:
     return twin if choose_by == "one-update" else f"{metric} alignment R²"
 
 
+def check_choose_by(choose_by: str) -> None:
+    if choose_by not in CHOOSE_BY:
+        raise StoreError(f"unknown --choose-by {choose_by!r} (choose from {', '.join(CHOOSE_BY)})")
+
+
 def sweep_data(store: Store, sweep: str, data_root: str | None = None):
     """The data set sweep ``sweep`` trained on (``data_root``: where torchvision data sets are)."""
-    from gptpipe import data as datasets
-
     return datasets.load_cached(sweeps.read_config(store, sweep)["recipe"]["data"], data_root)
 
 
 def validation_score(store: Store, model: str, choose_by: str = "one-update", n: int | None = None,
                      data_root: str | None = None) -> float:
     """How well ``model`` does what users ask of it (``choose_by``, see the module docstring), from ``n``
-    fresh inits of a seed stream of its own, at the model's own sampler settings."""
-    if choose_by not in CHOOSE_BY:
-        raise StoreError(f"unknown --choose-by {choose_by!r} (choose from {', '.join(CHOOSE_BY)})")
+    fresh inits of a seed stream of its own (default ``VALIDATION_INITS``), at the model's own sampler settings."""
+    check_choose_by(choose_by)
     req = evaluate.EvalRequest(model=model, eval="validation", data_root=data_root)
     s = evaluate.open_session(store, req)
     start = evaluate.fresh_inits(s, n or VALIDATION_INITS[choose_by], VALIDATION_SEED)
@@ -80,14 +83,13 @@ def validation_score(store: Store, model: str, choose_by: str = "one-update", n:
 
 def train_candidates(data: TrainingData, store: str, model: str, candidates: int, options: dict | None = None,
                      save_every: int | None = None, on_progress: Callable[[int, int, float], None] | None = None,
-                     data_root: str | None = None, choose_by: str = "one-update") -> dict:
+                     data_root: str | None = None, choose_by: str = "one-update", validation_inits: int | None = None) -> dict:
     """Train ``candidates`` G.pts on the same training runs, differing only in the seed of their own draws
     (seed, seed + 1, ...: initial weights, pairs, noise), as ``<model>-candidate<k>``, and save the one with
     the best ``validation_score`` as ``model``. Resumes like ``run_training``: trained candidates are only
     checked, and a choice made is kept. ``data_root``: where the sweep's data is, if torchvision's
-    (validation scores networks on it)."""
-    if choose_by not in CHOOSE_BY:
-        raise StoreError(f"unknown --choose-by {choose_by!r} (choose from {', '.join(CHOOSE_BY)})")
+    (validation scores networks on it). ``validation_inits``: fewer is faster and noisier."""
+    check_choose_by(choose_by)
     st = open_store(store)
     sweep_data(st, data.lineage["sweeps"][0], data_root)  # data that is not at hand fails now, not after the trainings
     names = [candidate_name(model, k) for k in range(candidates)]
@@ -102,12 +104,13 @@ def train_candidates(data: TrainingData, store: str, model: str, candidates: int
         summaries.append(run_training(data, store, name, {**(options or {}), "seed": seed + k}, save_every, progress))
     problem = problems.get(data.problem)
     metric = validation_metric(problem, data.metric, choose_by)
-    scores = old["candidates"] if old else {name: validation_score(st, name, choose_by, data_root=data_root) for name in names}
+    n = validation_inits or VALIDATION_INITS[choose_by]
+    scores = old["candidates"] if old else {name: validation_score(st, name, choose_by, n, data_root) for name in names}
     better = -1 if choose_by == "alignment" else problems.sign(problem, training_split_metric(problem, data.metric))
     chosen = min(names, key=lambda name: better * scores[name])
     if old is None:
         models.promote(st, chosen, model, {"candidates": scores, "chosen": chosen, "chosen_by": choose_by,
-                                           "validation_metric": metric})
+                                           "validation_metric": metric, "validation_inits": n})
         write_card(st, model)
     print(f"{model} = {chosen}, the best of {candidates} by its validation {metric} ("
           + ", ".join(f"{v:.4f}" for v in scores.values()) + ")")
