@@ -125,6 +125,9 @@ def test_a_model_trained_with_pairs_that_stay_is_never_prompted_with_its_start()
     cal = calibration.fit(start, prompts, start[:, None] + v * (best - start[:, None]), best, -1, step=0, grid=grid)
     assert cal.grid == list(grid) and 0.0 not in cal.u and min(cal.u) < 0
     assert calibration.Calibration(**cal.to_dict()) == cal
+    saved_before = {k: v for k, v in cal.to_dict().items() if k != "grid"}  # saved before grids were named: GRID's
+    assert calibration.still_valid(saved_before, "mixed") == saved_before and calibration.still_valid(saved_before, "stay") is None
+    assert calibration.still_valid(cal.to_dict(), "stay") == cal.to_dict() and calibration.still_valid(None, "stay") is None
     requested = np.array([[36.0, 40.0, 45.0], [270.0, 300.0, 310.0]])  # 0.9 x start, the start, a little above
     given = calibration.condition(cal, [40.0, 300.0], requested, -1)
     assert not np.isclose(given, np.array([[40.0], [300.0]])).any()

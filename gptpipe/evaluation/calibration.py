@@ -36,6 +36,12 @@ STAY_GRID = tuple(u for u in GRID if u != 0.0)
 def grid_for(pairing: str | None) -> tuple[float, ...]:
     """The prompt grid a model trained with ``pairing`` is calibrated on."""
     return STAY_GRID if pairing == "stay" else GRID
+
+
+def still_valid(saved: dict | None, pairing: str | None) -> dict | None:
+    """A saved calibration, or None where it was fitted on another grid than the model's (before
+    ``STAY_GRID``, calibrations named no grid: they were fitted on ``GRID``)."""
+    return saved if saved is not None and saved.get("grid", list(GRID)) == list(grid_for(pairing)) else None
 TOLERANCE = 0.02  # in v: a step down the grid that delivers up to this much more still counts as "less"
 
 

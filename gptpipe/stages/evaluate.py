@@ -159,9 +159,13 @@ class Session:
                                self.generator, guidance=self.guidance, temperature=self.temperature)
 
     @property
+    def pairing(self) -> str | None:
+        return self.lineage.get("train_config", {}).get("pairing")
+
+    @property
     def grid(self) -> tuple[float, ...]:
         """The prompt grid the model's calibration is fitted on."""
-        return calibration.grid_for(self.lineage.get("train_config", {}).get("pairing"))
+        return calibration.grid_for(self.pairing)
 
     @property
     def sampling(self) -> tuple[str, int, float, float]:
@@ -201,8 +205,8 @@ def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration
     if not req.calibrate:
         return None
     default = s.sampling == sampling_defaults(s.lineage)
-    saved = models.read_calibration(store, req.model) if default else None
-    if saved is not None and saved.get("grid", list(calibration.GRID)) == list(s.grid):  # else fitted on an older grid
+    saved = calibration.still_valid(models.read_calibration(store, req.model), s.pairing) if default else None
+    if saved is not None:
         return calibration.Calibration(**saved)
     fitted = fit_calibration(s, req.calibration_networks)
     if default:

@@ -112,7 +112,8 @@ class TrainedGpt:
         except DataError:
             dataset, scored = None, False
         return cls(model, net, diffusion, problem, metric, trained_range(store, lineage), dataset, scored,
-                   *sampling_defaults(lineage), models.read_calibration(store, model))
+                   *sampling_defaults(lineage),
+                   calibration.still_valid(models.read_calibration(store, model), lineage.get("train_config", {}).get("pairing")))
 
     def vector(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat parameters ``[P]`` of a ``state_dict`` of this model's problem; one line naming the
