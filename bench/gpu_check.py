@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptpipe import data as datasets  # noqa: E402
 from gptpipe import problems  # noqa: E402
 from gptpipe.evaluation import baselines, calibration  # noqa: E402
-from gptpipe.evaluation.sampling import fit_calibration, prompt_alignment_r2, prompt_networks, sample  # noqa: E402
+from gptpipe.evaluation.sampling import CALIBRATION_SEED, fit_calibration, prompt_alignment_r2, prompt_networks, sample  # noqa: E402
 from gptpipe.gpt.pairs import StreamingPairs  # noqa: E402
 from gptpipe.sweep import train_runs  # noqa: E402
 from gptpipe.sweep.config import SweepConfig  # noqa: E402
@@ -210,7 +210,9 @@ def evaluate_mnist(trainer: Trainer, device: torch.device, config: SweepConfig, 
     model, diffusion, _ = load_model(trainer.state_dict_bytes(), use_ema=use_ema, device=str(device))
     dataset = datasets.load_cached("mnist5k")
     n_cal = 8 if reduced else 64
-    cal = fit_calibration(model, diffusion, PROBLEM, dataset, "test_loss", best, "ddim", 10, 1.0, 1.0, trainer.step, "ddim:10", n_cal)
+    cal_start = PROBLEM.init([torch.Generator().manual_seed(CALIBRATION_SEED + k) for k in range(n_cal)])  # all have room on mnist
+    cal = fit_calibration(model, diffusion, PROBLEM, dataset, cal_start, "test_loss", best, "ddim", 10, 1.0, 1.0, trainer.step,
+                          "ddim:10")
     fresh = PROBLEM.init([torch.Generator().manual_seed(10_000_019 + k) for k in range(networks // 2)]).numpy()
     start = np.concatenate([held[: networks // 2], fresh])
     is_fresh = np.arange(len(start)) >= min(len(held), networks // 2)

@@ -16,7 +16,7 @@ from tests.test_cifar import write_cifar
 pytestmark = pytest.mark.slow
 
 
-def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
+def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api, monkeypatch):
     """cartpole (metric `return`, higher is better, no differentiable loss): collect, train, evaluate."""
     from flows.collect import collect_flow
     from flows.evaluate import evaluate_flow
@@ -36,6 +36,19 @@ def test_rl_problem_goes_through_the_same_flows(tmp_path, prefect_api):
     assert all(r["prompted"] != r["start"] for r in rows)
     # every start network had room to improve (a random policy can already balance near the sweep's best)
     assert all(r["start"] < 0.9 * summary["best_in_sweeps"] for r in rows)
+    # and so is every calibration network (the calibration's first 512 seeds hold policies at 450+ of 500)
+    from gptpipe.evaluation import sampling
+    from gptpipe.stages import evaluate
+
+    session = evaluate.open_session(store, evaluate.EvalRequest(model="g", eval="unused"))
+    raw = session.problem.init([torch.Generator().manual_seed(sampling.CALIBRATION_SEED + k) for k in range(512)])
+    raw_returns = session.problem.score(raw, None)["return"].double().numpy()
+    assert not evaluate.has_room(session, raw_returns).all()
+    drawn = []
+    monkeypatch.setattr(sampling, "fit_calibration", lambda model, diffusion, problem, dataset, start, *rest: drawn.append(start))
+    evaluate.fit_calibration(session, 512)
+    returns = session.problem.score(torch.as_tensor(drawn[0]), None)["return"].double().numpy()
+    assert len(returns) == 512 and evaluate.has_room(session, returns).all()
     report = store.fs.cat_file(store.path("evals", "e", "report.md")).decode()
     assert "one_step_return.png" in report and "optimisers_" not in report
     # the store-wide index shows the evaluation in its own metric (returns between 0 and 500, not NaN)

@@ -192,10 +192,12 @@ def open_session(store: Store, req: EvalRequest) -> Session:
 
 
 def fit_calibration(s: Session, n: int = CALIBRATION_NETWORKS) -> calibration.Calibration:
-    """The session's calibration, fitted on ``n`` fresh inits of the calibration's own seeds and noise:
-    an evaluation samples the same whether the calibration was fitted now or read."""
-    return sampling.fit_calibration(s.model, s.diffusion, s.problem, s.dataset, s.metric, s.best, s.sampler, s.steps,
-                                    s.guidance, s.temperature, s.lineage.get("step", 0), s.sampling_name, n, s.grid)
+    """The session's calibration, fitted on ``n`` fresh inits with room to improve, drawn as an evaluation
+    draws its own but from the calibration's seeds, with the calibration's noise: an evaluation samples the
+    same whether the calibration was fitted now or read."""
+    return sampling.fit_calibration(s.model, s.diffusion, s.problem, s.dataset, fresh_inits(s, n, sampling.CALIBRATION_SEED),
+                                    s.metric, s.best, s.sampler, s.steps, s.guidance, s.temperature, s.lineage.get("step", 0),
+                                    s.sampling_name, s.grid)
 
 
 def model_calibration(store: Store, s: Session, req: EvalRequest) -> calibration.Calibration | None:
