@@ -31,6 +31,7 @@ GRID = tuple(float(u) for u in np.linspace(-1.0, 1.0, 17))
 # that such a move breaks (73% of those starting at 200+ fell under 50); a prompt one return point off moves
 # it to a policy that gains. Its calibration never asks for exactly the start (docs/gpt-ablations.md).
 STAY_GRID = tuple(u for u in GRID if u != 0.0)
+TOLERANCE = 0.02  # in v: a step down the grid that delivers up to this much more still counts as "less"
 
 
 def grid_for(pairing: str | None) -> tuple[float, ...]:
@@ -42,7 +43,6 @@ def still_valid(saved: dict | None, pairing: str | None) -> dict | None:
     """A saved calibration, or None where it was fitted on another grid than the model's (before
     ``STAY_GRID``, calibrations named no grid: they were fitted on ``GRID``)."""
     return saved if saved is not None and saved.get("grid", list(GRID)) == list(grid_for(pairing)) else None
-TOLERANCE = 0.02  # in v: a step down the grid that delivers up to this much more still counts as "less"
 
 
 @dataclass

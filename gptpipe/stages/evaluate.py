@@ -21,7 +21,7 @@ from gptpipe import data as datasets
 from gptpipe import problems
 from gptpipe.evaluation import baselines, calibration, checks, pages, report, sampling
 from gptpipe.gpt.trainer import describe_device, load_model
-from gptpipe.stages.train import code_version, sampling_defaults, write_card
+from gptpipe.stages.train import code_version, sampling_defaults, trained_pairing, write_card
 from storage import catalog, evals, models, sweeps
 from storage.store import Store
 
@@ -160,7 +160,7 @@ class Session:
 
     @property
     def pairing(self) -> str | None:
-        return self.lineage.get("train_config", {}).get("pairing")
+        return trained_pairing(self.lineage)
 
     @property
     def grid(self) -> tuple[float, ...]:

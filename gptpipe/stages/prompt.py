@@ -30,7 +30,7 @@ from gptpipe.evaluation import calibration, sampling
 from gptpipe.gpt.diffusion import Diffusion
 from gptpipe.gpt.model import Gpt
 from gptpipe.gpt.trainer import load_model
-from gptpipe.stages.train import sampling_defaults
+from gptpipe.stages.train import sampling_defaults, trained_pairing
 from storage import catalog, models, sweeps
 from storage.store import Store, StoreError, open_store
 
@@ -113,7 +113,7 @@ class TrainedGpt:
             dataset, scored = None, False
         return cls(model, net, diffusion, problem, metric, trained_range(store, lineage), dataset, scored,
                    *sampling_defaults(lineage),
-                   calibration.still_valid(models.read_calibration(store, model), lineage.get("train_config", {}).get("pairing")))
+                   calibration.still_valid(models.read_calibration(store, model), trained_pairing(lineage)))
 
     def vector(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat parameters ``[P]`` of a ``state_dict`` of this model's problem; one line naming the

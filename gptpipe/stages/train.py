@@ -187,6 +187,11 @@ def sampling_defaults(lineage: dict) -> tuple[str, int, float, float]:
             float(train_config.get("temperature", 1.0)))
 
 
+def trained_pairing(lineage: dict) -> str | None:
+    """How the model's training pairs were drawn (``--pairing``; None for models saved before it was recorded)."""
+    return lineage.get("train_config", {}).get("pairing")
+
+
 def save_model(store: Store, model: str, trainer: Trainer, lineage: dict) -> None:
     """The trainer's state through a scratch file (one host copy of it, streamed to the store), then the
     log, plot and lineage, then the card."""
