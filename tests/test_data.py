@@ -13,6 +13,12 @@ def test_digits_split_and_scale():
     d = data.load("digits")
     assert d.x_train.shape == (1400, 64) and d.x_test.shape == (397, 64)
     assert float(d.x_train.max()) == 1.0 and float(d.x_train.min()) == 0.0
+    # the same numbers as scikit-learn's own reader of its file
+    from sklearn.datasets import load_digits
+
+    expected = load_digits()
+    assert torch.equal(d.x_test, torch.as_tensor(expected.data[1400:] / 16.0, dtype=torch.float32))
+    assert torch.equal(d.y_train, torch.as_tensor(expected.target[:1400]))
 
 
 def test_mnist5k_is_stratified_and_normalised():
