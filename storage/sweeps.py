@@ -266,8 +266,8 @@ class ShardClaim:
         self._renewer.join()  # a renewal under way would write the file again after its removal
         try:
             self.store.fs.rm_file(self.store.path(*self.path))
-        except OSError:  # gone already, or the store is away (the failure that ended the attempt): it goes stale
-            pass
+        except Exception:  # gone already, or the store is away (often the failure that ended the attempt; S3's
+            pass           # client raises its own connection errors, not OSError): this process's retry takes it over
         _HELD.discard(self.owner["token"])  # after the file is gone, so no thread of ours takes it over meanwhile
 
 
@@ -278,9 +278,9 @@ def claim_shard(store: Store, sweep: str, shard: int) -> ShardClaim | None:
     # Held from before the file exists: another thread of this process reading it must not take it for
     # the leftover of a failed attempt of ours.
     _HELD.add(owner["token"])
-    if store.create_json(owner, *path):
-        return ShardClaim(store, path, owner)
     try:
+        if store.create_json(owner, *path):
+            return ShardClaim(store, path, owner)
         held = store.read_json(*path)
         if _stale(held):
             store.write_json(owner, *path)  # taking over a stale claim; two takers: the last write wins
@@ -288,5 +288,8 @@ def claim_shard(store: Store, sweep: str, shard: int) -> ShardClaim | None:
                 return ShardClaim(store, path, owner)
     except FileNotFoundError:  # released meanwhile: try again next time
         pass
+    except BaseException:  # the store failed us mid-way: a claim file it may have kept is a leftover of ours
+        _HELD.discard(owner["token"])
+        raise
     _HELD.discard(owner["token"])
     return None

@@ -219,3 +219,44 @@ def test_a_claim_just_made_by_another_thread_is_not_taken_for_a_leftover_of_ours
     with first:
         assert sweeps.claim_shard(store, "s", 0) is None
     assert sweeps.claim_shard(store, "s", 0) is not None  # released: free again
+
+
+def test_a_claim_the_store_failed_to_release_is_taken_over_by_the_retry(tmp_path, monkeypatch):
+    """An object store that goes away mid-shard fails the attempt and then the claim's release too, with its
+    client's own error (botocore's connection errors are not OSError). The task's retry, in this process,
+    must take the claim over at once, not wait out the lease (it did: a 2-minute stall after an S3 restart)."""
+
+    class EndpointGone(Exception):  # what botocore raises against a closed port: not an OSError
+        pass
+
+    store = open_store(str(tmp_path), create=True)
+    claim = sweeps.claim_shard(store, "s", 0)
+
+    def store_gone(*args, **kwargs):
+        raise EndpointGone("could not connect to the endpoint URL")
+
+    with pytest.raises(RuntimeError, match="the shard's commit failed"):
+        with claim:
+            monkeypatch.setattr(store.fs, "rm_file", store_gone)
+            raise RuntimeError("the shard's commit failed")
+    monkeypatch.undo()
+    assert store.read_json(*sweeps.claim_path("s", 0))["token"] == claim.owner["token"]  # left behind
+    retry = sweeps.claim_shard(store, "s", 0)
+    assert retry is not None and store.read_json(*sweeps.claim_path("s", 0))["token"] == retry.owner["token"]
+
+    # the same when the store fails while the claim is made: the file landed, the answer was lost
+    with retry:
+        pass
+    create_bytes = store.create_bytes
+
+    def created_then_gone(*args, **kwargs):
+        create_bytes(*args, **kwargs)
+        raise EndpointGone("connection reset")
+
+    monkeypatch.setattr(store, "create_bytes", created_then_gone)
+    with pytest.raises(EndpointGone):
+        sweeps.claim_shard(store, "s", 0)
+    monkeypatch.undo()
+    leftover = store.read_json(*sweeps.claim_path("s", 0))["token"]
+    retry = sweeps.claim_shard(store, "s", 0)
+    assert retry is not None and store.read_json(*sweeps.claim_path("s", 0))["token"] not in (leftover, None)
