@@ -191,7 +191,7 @@ def test_commands_share_the_local_server_while_they_use_it(tmp_path):
                 "digits_mlp", "--runs", str(runs), "--shard-size", "16", "--epochs", "25", "--workers", "1"]
 
     started = time.time()
-    long = subprocess.Popen(collect("long", 256), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    long = subprocess.Popen(collect("long", 112), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     state_file = tmp_path / "prefect" / "gptpipe-server.json"
     while not state_file.exists() and long.poll() is None:
