@@ -104,6 +104,9 @@ def prefect_server(tmp_path_factory):
         wait_http(f"{api}/health", timeout=90)
         yield {"api_url": api, "ui_url": f"http://127.0.0.1:{port}", "home": home}
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # logs of this process's flows reach the server before it stops
         proc.terminate()
         try:
             proc.wait(15)
@@ -131,15 +134,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, check: bo
     return proc
 
 
-def invoke(*args: str) -> subprocess.CompletedProcess:
+def invoke(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """``gptpipe ARGS`` in this process (typer's runner), with ``run_cli``'s result: for commands whose
-    process start-up is not what a test checks (input checks, store commands), a second per call instead of
-    a fresh interpreter's five."""
+    process (start-up, signals, the local server) is not what a test checks, a second per call instead of a
+    fresh interpreter's five. Flows it runs report to the server of ``prefect_api``, where a test asks for it."""
     from typer.testing import CliRunner
 
     from flows.cli import app
 
     result = CliRunner().invoke(app, list(args))
+    if check and result.exit_code != 0:
+        raise AssertionError(f"gptpipe {' '.join(args)} failed ({result.exit_code}):\n{result.stdout}\n{result.stderr}")
     return subprocess.CompletedProcess(["gptpipe", *args], result.exit_code, result.stdout, result.stderr)
 
 

@@ -50,30 +50,30 @@ def test_bad_input_one_line_nothing_written(tmp_path, args, message):
     assert not store.exists()
 
 
-def test_demo_of_an_unknown_problem_is_one_line(cli, tmp_path):
+def test_demo_of_an_unknown_problem_is_one_line(prefect_api, tmp_path):
     store = tmp_path / "s"
-    proc = cli("demo", "--store", str(store), "--problem", "nope")
+    proc = invoke("demo", "--store", str(store), "--problem", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no demo for problem 'nope'" in proc.stderr
     assert not store.exists()
 
 
-def test_collect_with_shared_order_and_log_checkpoints(cli, tmp_path):
+def test_collect_with_shared_order_and_log_checkpoints(prefect_api, tmp_path):
     """The mnist demo's recipe settings through the CLI: frozen in config.json, checkpoints dense early."""
     store = str(tmp_path / "s")
-    cli("collect", "--store", store, "--sweep", "m", "--problem", "mnist_mlp", "--runs", "4", "--shard-size", "2",
+    invoke("collect", "--store", store, "--sweep", "m", "--problem", "mnist_mlp", "--runs", "4", "--shard-size", "2",
         "--epochs", "1", "--checkpoints", "6", "--data-order", "shared", "--checkpoint-spacing", "log", check=True)
     recipe = sweeps.read_config(open_store(store), "m")["recipe"]
     assert recipe["data_order"] == "shared" and recipe["checkpoint_spacing"] == "log"
-    out = cli("catalog", "--store", store, "--format", "json", "select distinct step from checkpoints order by step", check=True)
+    out = invoke("catalog", "--store", store, "--format", "json", "select distinct step from checkpoints order by step", check=True)
     assert [r["step"] for r in json.loads(out.stdout)] == [0, 1, 2, 6, 13, 32]  # 32 steps in an epoch of mnist5k
 
 
-def test_reused_sweep_name_and_bad_sql(cli, tmp_path):
+def test_reused_sweep_name_and_bad_sql(prefect_api, tmp_path):
     store = str(tmp_path / "s")
-    cli("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "4", "--epochs", "1",
+    invoke("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "4", "--epochs", "1",
         "--checkpoints", "3", check=True)
     before = sorted(p.name for p in (tmp_path / "s" / "sweeps" / "d").iterdir())
-    proc = cli("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "8", "--epochs", "1", "--checkpoints", "3")
+    proc = invoke("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "8", "--epochs", "1", "--checkpoints", "3")
     assert proc.returncode == 2 and "already exists with another config" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "s" / "sweeps" / "d").iterdir()) == before
     proc = invoke("catalog", "--store", store, "selec * form runs")
@@ -233,13 +233,13 @@ def test_collect_flow_records_artifacts(prefect_api, tmp_path):
     assert artifacts and "Sweep `art`" in artifacts[0].data
 
 
-def test_collect_cartpole_through_the_cli(cli, tmp_path):
+def test_collect_cartpole_through_the_cli(prefect_api, tmp_path):
     """The RL problem goes through the same command and catalog, with its own recipe defaults."""
     store = str(tmp_path / "s")
-    cli("collect", "--store", store, "--sweep", "cp", "--problem", "cartpole", "--runs", "2", "--epochs", "3",
+    invoke("collect", "--store", store, "--sweep", "cp", "--problem", "cartpole", "--runs", "2", "--epochs", "3",
         "--checkpoints", "3", check=True)
-    rows = json.loads(cli("catalog", "--store", store, "--format", "json",
-                          "select run, ckpt, \"return\" from checkpoints order by run, ckpt", check=True).stdout)
+    rows = json.loads(invoke("catalog", "--store", store, "--format", "json",
+                             "select run, ckpt, \"return\" from checkpoints order by run, ckpt", check=True).stdout)
     assert len(rows) == 6 and all(0 < r["return"] <= 500 for r in rows)
     config = json.loads((tmp_path / "s" / "sweeps" / "cp" / "config.json").read_text())
     assert config["recipe"]["lr_max"] < 0.3  # PPO's learning rates, not SGD's

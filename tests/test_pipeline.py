@@ -121,8 +121,8 @@ def test_evaluate_rows_params_and_report(small_store, prefect_api):
     assert "![calibration](calibration.png)" in report
 
 
-def test_evaluate_without_calibration_prompts_the_requests(small_store, cli):
-    out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "raw", "--networks", "2", "--prompts", "3",
+def test_evaluate_without_calibration_prompts_the_requests(small_store, prefect_api):
+    out = invoke("evaluate", "--store", small_store, "--model", "g", "--eval", "raw", "--networks", "2", "--prompts", "3",
               "--no-calibration", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     rows = catalog.query(open_store(small_store), "select requested, prompted from evaluations where eval = 'raw'").to_pylist()
@@ -132,29 +132,29 @@ def test_evaluate_without_calibration_prompts_the_requests(small_store, cli):
     assert f"one step = {ratio:.3g}× the recipe's 25 epochs" in out.stdout  # one fresh init: no standard error
 
 
-def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, cli):
+def test_evaluate_with_another_sampler_fits_its_own_calibration(small_store, prefect_api):
     # the bias G.pt's prompts are corrected for depends on the sampler: the model's own calibration (the
     # one `gptpipe prompt` reads) is neither used nor replaced by an evaluation that samples differently
     store = open_store(small_store)
     saved_path = store.path("models", "g", "calibration.json")
     before = store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None
-    out = cli("evaluate", "--store", small_store, "--model", "g", "--eval", "ddpm", "--networks", "2", "--prompts", "3",
+    out = invoke("evaluate", "--store", small_store, "--model", "g", "--eval", "ddpm", "--networks", "2", "--prompts", "3",
               "--calibration-networks", "8", "--sampler", "ddpm", "--sample-steps", "3", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     assert store.read_json("evals", "ddpm", "summary.json")["calibration"]["sampler"] == "ddpm:3"
     assert (store.fs.cat_file(saved_path) if store.fs.exists(saved_path) else None) == before
 
 
-def test_model_is_evaluated_with_its_guidance_and_temperature(small_store, cli):
+def test_model_is_evaluated_with_its_guidance_and_temperature(small_store, prefect_api):
     # a model trained with prompt dropout is sampled with its own guidance scale and temperature by default,
     # with a calibration named for them (how far G.pt over- or under-delivers depends on both)
-    out = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "cfg", "--steps", "4", "--batch-size", "16",
+    out = invoke("train", "--store", small_store, "--sweep", "tiny", "--model", "cfg", "--steps", "4", "--batch-size", "16",
               "--prompt-dropout", "0.2", "--guidance", "2", "--temperature", "0.5")
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
     train_config = store.read_json("models", "cfg", "lineage.json")["train_config"]
     assert train_config["guidance"] == 2.0 and train_config["temperature"] == 0.5
-    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "w2", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
+    out = invoke("evaluate", "--store", small_store, "--model", "cfg", "--eval", "w2", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
               "--recursive", "1", "--optimiser-steps", "8")
     assert out.returncode == 0, out.stderr
     summary = store.read_json("evals", "w2", "summary.json")
@@ -163,11 +163,11 @@ def test_model_is_evaluated_with_its_guidance_and_temperature(small_store, cli):
     assert "classifier-free guidance 2" in report_md and "temperature 0.5" in report_md
     assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2:T0.5"  # the model's own, kept
     # another temperature for one evaluation: a calibration of its own, the model's left as it is
-    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--eval", "t1", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
+    out = invoke("evaluate", "--store", small_store, "--model", "cfg", "--eval", "t1", "--networks", "2", "--prompts", "3", "--calibration-networks", "8",
               "--recursive", "1", "--optimiser-steps", "8", "--temperature", "1")
     assert out.returncode == 0, out.stderr
     assert store.read_json("evals", "t1", "summary.json")["calibration"]["sampler"] == "ddim:10:w2"
-    out = cli("evaluate", "--store", small_store, "--model", "cfg", "--sampler", "mean")
+    out = invoke("evaluate", "--store", small_store, "--model", "cfg", "--sampler", "mean")
     assert out.returncode == 2 and "add --temperature 1" in out.stderr and out.stderr.strip().count("\n") == 0
     assert store.read_json("models", "cfg", "calibration.json")["sampler"] == "ddim:10:w2:T0.5"
 
@@ -179,10 +179,10 @@ def latest_artifact(api_url: str, key: str) -> dict:
         return json.load(r)[0]
 
 
-def test_train_seed_gives_another_training(small_store, cli):
+def test_train_seed_gives_another_training(small_store, prefect_api):
     # --seed: another draw of G.pt's init, pairs and noise and of the held-out runs (how much one training
     # differs from the next is measured this way), recorded in the lineage
-    out = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "seed1", "--steps", "2", "--batch-size", "16",
+    out = invoke("train", "--store", small_store, "--sweep", "tiny", "--model", "seed1", "--steps", "2", "--batch-size", "16",
               "--seed", "1")
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
@@ -193,12 +193,12 @@ def test_train_seed_gives_another_training(small_store, cli):
     assert first_loss[0] != first_loss[1]
 
 
-def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, cli):
+def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, prefect_api):
     from gptpipe.stages.candidates import validation_score
 
     command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "best2", "--steps", "4", "--batch-size", "16",
                "--candidates", "2")
-    out = cli(*command)
+    out = invoke(*command)
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
     lineage = store.read_json("models", "best2", "lineage.json")
@@ -215,15 +215,15 @@ def test_train_candidates_keeps_the_best_by_validation_and_resumes(small_store, 
     assert state("best2") == state(lineage["chosen"])
     card = store.fs.cat_file(store.path("models", "best2", "card.html")).decode()
     assert "Chosen from candidates" in card and all(f"{score:.4f}" in card for score in scores.values())
-    assert cli(*command).returncode == 0  # re-run: trained candidates are only checked, the choice kept
+    assert invoke(*command).returncode == 0  # re-run: trained candidates are only checked, the choice kept
     assert store.read_json("models", "best2", "lineage.json")["updated_at"] == lineage["updated_at"]
-    refused = cli("train", "--store", small_store, "--sweep", "tiny", "--model", "g", "--steps", "4", "--batch-size", "16",
+    refused = invoke("train", "--store", small_store, "--sweep", "tiny", "--model", "g", "--steps", "4", "--batch-size", "16",
                   "--candidates", "2")  # an existing model was not chosen from candidates: not overwritten
     assert refused.returncode != 0 and "not chosen from 2 candidates" in refused.stderr
     assert state("g") != state("best2")
 
 
-def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, cli):
+def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, prefect_api):
     """--choose-by alignment (CartPole's target): each candidate's prompt alignment R² over validation inits,
     through its own calibration, which the kept model carries over."""
     from gptpipe.stages.candidates import validation_score
@@ -231,7 +231,7 @@ def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, cli):
 
     command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "aligned2", "--steps", "4", "--batch-size", "16",
                "--candidates", "2", "--choose-by", "alignment", "--validation-inits", "48")
-    out = cli(*command)
+    out = invoke(*command)
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
     lineage = store.read_json("models", "aligned2", "lineage.json")
@@ -246,23 +246,23 @@ def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, cli):
     assert models.read_calibration(store, "aligned2") == calibrations[lineage["chosen"]]
     card = store.fs.cat_file(store.path("models", "aligned2", "card.html")).decode()
     assert "prompt alignment of validation inits" in card
-    refused = cli(*command[:-3], "one-update")  # chosen by alignment: not re-chosen another way under the same name
+    refused = invoke(*command[:-3], "one-update")  # chosen by alignment: not re-chosen another way under the same name
     assert refused.returncode != 0 and "by one-update" in refused.stderr
 
 
-def test_train_candidates_on_torchvision_data_needs_its_root_before_training(tmp_path, cli):
+def test_train_candidates_on_torchvision_data_needs_its_root_before_training(tmp_path, prefect_api):
     from tests.test_data import write_idx
 
     write_idx(tmp_path / "data", "MNIST", n_train=200, n_test=50)
     store = str(tmp_path / "store")
-    out = cli("collect", "--store", store, "--sweep", "m", "--problem", "mnist_mlp", "--data", "mnist", "--data-root",
+    out = invoke("collect", "--store", store, "--sweep", "m", "--problem", "mnist_mlp", "--data", "mnist", "--data-root",
               str(tmp_path / "data"), "--runs", "4", "--shard-size", "4", "--epochs", "1", "--checkpoints", "2", "--workers", "1")
     assert out.returncode == 0, out.stderr
     train = ("train", "--store", store, "--sweep", "m", "--model", "c", "--steps", "2", "--batch-size", "16", "--candidates", "2")
-    refused = cli(*train)  # the candidates are scored on the sweep's data: without it, nothing is trained
+    refused = invoke(*train)  # the candidates are scored on the sweep's data: without it, nothing is trained
     assert refused.returncode != 0 and "needs --data-root" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "store" / "models").exists()
-    out = cli(*train, "--data-root", str(tmp_path / "data"))
+    out = invoke(*train, "--data-root", str(tmp_path / "data"))
     assert out.returncode == 0, out.stderr
     assert set(open_store(store).read_json("models", "c", "lineage.json")["candidates"]) == {"c-candidate0", "c-candidate1"}
 
@@ -343,8 +343,8 @@ def test_flows_refuse_names_that_leave_the_store(small_store, prefect_api, tmp_p
     assert not outside.exists() and not open_store(small_store).exists("models", "m2")
 
 
-def test_catalog_sees_evaluations_json(small_store, cli):
-    proc = cli("catalog", "--store", small_store, "--format", "json",
+def test_catalog_sees_evaluations_json(small_store, prefect_api):
+    proc = invoke("catalog", "--store", small_store, "--format", "json",
                "select source, count(*) as n from evaluations where step = 1 group by source order by source", check=True)
     counts = {r["source"]: r["n"] for r in json.loads(proc.stdout)}
     assert set(counts) >= {"heldout_run", "fresh_init"}
