@@ -265,15 +265,14 @@ class SeaweedS3:
             raise S3ServerError(f"only {free_mib:.0f} MiB free on {self.data_dir}; the S3 store needs at least {MIN_FREE_MIB} MiB")
         if self.requested_port is not None and not _port_free(self.requested_port, self.host):
             raise S3ServerError(f"port {self.requested_port} on {self.host} is already in use")
-        attempts = 1 if self.requested_port is not None else 3
         last = ""
-        for _ in range(attempts):  # a free port can be taken between probing and binding: retry
+        for _ in range(3):  # a free-chosen port can be taken between probing and binding: retry
             self._launch(weed)
             ok, last = self._wait_ready()
             if ok:
                 return self
             self.stop()
-            if "address already in use" not in last:
+            if "address already in use" not in last or f":{self.requested_port}: bind" in last:
                 break
         raise S3ServerError(f"SeaweedFS did not start ({last}); see {self.log_path}")
 

@@ -176,9 +176,9 @@ def test_a_killed_command_leaves_nothing_running(tmp_path, sig):
 
 def test_commands_share_the_local_server_while_they_use_it(tmp_path):
     """Without a configured API the first command starts the local Prefect server and says so; it stays
-    up through a command longer than its idle time, a command started meanwhile uses it (no second
-    start-up), both flow runs are recorded in its database, and it exits once no command has used it for
-    its idle time."""
+    up while that command lives, however long past its idle time, a command started meanwhile uses it (no
+    second start-up), both flow runs are recorded in its database, and it exits once no command has used
+    it for its idle time."""
     import sqlite3
 
     import psutil
@@ -188,20 +188,27 @@ def test_commands_share_the_local_server_while_they_use_it(tmp_path):
 
     def collect(sweep: str, runs: int) -> list[str]:
         return [str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", sweep, "--problem",
-                "digits_mlp", "--runs", str(runs), "--shard-size", "16", "--epochs", "25", "--workers", "1"]
+                "digits_mlp", "--runs", str(runs), "--shard-size", "4", "--epochs", "5", "--workers", "1"]
 
     started = time.time()
-    long = subprocess.Popen(collect("long", 112), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    state_file = tmp_path / "prefect" / "gptpipe-server.json"
-    while not state_file.exists() and long.poll() is None:
-        time.sleep(0.1)
-    time.sleep(2 * idle_s)
-    assert long.poll() is None, "the check needs a first command longer than twice the server's idle time"
-    state = json.loads(state_file.read_text())
-    short = subprocess.run(collect("short", 8), env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert short.returncode == 0, short.stderr
-    assert "Prefect server for this machine's commands" not in short.stderr
+    long = subprocess.Popen(collect("long", 8), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        # once its flow runs (the sweep's config is written after the command found the server), the first
+        # command is frozen: alive, holding the server, using no CPU, for as long as the check needs
+        config = tmp_path / "s" / "sweeps" / "long" / "config.json"
+        while not config.exists() and long.poll() is None:
+            time.sleep(0.05)
+        os.killpg(long.pid, signal.SIGSTOP)
+        state_file = tmp_path / "prefect" / "gptpipe-server.json"
+        state = json.loads(state_file.read_text())
+        time.sleep(2 * idle_s)
+        assert psutil.Process(state["pid"]).is_running() and state_file.exists(), "the server left a command in use"
+        short = subprocess.run(collect("short", 8), env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert short.returncode == 0, short.stderr
+        assert "Prefect server for this machine's commands" not in short.stderr
+    finally:
+        os.killpg(long.pid, signal.SIGCONT)
     _, long_stderr = long.communicate(timeout=300)
     assert long.returncode == 0, long_stderr
     assert "Prefect server for this machine's commands: http://127.0.0.1:" in long_stderr

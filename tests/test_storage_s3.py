@@ -121,6 +121,38 @@ def test_restart_keeps_data_and_stop_leaves_nothing(tmp_path):
     assert "restart-secret-123" not in server.log_path.read_text(errors="replace")
 
 
+def test_a_grpc_port_taken_before_weed_binds_it_is_retried_on_the_fixed_s3_port(tmp_path, monkeypatch):
+    """Another process may take a free-chosen port between the probe and weed's bind (the test suite's
+    second process does): the start retries with new ports, keeping the S3 port the caller fixed."""
+    import socket
+
+    from storage import s3server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    first = True
+    real_pairs = s3server.free_port_pairs
+
+    def pairs_once_taken(n, host="127.0.0.1", exclude=()):
+        nonlocal first
+        pairs = real_pairs(n, host, exclude)
+        if first:  # the volume server's gRPC port, taken since it was probed
+            first = False
+            pairs[2] = (pairs[2][0], taken.getsockname()[1])
+        return pairs
+
+    monkeypatch.setattr(s3server, "free_port_pairs", pairs_once_taken)
+    port = free_ports(1)[0]
+    try:
+        with SeaweedS3(tmp_path / "data", port) as server:
+            assert server.endpoint_url == f"http://127.0.0.1:{port}" and not first
+            server._client().put_object(Bucket=server.bucket, Key="k", Body=b"v")
+        assert "address already in use" in server.log_path.read_text(errors="replace")
+    finally:
+        taken.close()
+
+
 @pytest.fixture
 def nearly_full_disk(tmp_path):
     """A folder on its own tmpfs, filled up to ``leave_mib`` MiB free: ``make(size_mib, leave_mib)``."""
