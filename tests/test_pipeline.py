@@ -230,18 +230,18 @@ def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, prefe
     from storage import models
 
     command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "aligned2", "--steps", "4", "--batch-size", "16",
-               "--candidates", "2", "--choose-by", "alignment", "--validation-inits", "48")
+               "--candidates", "2", "--choose-by", "alignment", "--validation-inits", "16")
     out = invoke(*command)
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
     lineage = store.read_json("models", "aligned2", "lineage.json")
     scores = lineage["candidates"]
     assert lineage["chosen_by"] == "alignment" and lineage["validation_metric"] == "test_loss alignment R²"
-    assert lineage["validation_inits"] == 48
+    assert lineage["validation_inits"] == 16
     calibrations = {name: models.read_calibration(store, name) for name in scores}
     assert all(c is not None for c in calibrations.values())  # fitted for the validation, as an evaluation fits it
     for name, score in scores.items():
-        assert score == pytest.approx(validation_score(store, name, "alignment", 48), abs=1e-9)
+        assert score == pytest.approx(validation_score(store, name, "alignment", 16), abs=1e-9)
     assert scores[lineage["chosen"]] == max(scores.values())  # higher R² is better
     assert models.read_calibration(store, "aligned2") == calibrations[lineage["chosen"]]
     card = store.fs.cat_file(store.path("models", "aligned2", "card.html")).decode()
