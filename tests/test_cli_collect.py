@@ -12,7 +12,7 @@ import pytest
 
 from storage import catalog, params, sweeps
 from storage.store import open_store
-from tests.conftest import BIN, REPO, invoke
+from tests.conftest import BIN, REPO, invoke, migrated_prefect_home
 
 pytestmark = pytest.mark.slow
 
@@ -116,15 +116,17 @@ def test_resume_after_sigkill_is_exactly_once(prefect_api, tmp_path):
         assert hashlib.sha256(block.tobytes()).hexdigest() == r["digest"]
 
 
-def no_prefect_api(tmp_path, idle_s: float) -> dict:
+def no_prefect_api(tmp_path, idle_s: float, database=None) -> dict:
     """A command's environment with no Prefect API configured: it uses the local server of its own
-    Prefect home, which exits ``idle_s`` seconds after its last command."""
+    Prefect home (empty, or with a copy of ``database``), which exits ``idle_s`` seconds after its last
+    command."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "GPTPIPE_PREFECT_IDLE_S": str(idle_s)}
+    home = migrated_prefect_home(database, tmp_path / "prefect") if database else tmp_path / "prefect"
+    return {**env, "PREFECT_HOME": str(home), "GPTPIPE_PREFECT_IDLE_S": str(idle_s)}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_command_leaves_nothing_running(tmp_path, sig):
+def test_a_killed_command_leaves_nothing_running(tmp_path, sig, prefect_database):
     """With no server configured a command starts the local one, and its task processes report to it
     rather than each starting another. SIGTERM (kill, a timeout, a container stop) stops the command in
     order, and SIGKILL (the OOM killer, kill -9), where nothing of the command runs, must not leave its
@@ -134,7 +136,7 @@ def test_a_killed_command_leaves_nothing_running(tmp_path, sig):
     store = tmp_path / "s"
     args = [str(BIN / "gptpipe"), "collect", "--store", str(store), "--sweep", "t", "--problem", "digits_mlp",
             "--runs", "400", "--shard-size", "20", "--epochs", "25", "--runner", "process", "--workers", "2"]
-    proc = subprocess.Popen(args, env=no_prefect_api(tmp_path, idle_s=3), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, env=no_prefect_api(tmp_path, 3, prefect_database), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
     def command_line(p: psutil.Process) -> str:

@@ -241,16 +241,16 @@ def test_worker_refuses_the_placeholder_secrets(var, value, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_prefect_api_refuses_clients_without_the_password(tmp_path):
+def test_the_prefect_api_refuses_clients_without_the_password(tmp_path, prefect_database):
     """The compose server's setting on a real server: a worker's client without the password gets 401,
     with PREFECT_API_AUTH_STRING it creates the pool; the health probe the compose file uses needs none."""
     import urllib.error
     import urllib.request
 
-    from tests.conftest import free_port, wait_http
+    from tests.conftest import free_port, migrated_prefect_home, wait_http
 
     port, auth = free_port(), "admin:s3cret-for-this-test"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}, "PREFECT_HOME": str(tmp_path),
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}, "PREFECT_HOME": str(migrated_prefect_home(prefect_database, tmp_path / "prefect")),
            "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env={**env, "PREFECT_SERVER_API_AUTH_STRING": auth}, stdout=subprocess.DEVNULL,

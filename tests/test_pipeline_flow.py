@@ -15,7 +15,7 @@ import pytest
 from flows import cli as cli_module
 from storage import catalog, evals, models
 from storage.store import StoreError, open_store
-from tests.conftest import BIN, REPO, invoke
+from tests.conftest import BIN, REPO, invoke, migrated_prefect_home
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_two_trainings_of_one_model_take_turns(prefect_api, tmp_path):
     assert limit.limit == 1 and limit.active_slots == 0
 
 
-def test_a_training_killed_on_the_local_server_does_not_lock_its_model(prefect_api, tmp_path):
+def test_a_training_killed_on_the_local_server_does_not_lock_its_model(prefect_api, tmp_path, prefect_database):
     """With no server configured commands share the local one (ephemeral, as Prefect's temporary server),
     which never repossesses a lease: a training killed with SIGKILL (kill -9, the OOM killer) left
     train-<model> taken, and the next `gptpipe train` of that model waited for ever. It now frees the slot
@@ -95,7 +95,7 @@ def test_a_training_killed_on_the_local_server_does_not_lock_its_model(prefect_a
     store = str(tmp_path / "store")
     collect_flow(store=store, sweep="kt", problem="digits_mlp", runs=12, shard_size=12, epochs=3, checkpoints=4)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    env["PREFECT_HOME"] = str(migrated_prefect_home(prefect_database, tmp_path / "prefect"))
     args = [str(BIN / "gptpipe"), "train", "--store", store, "--sweep", "kt", "--model", "k", "--batch-size", "16",
             "--save-every", "10"]
     first = subprocess.Popen([*args, "--steps", "100000"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ import pytest
 from storage import catalog, params, sweeps
 from storage.s3server import CREDENTIALS_FILE, SeaweedS3, free_ports
 from storage.store import open_store
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, migrated_prefect_home
 
 pytestmark = pytest.mark.slow
 
@@ -185,13 +185,14 @@ def test_store_serve_killed_outright_takes_weed_with_it(tmp_path):
     assert not alive, "weed outlived gptpipe store serve"
 
 
-def test_store_serve_as_a_user_runs_it(tmp_path):
+def test_store_serve_as_a_user_runs_it(tmp_path, prefect_database):
     """``gptpipe store serve`` in a terminal; a second shell sources its credentials and collects into
     it; Ctrl-C (SIGTERM here) stops it cleanly. A taken port is one clear line."""
     port = free_ports(1)[0]
     data = tmp_path / "s3"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               PREFECT_HOME=str(migrated_prefect_home(prefect_database, tmp_path / "prefect")))
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         serve = subprocess.Popen([str(BIN / "gptpipe"), "store", "serve", "--dir", str(data), "--port", str(port)],
