@@ -67,7 +67,7 @@ def test_two_trainings_of_one_model_take_turns(prefect_api, tmp_path):
     then finds the model trained: one starts at step 0, the other resumes at the target."""
     from flows.collect import collect_flow
 
-    store, steps = str(tmp_path / "store"), 150
+    store, steps = str(tmp_path / "store"), 60
     collect_flow(store=store, sweep="tt", problem="digits_mlp", runs=24, shard_size=12, epochs=3, checkpoints=5)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     args = [str(BIN / "gptpipe"), "train", "--store", store, "--sweep", "tt", "--model", "m", "--steps", str(steps),
