@@ -16,7 +16,7 @@ from gptpipe.stages.prompt import PromptError, TrainedGpt
 from gptpipe.sweep.config import SweepConfig
 from storage import models
 from storage.store import open_store
-from tests.conftest import run_cli
+from tests.conftest import invoke, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(width=64, depth=2, heads=2, num_frequencies=16)
@@ -109,7 +109,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(digits_model, tmp_path, ca
     else:
         torch.save(users_network().state_dict(), path)
         args = ["--model", "nope"] if case == "unknown_model" else ["--metric", "test_error"]
-    proc = run_cli("prompt", str(path), str(tmp_path / "out.safetensors"), "--target", "0.3", "--store", digits_model, *args)
+    proc = invoke("prompt", str(path), str(tmp_path / "out.safetensors"), "--target", "0.3", "--store", digits_model, *args)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert expected in proc.stderr
     assert not (tmp_path / "out.safetensors").exists()
