@@ -188,12 +188,12 @@ def test_commands_share_the_local_server_while_they_use_it(tmp_path):
     idle_s = 4
     env = no_prefect_api(tmp_path, idle_s)
 
-    def collect(sweep: str, runs: int) -> list[str]:
+    def collect(sweep: str) -> list[str]:
         return [str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", sweep, "--problem",
-                "digits_mlp", "--runs", str(runs), "--shard-size", "4", "--epochs", "5", "--workers", "1"]
+                "digits_mlp", "--runs", "8", "--shard-size", "4", "--epochs", "5", "--workers", "1"]
 
     started = time.time()
-    long = subprocess.Popen(collect("long", 8), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    long = subprocess.Popen(collect("long"), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         # once its flow runs (the sweep's config is written after the command found the server), the first
@@ -206,7 +206,7 @@ def test_commands_share_the_local_server_while_they_use_it(tmp_path):
         state = json.loads(state_file.read_text())
         time.sleep(2 * idle_s)
         assert psutil.Process(state["pid"]).is_running() and state_file.exists(), "the server left a command in use"
-        short = subprocess.run(collect("short", 8), env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        short = subprocess.run(collect("short"), env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert short.returncode == 0, short.stderr
         assert "Prefect server for this machine's commands" not in short.stderr
     finally:

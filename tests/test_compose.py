@@ -250,7 +250,8 @@ def test_the_prefect_api_refuses_clients_without_the_password(tmp_path, prefect_
     from tests.conftest import free_port, migrated_prefect_home, wait_http
 
     port, auth = free_port(), "admin:s3cret-for-this-test"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}, "PREFECT_HOME": str(migrated_prefect_home(prefect_database, tmp_path / "prefect")),
+    home = migrated_prefect_home(prefect_database, tmp_path / "prefect")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}, "PREFECT_HOME": str(home),
            "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env={**env, "PREFECT_SERVER_API_AUTH_STRING": auth}, stdout=subprocess.DEVNULL,
