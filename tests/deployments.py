@@ -71,26 +71,18 @@ class Worker:
         self.proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, *queues], env=env, cwd=REPO,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def crash(self) -> None:
-        """SIGKILL the worker's process group and the flow runs it started (each in a session of its
-        own): what a lost machine or an OOM-killed container does."""
-        groups = {os.getpgid(p) for p in children(self.proc.pid) if pid_exists(p)} | {self.proc.pid}
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-        self._log.close()
-
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL the worker's process group and the flow runs it started (each in a session of its own):
+        what a lost machine or an OOM-killed container does, and how a test is done with a worker, as an
+        idle Prefect 3.9 worker outlives SIGTERM and SIGINT (measured: still running 40 s later)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            groups = {os.getpgid(p) for p in children(self.proc.pid) if pid_exists(p)} | {self.proc.pid}
+            for pgid in groups:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
         self._log.close()
 
     def tail(self) -> str:

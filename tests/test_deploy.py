@@ -50,9 +50,8 @@ def test_worker_killed_mid_collection_then_retry_is_exactly_once(deployed, prefe
                 state = client.read_flow_run(run_id).state.type.value
             time.sleep(0.1)
         assert state == "RUNNING" and len(committed) >= 2, f"{state}, {len(committed)} shards:\n{run_logs(run_id)}\n{worker.tail()}"
-        worker.crash()
     finally:
-        worker.stop()
+        worker.kill()  # mid-collection: the machine is lost
     partial = catalog.committed_shards(open_store(str(store_dir)), "dk")
     assert 2 <= len(partial) < n_runs // shard, partial
     time.sleep(1.0)  # nothing is left running that could still commit
@@ -67,7 +66,7 @@ def test_worker_killed_mid_collection_then_retry_is_exactly_once(deployed, prefe
     try:
         run = wait_for(run_id, worker)
     finally:
-        worker.stop()
+        worker.kill()
     assert run.state.type.value == "COMPLETED", f"{run_logs(run_id)}\n{worker.tail()}"
     assert run.deployment_id is not None and run.run_count >= 2
 
@@ -105,7 +104,7 @@ def test_credentials_from_a_block_reach_the_workers_s3_store(deployed, prefect_a
                                        "epochs": 2, "checkpoints": 3, "credentials": "secret/s3-wrong"})
         failed = wait_for(bad, cpu)
     finally:
-        cpu.stop()
+        cpu.kill()
     assert failed.state.type.value == "FAILED" and "denied" in (failed.state.message or "") + run_logs(bad)
     for k, v in s3_server.env().items():  # this process reads the store with the same keys, from its environment
         monkeypatch.setenv(k, v)

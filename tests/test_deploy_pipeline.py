@@ -39,7 +39,7 @@ def test_pipeline_on_two_queues_resumes_after_its_train_worker_dies(deployed, pr
         wait_for(first, cpu, timeout=240, until=lambda run: saved_step(store, model) >= 2 * save_every)
         [train_run] = runs_named(f"pipeline-{model}-train")
         assert models.step(open_store(store), model) < steps, "training ended before the worker could be killed"
-        gpu.crash()
+        gpu.kill()
         with prefect_client() as client:  # what an operator (or an automation on missing heartbeats) does
             client.set_flow_run_state(train_run.id, Crashed(message="worker lost"), force=True)
         run = wait_for(first, cpu, timeout=60)
@@ -51,8 +51,8 @@ def test_pipeline_on_two_queues_resumes_after_its_train_worker_dies(deployed, pr
         run = wait_for(second, cpu, timeout=240)
         assert run.state.type.value == "COMPLETED", f"{run_logs(second)}\n{cpu.tail()}\n{gpu.tail()}"
     finally:
-        cpu.stop()
-        gpu.stop()
+        cpu.kill()
+        gpu.kill()
 
     collects = runs_named(f"pipeline-{model}-collect")
     trains = runs_named(f"pipeline-{model}-train")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from storage.store import open_store
-from tests.deployments import (Worker, deployed, prefect_client, prefect_cmd, run_logs, runs_of,  # noqa: F401 (deployed: a fixture)
+from tests.deployments import (POOL, Worker, deployed, prefect_client, prefect_cmd, run_logs, runs_of,  # noqa: F401 (deployed: a fixture)
                                start_run, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,8 @@ def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_eval
         with prefect_client() as client:
             client.delete_flow_run(scheduled.id)
 
+        # the evaluation the training triggers is read here, not run: the CPU worker's queue waits meanwhile
+        pause_queue("default", True)
         gpu = Worker(deployed, tmp_path / "gpu.log", queue="train")
         trained = start_run("train/train", {"store": store, "sweeps": ["tg"], "model": "tm", "steps": 4, "batch_size": 16})
         assert wait_for(trained, gpu).state.type.value == "COMPLETED", run_logs(trained)
@@ -45,6 +47,7 @@ def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_eval
         with prefect_client() as client:  # the evaluate deployment itself runs below, as the nightly schedule runs it
             client.delete_flow_run(evaluation.id)
             deployment = client.read_deployment_by_name("evaluate/evaluate")
+        pause_queue("default", False)
         crons = [s.schedule.cron for s in deployment.schedules if hasattr(s.schedule, "cron")]
         assert crons == ["0 3 * * *"] and all(s.active for s in deployment.schedules)
         assert "store" not in deployment.parameters and "model" not in deployment.parameters
@@ -54,12 +57,18 @@ def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_eval
         assert run.state.type.value == "COMPLETED", f"{run_logs(nightly)}\n{cpu.tail()}"
     finally:
         if gpu is not None:
-            gpu.stop()
-        cpu.stop()
+            gpu.kill()
+        cpu.kill()
     st = open_store(store)
     [name] = [e for e in st.ls("evals") if e.startswith("tm-")]
     assert st.exists("evals", name, "report.md") and st.exists("evals", name, "results.parquet")
     assert name in st.fs.cat_file(st.path("evals", "index.md")).decode()
+
+
+def pause_queue(queue: str, paused: bool) -> None:
+    with prefect_client() as client:
+        work_queue = client.read_work_queue_by_name(queue, work_pool_name=POOL)
+        client.update_work_queue(work_queue.id, is_paused=paused)
 
 
 def scheduled_runs(deployment: str, model: str, timeout: float = 90) -> list:
