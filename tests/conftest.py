@@ -124,6 +124,10 @@ def prefect_server(tmp_path_factory, prefect_database):
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
         # expired concurrency leases (a killed training's, tests/test_deploy_pipeline.py) freed within 2 s of expiring, not 15
         "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+        # services no test uses (marking runs late, pausing, offline workers, cancelling children, filling the
+        # nightly schedule): off, an idle server then takes 2.9% of a core instead of 4.1%
+        **{f"PREFECT_SERVER_SERVICES_{service}_ENABLED": "false"
+           for service in ("LATE_RUNS", "PAUSE_EXPIRATIONS", "FOREMAN", "CANCELLATION_CLEANUP", "SCHEDULER")},
         "PREFECT_UI_ENABLED": "true",  # tests/test_pipeline.py opens artifacts in the UI, as a user does
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
     }

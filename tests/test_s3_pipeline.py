@@ -1,7 +1,7 @@
 """The whole pipeline on a real S3-compatible server (SeaweedFS, credentials enforced) through the
-command line, with a real Prefect server: collect, catalog, train, evaluate; wrong credentials; the
-object store restarted in the middle of a collection; ``gptpipe store serve`` as a user runs it. The
-secret key never shows up in output, Prefect's records or the report."""
+command line, with a real Prefect server: ``gptpipe store serve`` as a user runs it, then collect,
+catalog, train and evaluate into it; wrong credentials; the object store restarted in the middle of a
+collection. The secret key never shows up in output, Prefect's records or the report."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 from storage import catalog, params, sweeps
 from storage.s3server import CREDENTIALS_FILE, SeaweedS3, free_ports
 from storage.store import open_store
-from tests.conftest import BIN, REPO, migrated_prefect_home
+from tests.conftest import BIN, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -52,37 +52,6 @@ def prefect_records(flow_run_names: set[str] | None = None) -> str:
     text += [f"{a.key} {a.description} {a.data}" for a in artifacts]
     text += [log.message for log in logs]
     return "\n".join(text)
-
-
-def test_pipeline_on_s3_through_the_cli(cli, s3_store_url, s3_server):
-    secret = s3_server.secret_key
-    outputs = []
-
-    def run(*args):
-        proc = cli(*args, check=True)
-        outputs.append(proc.stdout + proc.stderr)
-        return proc
-
-    run("collect", "--store", s3_store_url, "--sweep", "s3d", "--problem", "digits_mlp", "--runs", "24",
-        "--shard-size", "12", "--epochs", "3", "--checkpoints", "5")
-    out = run("catalog", "--store", s3_store_url, "--format", "json",
-              "select count(*) as runs, cast(sum(n_ckpts) as int) as ckpts from runs where sweep = 's3d'")
-    assert json.loads(out.stdout) == [{"runs": 24, "ckpts": 120}]
-    run("train", "--store", s3_store_url, "--sweep", "s3d", "--model", "g", "--steps", "4", "--batch-size", "16")
-    out = run("evaluate", "--store", s3_store_url, "--eval", "e1", "--networks", "4", "--prompts", "3", "--recursive", "2",
-              "--calibration-networks", "8", "--optimiser-steps", "8")
-    assert f"{s3_store_url}/evals/e1/report.html" in out.stdout
-    store = open_store(s3_store_url)
-    assert catalog.query(store, "select count(*) as n from evaluations where eval = 'e1'").to_pylist()[0]["n"] >= 4 * 3
-    check_exactly_once(store, "s3d", 24)
-    report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
-    index = store.fs.cat_file(store.path("evals", "index.md")).decode()
-    assert "e1" in index
-    lineage = json.dumps(store.read_json("models", "g", "lineage.json"))
-    pages = [store.fs.cat_file(store.path(*p)).decode() for p in (("evals", "e1", "report.html"), ("evals", "index.html"),
-                                                                  ("models", "g", "card.html"))]
-    for text in outputs + [report, index, lineage, prefect_records(), *pages]:
-        assert secret not in text
 
 
 def test_wrong_credentials_one_line_exit_2(cli, s3_store_url, s3_server):
@@ -185,14 +154,15 @@ def test_store_serve_killed_outright_takes_weed_with_it(tmp_path):
     assert not alive, "weed outlived gptpipe store serve"
 
 
-def test_store_serve_as_a_user_runs_it(tmp_path, prefect_database):
-    """``gptpipe store serve`` in a terminal; a second shell sources its credentials and collects into
-    it; Ctrl-C (SIGTERM here) stops it cleanly. A taken port is one clear line."""
+def test_store_serve_then_the_pipeline_through_the_cli(cli, tmp_path, monkeypatch):
+    """``gptpipe store serve`` in a terminal; a second shell sources its credentials and runs the pipeline
+    into it with the CLI: collect (into ``$GPTPIPE_STORE``), catalog, train, evaluate. The same port again
+    is one clear line; Ctrl-C (SIGTERM here) stops the server cleanly. The secret key shows up in no
+    output, Prefect record, report or page."""
     port = free_ports(1)[0]
     data = tmp_path / "s3"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-               PREFECT_HOME=str(migrated_prefect_home(prefect_database, tmp_path / "prefect")))
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         serve = subprocess.Popen([str(BIN / "gptpipe"), "store", "serve", "--dir", str(data), "--port", str(port)],
@@ -205,15 +175,39 @@ def test_store_serve_as_a_user_runs_it(tmp_path, prefect_database):
             if line.startswith("export "):
                 k, v = line.removeprefix("export ").split("=", 1)
                 creds[k] = v
-        assert creds["AWS_SECRET_ACCESS_KEY"] not in text
-        user = {**env, **creds, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "GPTPIPE_STORE": "s3://gptpipe/dev"}
-        collect = subprocess.run([str(BIN / "gptpipe"), "collect", "--sweep", "served", "--problem", "digits_mlp",
-                                  "--runs", "8", "--shard-size", "4", "--epochs", "2", "--checkpoints", "3"],
-                                 env=user, cwd=REPO, capture_output=True, text=True, timeout=180)
-        assert collect.returncode == 0, collect.stderr
-        query = subprocess.run([str(BIN / "gptpipe"), "catalog", "--format", "json", "select count(*) as n from checkpoints"],
-                               env=user, cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert query.returncode == 0 and json.loads(query.stdout) == [{"n": 24}], query.stderr
+        secret = creds["AWS_SECRET_ACCESS_KEY"]
+        assert secret not in text
+        url = "s3://gptpipe/dev"
+        user = {**env, **creds, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "GPTPIPE_STORE": url}
+        outputs = []
+
+        def run(*args):
+            proc = cli(*args, env=user, check=True)
+            outputs.append(proc.stdout + proc.stderr)
+            return proc
+
+        run("collect", "--sweep", "s3d", "--problem", "digits_mlp", "--runs", "24", "--shard-size", "12", "--epochs", "3",
+            "--checkpoints", "5")
+        out = run("catalog", "--format", "json", "select count(*) as runs, cast(sum(n_ckpts) as int) as ckpts from runs")
+        assert json.loads(out.stdout) == [{"runs": 24, "ckpts": 120}]
+        run("train", "--store", url, "--sweep", "s3d", "--model", "g", "--steps", "4", "--batch-size", "16")
+        out = run("evaluate", "--store", url, "--eval", "e1", "--networks", "4", "--prompts", "3", "--recursive", "2",
+                  "--calibration-networks", "8", "--optimiser-steps", "8")
+        assert f"{url}/evals/e1/report.html" in out.stdout
+
+        for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", *creds):  # this process reads it too
+            monkeypatch.setenv(name, user[name])
+        store = open_store(url)
+        assert catalog.query(store, "select count(*) as n from evaluations where eval = 'e1'").to_pylist()[0]["n"] >= 4 * 3
+        check_exactly_once(store, "s3d", 24)
+        report = store.fs.cat_file(store.path("evals", "e1", "report.md")).decode()
+        index = store.fs.cat_file(store.path("evals", "index.md")).decode()
+        assert "e1" in index
+        lineage = json.dumps(store.read_json("models", "g", "lineage.json"))
+        pages = [store.fs.cat_file(store.path(*p)).decode() for p in (("evals", "e1", "report.html"), ("evals", "index.html"),
+                                                                      ("models", "g", "card.html"))]
+        for text in outputs + [report, index, lineage, prefect_records(), *pages]:
+            assert secret not in text
 
         # the same port again: one line, exit 2
         again = subprocess.run([str(BIN / "gptpipe"), "store", "serve", "--dir", str(tmp_path / "other"), "--port", str(port)],
@@ -228,7 +222,7 @@ def test_store_serve_as_a_user_runs_it(tmp_path, prefect_database):
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
     text = log.read_text()
-    assert "stopping" in text and creds["AWS_SECRET_ACCESS_KEY"] not in text
+    assert "stopping" in text and secret not in text
     with socket.socket() as s:  # weed is gone: its S3 port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
