@@ -27,8 +27,8 @@ def prefect_cmd(*args: str, env: dict, timeout: float = 120) -> subprocess.Compl
 def deployed(prefect_server, tmp_path_factory):
     """The work pool and the repository's deployments, made the way docs/deploy.md says, once per test
     process (the deployment test files share them: a `prefect deploy` is ~10 s of a core). Every worker
-    started from this environment defaults to a store of its own: the nightly schedule fires at 03:00
-    UTC on the test server too, and must not evaluate the user's ~/.gptpipe/store."""
+    started from this environment defaults to a store of its own: a run without a store (the nightly
+    evaluation's) must not evaluate the user's ~/.gptpipe/store."""
     env = {**os.environ, "PREFECT_API_URL": prefect_server["api_url"], "GPTPIPE_REPO": str(REPO),
            "GPTPIPE_STORE": str(tmp_path_factory.mktemp("worker-default-store"))}
     existing = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", POOL], capture_output=True, text=True, env=env)

@@ -47,7 +47,7 @@ def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_eval
         with prefect_client() as client:  # the evaluate deployment itself runs below, as the nightly schedule runs it
             client.delete_flow_run(evaluation.id)
             deployment = client.read_deployment_by_name("evaluate/evaluate")
-        pause_queue("default", False)
+        pause_queue("default", False)  # (and in ``finally``: a failed check must not leave it paused for later tests)
         crons = [s.schedule.cron for s in deployment.schedules if hasattr(s.schedule, "cron")]
         assert crons == ["0 3 * * *"] and all(s.active for s in deployment.schedules)
         assert "store" not in deployment.parameters and "model" not in deployment.parameters
@@ -56,6 +56,7 @@ def test_triggers_schedule_a_training_and_an_evaluation_and_the_nightly_run_eval
         run = wait_for(nightly, cpu)
         assert run.state.type.value == "COMPLETED", f"{run_logs(nightly)}\n{cpu.tail()}"
     finally:
+        pause_queue("default", False)
         if gpu is not None:
             gpu.kill()
         cpu.kill()
