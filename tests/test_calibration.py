@@ -131,3 +131,18 @@ def test_a_model_trained_with_pairs_that_stay_is_never_prompted_with_its_start()
     requested = np.array([[36.0, 40.0, 45.0], [270.0, 300.0, 310.0]])  # 0.9 x start, the start, a little above
     given = calibration.condition(cal, [40.0, 300.0], requested, -1)
     assert not np.isclose(given, np.array([[40.0], [300.0]])).any()
+
+
+def test_isotonic_curve_is_scikit_learns_fit():
+    """The calibration's fit (scipy's pool-adjacent-violators on tied points merged) reads the same curve
+    as scikit-learn's ``IsotonicRegression`` on noisy pairs with ties, inside its range and beyond it."""
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(3)
+    x = np.repeat(np.linspace(-0.5, 1.0, 7), 9) + np.where(rng.random(63) < 0.3, rng.normal(0, 0.01, 63), 0.0)
+    y = np.tanh(2 * x) + rng.normal(0, 0.3, 63)
+    at = np.linspace(-0.8, 1.3, 23)
+    ours = calibration.isotonic_curve(x, y, at)
+    theirs = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(x, y).predict(at)
+    assert np.all(np.diff(ours) >= 0) and np.ptp(ours) > 0.5
+    np.testing.assert_allclose(ours, theirs, atol=1e-12)

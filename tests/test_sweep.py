@@ -87,6 +87,31 @@ def test_closed_form_gradient_is_autograds(problem, order):
     torch.testing.assert_close(closed, by_autograd, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_batched_optimisers_are_torch_optims_per_network(name):
+    """Three networks, each its own learning rate and its own batches, updated as one stack: every row
+    is what ``torch.optim`` does to that network alone."""
+    from gptpipe.sweep.optim import BatchedAdam, BatchedSGD
+
+    p, dataset, lrs = problems.get("digits_mlp"), data.load("digits"), [0.003, 0.01, 0.05]
+    theta = p.init([torch.Generator().manual_seed(k) for k in range(3)])
+    alone = [row.clone().requires_grad_(True) for row in theta]
+    opts = [torch.optim.SGD([w], lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4) if name == "sgd" else
+            torch.optim.Adam([w], lr=lr) for w, lr in zip(alone, lrs)]
+    batched = (BatchedSGD(lrs, p.n_params, momentum=0.9, weight_decay=5e-4, nesterov=True) if name == "sgd" else
+               BatchedAdam(theta, lrs))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx = torch.randint(0, len(dataset.x_train), (3, 32), generator=g)
+        batched.step(theta, p.loss_gradient(theta, dataset.x_train[idx], dataset.y_train[idx]))
+        for k, (w, opt) in enumerate(zip(alone, opts)):
+            opt.zero_grad()
+            p.loss(w[None], dataset.x_train[idx[k]][None], dataset.y_train[idx[k]][None]).sum().backward()
+            opt.step()
+    assert not torch.allclose(theta[0], theta[1])
+    torch.testing.assert_close(theta, torch.stack(alone).detach(), atol=2e-6, rtol=1e-4)
+
+
 def test_error_breaks_ties_as_argmax_does():
     """A frozen (all-zero) network scores equal logits for every class: argmax picks class 0."""
     p = problems.get("digits_mlp")

@@ -2,9 +2,9 @@
 
 ``sgd_baseline`` runs the sweep's own recipe from them (the bar a user would otherwise reach).
 
-``optimiser_curves`` trains K start networks at once with SGD or Adam. Stacking the K networks into one
-``theta [K, P]`` and handing it to ``torch.optim`` is exactly K independent optimisers: the loss is a sum
-of per-network losses and both optimisers act element-wise.
+``optimiser_curves`` trains K start networks at once with SGD or Adam: the K networks stacked into one
+``theta [K, P]``, each its own loss gradient and the sweep's batched optimisers (per network exactly
+``torch.optim``'s arithmetic).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from gptpipe.sweep import train_runs
 from gptpipe.sweep.config import SweepConfig
+from gptpipe.sweep.optim import BatchedAdam, BatchedSGD
 
 OPTIMISER_STEPS = 512  # the longest SGD/Adam run G.pt's one update is compared with
 
@@ -27,12 +28,12 @@ def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: fl
                      batch_size: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
     """Test metrics ``[len(steps), K]`` of the K start networks after each number of ``steps``
     (constant learning rate; each network its own data order)."""
-    theta = torch.tensor(np.asarray(start), dtype=torch.float32, requires_grad=True)
+    theta = torch.tensor(np.asarray(start), dtype=torch.float32)
     K, n = theta.shape[0], len(dataset.x_train)
     if optimiser == "sgd":
-        opt = torch.optim.SGD([theta], lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        opt = BatchedSGD([lr] * K, theta.shape[1], momentum=0.9, weight_decay=5e-4, nesterov=True)
     elif optimiser == "adam":
-        opt = torch.optim.Adam([theta], lr=lr)
+        opt = BatchedAdam(theta, [lr] * K)
     else:
         raise ValueError(f"unknown optimiser {optimiser!r}")
     g = torch.Generator().manual_seed(seed)
@@ -44,12 +45,10 @@ def optimiser_curves(problem, dataset, start: np.ndarray, optimiser: str, lr: fl
                 order, pos = torch.argsort(torch.rand(K, n, generator=g), dim=1), 0
             idx = order[:, pos : pos + batch_size]
             pos += batch_size
-            loss = problem.loss(theta, dataset.x_train[idx], dataset.y_train[idx]).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            grad = problem.loss_gradient(theta, dataset.x_train[idx], dataset.y_train[idx])
+            opt.step(theta, grad)
             step += 1
-        for m, v in problem.score(theta.detach(), dataset).items():
+        for m, v in problem.score(theta, dataset).items():
             out.setdefault(m, []).append(v.double().numpy())
     return {m: np.stack(v) for m, v in out.items()}
 

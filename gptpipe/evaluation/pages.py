@@ -68,7 +68,11 @@ pre { padding: 0.8em; overflow-x: auto; }
 def html_page(title: str, text: str, files: dict[str, bytes] | None = None) -> bytes:
     """One self-contained HTML file from markdown ``text``: its images (from ``files``) inside, no
     outside reference, so it opens the same from any store or a downloaded copy."""
-    body = markdown_lib.markdown(inline_images(text, files or {}, compact=False), extensions=["tables", "fenced_code"])
+    body = markdown_lib.markdown(text, extensions=["tables", "fenced_code"])
+    # the images go in after the conversion: markdown's inline patterns run over base64 text made a
+    # test-sized report's page 0.49 s instead of 0.11 s
+    for name, data in (files or {}).items():
+        body = body.replace(f'src="{name}"', f'src="{data_uri(data)}"')
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n").encode()
 

@@ -25,6 +25,7 @@ import torch
 
 from gptpipe.problems.cartpole import PPO, CartPolePolicy, evaluate_returns, make_env, orthogonal_init, split_flat, stacked_mlp
 from gptpipe.sweep.config import RunsResult, SweepConfig, checkpoint_steps, lr_factor, run_generators
+from gptpipe.sweep.optim import BatchedAdam
 from gptpipe.sweep.recorder import CheckpointRecorder
 
 
@@ -60,28 +61,6 @@ class _Agents:
 
     def close(self):
         self.env.close()
-
-
-class BatchedAdam:
-    """``torch.optim.Adam`` over stacked parameters ``[K, D]``, one learning rate per agent."""
-
-    def __init__(self, params: torch.Tensor, beta1: float):
-        self.exp_avg, self.exp_avg_sq = torch.zeros_like(params), torch.zeros_like(params)
-        self.b1, self.b2, self.eps = beta1, PPO["adam_beta2"], PPO["adam_eps"]
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self, params: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> None:
-        self.steps += 1
-        b1, b2 = self.b1, self.b2
-        self.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
-        params.sub_(lr / (1 - b1 ** self.steps) * self.exp_avg / denom)
-
-    def zero(self, mask: torch.Tensor) -> None:
-        self.exp_avg[mask] = 0.0
-        self.exp_avg_sq[mask] = 0.0
 
 
 class ActorCritic:
@@ -149,7 +128,7 @@ def ppo_loss(net: ActorCritic, p: torch.Tensor, batch: dict[str, torch.Tensor], 
 
 
 def update(net: ActorCritic, adam: BatchedAdam, batch: dict[str, torch.Tensor], config: SweepConfig,
-           lr: torch.Tensor, generators: list[torch.Generator]) -> None:
+           scale: torch.Tensor, generators: list[torch.Generator]) -> None:
     """``update_epochs`` passes of minibatches over one rollout, each agent in its own order."""
     K, N = batch["act"].shape
     mb = min(config.batch_size, N)
@@ -163,7 +142,7 @@ def update(net: ActorCritic, adam: BatchedAdam, batch: dict[str, torch.Tensor], 
                 grad.mul_((PPO["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0))
                 if config.weight_decay:
                     grad.add_(net.params, alpha=config.weight_decay)
-            adam.step(net.params, grad, lr)
+            adam.step(net.params, grad, scale)
 
 
 def checkpoint(recorder: CheckpointRecorder, net: ActorCritic, adam: BatchedAdam) -> None:
@@ -186,16 +165,15 @@ def train_runs(problem: CartPolePolicy, config: SweepConfig, runs, init: torch.T
     if init is not None:
         theta = init.detach().clone().float()
     net = ActorCritic(problem, theta, generators)
-    adam = BatchedAdam(net.params, config.momentum)
+    adam = BatchedAdam(net.params, lrs, config.momentum, PPO["adam_beta2"], PPO["adam_eps"])
     recorder = CheckpointRecorder(checkpoint_steps(config, None), len(runs), problem.n_params, problem.metrics)
-    lr = torch.tensor(lrs).unsqueeze(1)
     agents = _Agents(seeds, PPO["num_envs"])
     if recorder.due(0):
         checkpoint(recorder, net, adam)
     try:
         for it in range(config.epochs):
             batch = rollout(agents, net, generators)
-            update(net, adam, batch, config, lr * lr_factor(config, it, config.epochs) * recorder.alive, generators)
+            update(net, adam, batch, config, lr_factor(config, it, config.epochs) * recorder.alive, generators)
             if recorder.due(it + 1):
                 checkpoint(recorder, net, adam)
     finally:

@@ -18,34 +18,8 @@ from gptpipe import data as datasets
 from gptpipe import problems
 from gptpipe.sweep.config import (RunsResult, SweepConfig, checkpoint_steps, lr_factor, run_generators,
                                   shared_order_generator, steps_per_epoch)
+from gptpipe.sweep.optim import BatchedSGD
 from gptpipe.sweep.recorder import CheckpointRecorder
-
-
-class BatchedSGD:
-    """``torch.optim.SGD(momentum, dampening=0, weight_decay, nesterov)`` with one learning rate per network."""
-
-    def __init__(self, config: SweepConfig, lrs: list[float], n_params: int):
-        self.config = config
-        self.lr = torch.tensor(lrs).unsqueeze(1)  # [K, 1]
-        self.momentum_buf = torch.zeros(len(lrs), n_params)
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self, theta: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor | float) -> None:
-        """One update of ``theta [K, P]`` with the learning rates times ``scale`` (schedule x alive).
-        ``grad`` is used as scratch space."""
-        c = self.config
-        d_p = grad.add_(theta, alpha=c.weight_decay)
-        if self.steps == 0:
-            self.momentum_buf.copy_(d_p)
-        else:
-            self.momentum_buf.mul_(c.momentum).add_(d_p)
-        if c.nesterov:
-            d_p.add_(self.momentum_buf, alpha=c.momentum)
-        else:
-            d_p = self.momentum_buf
-        theta.addcmul_(d_p, self.lr * scale, value=-1.0)
-        self.steps += 1
 
 
 def epoch_orders(config: SweepConfig, n_train: int, generators: list[torch.Generator]):
@@ -96,7 +70,7 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     per_epoch = steps_per_epoch(config, n_train)
     total = config.epochs * per_epoch
     recorder = CheckpointRecorder(checkpoint_steps(config, n_train), len(runs), problem.n_params, problem.metrics)
-    sgd = BatchedSGD(config, lrs, problem.n_params)
+    sgd = BatchedSGD(lrs, problem.n_params, config.momentum, config.weight_decay, config.nesterov)
     if recorder.due(0):
         checkpoint(recorder, problem, theta, dataset)
     for order in epoch_orders(config, n_train, generators):
