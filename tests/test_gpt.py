@@ -212,7 +212,7 @@ def test_config_presets_and_json_round_trip():
 def test_normalizer_round_trip():
     params = torch.randn(4, 6, DIGITS.n_params) * torch.linspace(0.1, 2, DIGITS.n_params)
     sizes = [layer.numel for layer in DIGITS.layers]
-    ps, ds = gpt.Normalizer.fit(params, sizes, "layer")
+    ps, ds, _ = gpt.Normalizer.fit(params, sizes, "layer")
     assert len(ps) == len(ds) == 4
     cfg = gpt.GptConfig(layers=layers_of(DIGITS), target="delta", param_scale=ps, delta_scale=ds, **MICRO)
     n = gpt.Normalizer(cfg)

@@ -26,14 +26,15 @@ ARTIFACT_IMAGE_WIDTH = 720  # pixels: as wide as the Prefect UI's artifact colum
 
 def compact_png(data: bytes, max_width: int = ARTIFACT_IMAGE_WIDTH) -> bytes:
     """``data`` scaled down to ``max_width`` and cut to a 256-colour palette (plots have few colours):
-    about a fifth of the bytes, still sharp on screen."""
+    still sharp on screen, ~40% of the bytes of a test-sized report's images (fast octree: 0.27 s for
+    its eleven, against 1.4 s and 1.5x the bytes for median cut with ``optimize``)."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
     if img.width > max_width:
         img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
     out = io.BytesIO()
-    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, format="PNG", optimize=True)
+    img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -41,15 +42,15 @@ def data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def inline_images(text: str, files: dict[str, bytes], compact: bool = True) -> str:
+def inline_images(text: str, files: dict[str, bytes]) -> str:
     """``text`` (markdown) with every ``![alt](name.png)`` whose file is in ``files`` replaced by the image
-    itself; ``compact``: shrunk for an artifact (``compact_png``)."""
+    itself, shrunk for an artifact (``compact_png``)."""
 
     def swap(m: re.Match) -> str:
         data = files.get(m.group(2))
         if data is None:
             return m.group(0)
-        return f"![{m.group(1)}]({data_uri(compact_png(data) if compact else data)})"
+        return f"![{m.group(1)}]({data_uri(compact_png(data))})"
 
     return IMAGE.sub(swap, text)
 

@@ -218,8 +218,8 @@ class Trainer:
             torch.manual_seed(config.seed)
             layers = [[layer.name, list(layer.shape)] for layer in self.problem.layers]
             fit_pairs = self.sample_pairs(4096, torch.Generator().manual_seed(config.seed + 1))
-            param_scale, delta_scale = Normalizer.fit(self.params, [layer.numel for layer in self.problem.layers],
-                                                      config.normalization, pairs=fit_pairs)
+            param_scale, delta_scale, fit_updates = Normalizer.fit(self.params, [layer.numel for layer in self.problem.layers],
+                                                                   config.normalization, pairs=fit_pairs)
             self.gpt_config = GptConfig.from_preset(config.preset, layers, param_scale=param_scale,
                                                     delta_scale=delta_scale, **self._model_settings())
             self.gpt_config.unit_basis = self._unit_basis_size()
@@ -227,7 +227,8 @@ class Trainer:
             self.gpt_config = GptConfig.from_dict(state["gpt_config"])
         self.model = Gpt(self.gpt_config).to(self.device)
         if state is None and self.gpt_config.unit_basis:
-            self.model.unit_basis.basis.copy_(self._fit_unit_basis(fit_pairs))
+            shapes = [shape for _, shape in self.gpt_config.layers]
+            self.model.unit_basis.basis.copy_(fit_unit_basis(fit_updates, shapes, self.gpt_config.units, self.gpt_config.unit_basis))
         self.ema = Gpt(self.gpt_config).to(self.device)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
@@ -262,13 +263,6 @@ class Trainer:
             return 0
         unit_len = unit_index([shape for _, shape in g.layers], g.units).shape[1]  # values one unit token carries
         return g.width // 2 if unit_len > g.width else 0
-
-    def _fit_unit_basis(self, pairs) -> torch.Tensor:
-        r, i, j = pairs
-        normalizer = Normalizer(self.gpt_config)
-        delta = normalizer.normalize(self.params[r, j]) - normalizer.normalize(self.params[r, i])
-        shapes = [shape for _, shape in self.gpt_config.layers]
-        return fit_unit_basis(delta, shapes, self.gpt_config.units, self.gpt_config.unit_basis)
 
     # --- schedule -----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
