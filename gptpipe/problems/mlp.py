@@ -89,9 +89,8 @@ class MLPClassifier(Classifier):
         g_b1.copy_(dpre.sum(2))
         if x.dim() == 2:  # one shared batch: every network's first-layer gradient is one GEMM
             g_w1.copy_((dpre.reshape(-1, x.shape[0]) @ x).view_as(g_w1))
-        else:  # a loop of plain GEMMs: twice as fast here as one bmm of 10-row products
-            for k in range(len(theta)):
-                torch.mm(dpre[k], x[k], out=g_w1[k])
+        else:
+            g_w1.copy_(torch.bmm(dpre, x))
         return grad
 
     def _first_layer(self, w1: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +99,9 @@ class MLPClassifier(Classifier):
         K, H, D = w1.shape
         if x.dim() == 2:
             return (w1.reshape(K * H, D) @ x.T).view(K, H, len(x))
-        out = torch.empty(K, H, x.shape[1])
-        for k in range(K):
-            torch.mm(w1[k], x[k].T, out=out[k])
-        return out
+        # one bmm of 10-row products: a whole per-run mnist_mlp step (K = 64) 1.56x faster than with a loop of
+        # plain GEMMs on 2 threads, 1.13x on 1 (torch 2.14.1, AVX2; with an earlier torch the loop had been faster)
+        return torch.bmm(w1, x.transpose(1, 2))
 
     @torch.no_grad()
     def evaluate(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> dict[str, torch.Tensor]:
