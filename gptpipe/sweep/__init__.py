@@ -1,7 +1,8 @@
 """The sweep: many small networks trained from different seeds and learning rates, every checkpoint kept.
 
 ``config`` holds the recipe and what derives from it; ``sgd`` and ``ppo`` are the two batched trainers
-(a problem names its own in ``problem.trainer``), ``recorder`` what both keep at each checkpoint.
+(a problem names its own in ``problem.trainer``), ``optim`` the optimisers over stacked networks they use,
+``recorder`` what both keep at each checkpoint.
 ``train_runs`` is the one entry point.
 """
 
