@@ -5,6 +5,7 @@ in-process, on the Prefect server set by PREFECT_API_URL or else on this machine
 from __future__ import annotations
 
 import atexit
+import contextvars
 import gc
 import math
 import os
@@ -55,7 +56,9 @@ def start_prefect_server() -> Callable[[], None]:
         except BaseException as e:  # handed to the main thread by ready()
             found.append(e)
 
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    # in the caller's context: Prefect's settings (an API set by ``temporary_settings``, as a Python caller
+    # or a test does) live in context variables, which a new thread would not see
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(start,), name="prefect-server-start", daemon=True)
     thread.start()
 
     def ready() -> None:

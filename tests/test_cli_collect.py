@@ -68,6 +68,24 @@ def test_collect_with_shared_order_and_log_checkpoints(prefect_api, tmp_path):
     assert [r["step"] for r in json.loads(out.stdout)] == [0, 1, 2, 6, 13, 32]  # 32 steps in an epoch of mnist5k
 
 
+def test_a_command_run_from_python_uses_the_callers_prefect_api(prefect_api, tmp_path):
+    """The app called in-process under the caller's Prefect settings (``prefect_api`` sets the API with
+    ``temporary_settings``, as a Python caller would) runs its flow on that server and starts no local one
+    (its start-up thread once missed those settings, and each test process kept a server of its own)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from flows import local_server
+
+    invoke("collect", "--store", str(tmp_path / "s"), "--sweep", "api", "--problem", "digits_mlp", "--runs", "2",
+           "--epochs", "1", "--checkpoints", "2", check=True)
+    assert not local_server.in_use()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["collect"])))
+    [run] = [r for r in runs if r.parameters.get("store") == str(tmp_path / "s")]
+    assert run.state.type.value == "COMPLETED" and run.parameters["sweep"] == "api"
+
+
 def test_reused_sweep_name_and_bad_sql(prefect_api, tmp_path):
     store = str(tmp_path / "s")
     invoke("collect", "--store", store, "--sweep", "d", "--problem", "digits_mlp", "--runs", "4", "--epochs", "1",
