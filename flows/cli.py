@@ -303,6 +303,9 @@ def train(
                                   "alignment R² of validation inits over a range of prompts)"),
     validation_inits: Optional[int] = typer.Option(None, help="With --candidates: fresh inits each candidate is scored on "
                                                    "(default 128 for one-update, 1,024 for alignment; fewer is faster and noisier)"),
+    calibration_networks: Optional[int] = typer.Option(None, help="With --choose-by alignment: fresh inits each "
+                                                       "candidate's calibration is fitted on (default 64, as an evaluation's; "
+                                                       "fewer is faster and noisier)"),
     data_root: Optional[str] = typer.Option(None, help="With --candidates: folder with the sweep's torchvision data "
                                             "(mnist, fashion_mnist, cifar10), which the candidates are scored on"),
 ):
@@ -320,7 +323,7 @@ def train(
         for s in sweep:  # unknown or empty sweeps: one clear line now, not a failed flow run later
             sweeps_mod.read_config(st, s)
             sweeps_mod.committed_runs(st, s)
-        check_candidates(st, sweep[0], candidates, choose_by, validation_inits, data_root)
+        check_candidates(st, sweep[0], candidates, choose_by, validation_inits, data_root, calibration_networks)
         budget = int(memory_budget) if memory_budget is not None else None
         options = given(preset=preset, steps=steps, device=device, batch_size=batch_size, lr=lr, pairing=pairing,
                         compile=compile_model or None, prompt_dropout=prompt_dropout, guidance=guidance,
@@ -346,14 +349,15 @@ def train(
         with progress_bar(f"train {model}", target * candidates, lambda: trained_steps(st, model, candidates)):
             summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
                                  candidates=candidates, choose_by=choose_by,
-                                 **given(save_every=save_every, data_root=data_root, validation_inits=validation_inits), **options)
+                                 **given(save_every=save_every, data_root=data_root, validation_inits=validation_inits,
+                                       calibration_networks=calibration_networks), **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
 def check_candidates(st, sweep: str, candidates: int, choose_by: str, validation_inits: int | None,
-                     data_root: str | None) -> None:
-    """``--candidates``, ``--choose-by`` and ``--validation-inits``, and the data the candidates are scored on
-    once trained: one line now."""
+                     data_root: str | None, calibration_networks: int | None = None) -> None:
+    """``--candidates``, ``--choose-by``, ``--validation-inits`` and ``--calibration-networks``, and the data the
+    candidates are scored on once trained: one line now."""
     from gptpipe.stages.candidates import check_choose_by, sweep_data
 
     if candidates < 1:
@@ -361,6 +365,8 @@ def check_candidates(st, sweep: str, candidates: int, choose_by: str, validation
     check_choose_by(choose_by)
     if validation_inits is not None and validation_inits < 2:
         raise StoreError(f"--validation-inits must be at least 2, got {validation_inits}")
+    if calibration_networks is not None and calibration_networks < 2:
+        raise StoreError(f"--calibration-networks must be at least 2, got {calibration_networks}")
     if candidates > 1:
         sweep_data(st, sweep, data_root)
 

@@ -32,7 +32,8 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
                memory_budget: int | None = None, torch_threads: int | None = None, credentials: str | None = None,
                compile: bool | None = None, prompt_dropout: float | None = None, guidance: float | None = None,
                temperature: float | None = None, candidates: int = 1, choose_by: str = "one-update",
-               validation_inits: int | None = None, data_root: str | None = None) -> dict:
+               validation_inits: int | None = None, calibration_networks: int | None = None,
+               data_root: str | None = None) -> dict:
     """Train (or resume training) G.pt ``model`` on ``sweeps`` until ``steps`` steps are done. A crash
     loses at most ``save_every`` steps: re-running the same command resumes from the last save.
     ``store`` defaults to ``$GPTPIPE_STORE`` where the flow runs (a deployment's worker).
@@ -41,7 +42,8 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
     (or the train stage's) default. ``credentials``: see ``flows.credentials``. Two trainings of one
     model never run at once: the second waits for the first (``one_training_at_a_time``). ``candidates`` > 1:
     that many trainings with seeds ``seed``, ``seed + 1``, ... and the best by validation (``choose_by``:
-    one-update or alignment, on ``validation_inits`` fresh inits) kept as ``model`` (``gptpipe.stages.candidates``;
+    one-update or alignment, on ``validation_inits`` fresh inits, an alignment through a calibration fitted on
+    ``calibration_networks``) kept as ``model`` (``gptpipe.stages.candidates``;
     ``data_root``: where the sweep's torchvision data is, which they are scored on)."""
     use_store_credentials(credentials)
     store = store or default_store_url()
@@ -61,7 +63,8 @@ def train_flow(sweeps: list[str], model: str, store: str | None = None, preset: 
     with one_training_at_a_time(model):
         if candidates > 1:
             summary = train_candidates(data, store, model, candidates, options, save_every, on_progress=progress,
-                                       data_root=data_root, choose_by=choose_by, validation_inits=validation_inits)
+                                       data_root=data_root, choose_by=choose_by, validation_inits=validation_inits,
+                                       calibration_networks=calibration_networks)
         else:
             summary = train.run_training(data, store, model, options, save_every, on_progress=progress)
     st = open_store(store)

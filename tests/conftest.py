@@ -50,6 +50,27 @@ LONGEST_FIRST = ("test_deploy_pipeline.py", "test_s3_pipeline.py", "test_pipelin
                  "test_problem_flows.py", "test_prompt.py", "test_storage_s3.py")
 
 
+# Test files that make the repository's deployments on their process's server (tests/deployments.py's
+# `deployed`: a work pool and a `prefect deploy`, ~18 s of a core): `make test` hands them to one process
+# together, so that they are made once.
+DEPLOYMENT_FILES = ("test_deploy_pipeline.py", "test_deploy.py", "test_deploy_triggers.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the deployment test files as one unit of work."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class DeploymentFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "deployment tests" if Path(path).name in DEPLOYMENT_FILES else path
+
+    return DeploymentFilesTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """The longest files first (the sort keeps each file's own order); tests marked ``gpu`` run only where
     torch sees a CUDA device."""

@@ -230,7 +230,7 @@ def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, prefe
     from storage import models
 
     command = ("train", "--store", small_store, "--sweep", "tiny", "--model", "aligned2", "--steps", "4", "--batch-size", "16",
-               "--candidates", "2", "--choose-by", "alignment", "--validation-inits", "16")
+               "--candidates", "2", "--calibration-networks", "8", "--choose-by", "alignment", "--validation-inits", "16")
     out = invoke(*command)
     assert out.returncode == 0, out.stderr
     store = open_store(small_store)
@@ -239,7 +239,8 @@ def test_train_candidates_by_alignment_keeps_the_best_aligned(small_store, prefe
     assert lineage["chosen_by"] == "alignment" and lineage["validation_metric"] == "test_loss alignment R²"
     assert lineage["validation_inits"] == 16
     calibrations = {name: models.read_calibration(store, name) for name in scores}
-    assert all(c is not None for c in calibrations.values())  # fitted for the validation, as an evaluation fits it
+    # fitted for the validation, as an evaluation fits it, on the fresh inits asked for (those with room to improve)
+    assert all(c is not None and 2 <= c["networks"] <= 8 for c in calibrations.values())
     for name, score in scores.items():
         assert score == pytest.approx(validation_score(store, name, "alignment", 16), abs=1e-9)
     assert scores[lineage["chosen"]] == max(scores.values())  # higher R² is better
@@ -308,6 +309,7 @@ def test_cli_bad_inputs(small_store, tmp_path):
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--save-every", "0"], "--save-every must be positive"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--choose-by", "luck"], "unknown --choose-by 'luck'"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--validation-inits", "1"], "--validation-inits must be at least 2"),
+        (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--calibration-networks", "1"], "--calibration-networks must be at least 2"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--memory-budget", "nan"], "--memory-budget must be"),
         (["train", "--store", small_store, "--sweep", "/etc", "--model", "m"], "leaves the store"),
         (["train", "--store", small_store, "--sweep", "tiny", "--model", "m", "--guidance", "2"], "--guidance needs a model trained with --prompt-dropout"),

@@ -64,11 +64,13 @@ def sweep_data(store: Store, sweep: str, data_root: str | None = None):
 
 
 def validation_score(store: Store, model: str, choose_by: str = "one-update", n: int | None = None,
-                     data_root: str | None = None) -> float:
+                     data_root: str | None = None, calibration_networks: int | None = None) -> float:
     """How well ``model`` does what users ask of it (``choose_by``, see the module docstring), from ``n``
-    fresh inits of a seed stream of its own (default ``VALIDATION_INITS``), at the model's own sampler settings."""
+    fresh inits of a seed stream of its own (default ``VALIDATION_INITS``), at the model's own sampler settings
+    (an alignment through the model's calibration, fitted on ``calibration_networks`` if it has none yet)."""
     check_choose_by(choose_by)
-    req = evaluate.EvalRequest(model=model, eval="validation", data_root=data_root)
+    req = evaluate.EvalRequest(model=model, eval="validation", data_root=data_root,
+                               **({"calibration_networks": calibration_networks} if calibration_networks else {}))
     s = evaluate.open_session(store, req)
     start = evaluate.fresh_inits(s, n or VALIDATION_INITS[choose_by], VALIDATION_SEED)
     if choose_by == "one-update":
@@ -83,12 +85,14 @@ def validation_score(store: Store, model: str, choose_by: str = "one-update", n:
 
 def train_candidates(data: TrainingData, store: str, model: str, candidates: int, options: dict | None = None,
                      save_every: int | None = None, on_progress: Callable[[int, int, float], None] | None = None,
-                     data_root: str | None = None, choose_by: str = "one-update", validation_inits: int | None = None) -> dict:
+                     data_root: str | None = None, choose_by: str = "one-update", validation_inits: int | None = None,
+                     calibration_networks: int | None = None) -> dict:
     """Train ``candidates`` G.pts on the same training runs, differing only in the seed of their own draws
     (seed, seed + 1, ...: initial weights, pairs, noise), as ``<model>-candidate<k>``, and save the one with
     the best ``validation_score`` as ``model``. Resumes like ``run_training``: trained candidates are only
     checked, and a choice made is kept. ``data_root``: where the sweep's data is, if torchvision's
-    (validation scores networks on it). ``validation_inits``: fewer is faster and noisier."""
+    (validation scores networks on it). ``validation_inits``, and ``calibration_networks`` for an alignment's
+    calibration: fewer is faster and noisier."""
     check_choose_by(choose_by)
     st = open_store(store)
     sweep_data(st, data.lineage["sweeps"][0], data_root)  # data that is not at hand fails now, not after the trainings
@@ -105,7 +109,8 @@ def train_candidates(data: TrainingData, store: str, model: str, candidates: int
     problem = problems.get(data.problem)
     metric = validation_metric(problem, data.metric, choose_by)
     n = validation_inits or VALIDATION_INITS[choose_by]
-    scores = old["candidates"] if old else {name: validation_score(st, name, choose_by, n, data_root) for name in names}
+    scores = old["candidates"] if old else {name: validation_score(st, name, choose_by, n, data_root, calibration_networks)
+                                            for name in names}
     better = -1 if choose_by == "alignment" else problems.sign(problem, training_split_metric(problem, data.metric))
     chosen = min(names, key=lambda name: better * scores[name])
     if old is None:
