@@ -331,16 +331,7 @@ def train(
         from gptpipe.gpt import distributed
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
-            from gptpipe.stages.train import train_distributed
-
-            if candidates > 1:
-                raise StoreError("--candidates trains one G.pt after another: run it without torchrun")
-
-            summary = train_distributed(store=url, sweeps=list(sweep), model=model, metric=metric, options=options,
-                                        save_every=save_every, memory_budget=budget)
-            if int(os.environ.get("RANK", "0")) == 0:
-                _echo_summary(f"model {model} in {url}/models/{model}", summary)
-            return
+            return _train_under_torchrun(url, list(sweep), model, metric, options, save_every, budget, candidates)
         server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.train import train_flow
 
@@ -352,6 +343,18 @@ def train(
                                  **given(save_every=save_every, data_root=data_root, validation_inits=validation_inits,
                                        calibration_networks=calibration_networks), **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
+
+
+def _train_under_torchrun(url: str, sweeps: list[str], model: str, metric: str | None, options: dict,
+                          save_every: int | None, memory_budget: int | None, candidates: int) -> None:
+    from gptpipe.stages.train import train_distributed
+
+    if candidates > 1:
+        raise StoreError("--candidates trains one G.pt after another: run it without torchrun")
+    summary = train_distributed(store=url, sweeps=sweeps, model=model, metric=metric, options=options,
+                                save_every=save_every, memory_budget=memory_budget)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
 def check_candidates(st, sweep: str, candidates: int, choose_by: str, validation_inits: int | None,
