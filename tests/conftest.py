@@ -44,9 +44,11 @@ BIN = Path(sys.executable).parent
 # The files that take minutes, longest first. `make test` hands whole files to its two processes in
 # collection order (--no-loadscope-reorder: xdist's own order, most tests first, handed out the one-test
 # deployment files last, and the longest of them kept one process busy two minutes after the other had
-# finished); with these first, the short files fill in behind them.
-LONGEST_FIRST = ("test_deploy_pipeline.py", "test_s3_pipeline.py", "test_pipeline_flow.py", "test_pipeline.py",
-                 "test_cli_collect.py", "test_deploy.py", "test_deploy_triggers.py", "test_dask.py", "test_device.py",
+# finished); with these first, the short files fill in behind them. The second process starts with a long
+# file that needs no Prefect server (test_device.py): meanwhile the first makes the migrated database
+# (`prefect_database`), which the second would otherwise wait for with its core idle.
+LONGEST_FIRST = ("test_deploy_pipeline.py", "test_device.py", "test_s3_pipeline.py", "test_pipeline_flow.py",
+                 "test_pipeline.py", "test_cli_collect.py", "test_deploy.py", "test_deploy_triggers.py", "test_dask.py",
                  "test_problem_flows.py", "test_prompt.py", "test_storage_s3.py")
 
 
