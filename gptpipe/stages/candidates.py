@@ -70,7 +70,7 @@ def validation_score(store: Store, model: str, choose_by: str = "one-update", n:
     (an alignment through the model's calibration, fitted on ``calibration_networks`` if it has none yet)."""
     check_choose_by(choose_by)
     req = evaluate.EvalRequest(model=model, eval="validation", data_root=data_root,
-                               **({"calibration_networks": calibration_networks} if calibration_networks else {}))
+                               calibration_networks=calibration_networks or evaluate.CALIBRATION_NETWORKS)
     s = evaluate.open_session(store, req)
     start = evaluate.fresh_inits(s, n or VALIDATION_INITS[choose_by], VALIDATION_SEED)
     if choose_by == "one-update":
