@@ -124,6 +124,41 @@ def test_error_breaks_ties_as_argmax_does():
     assert error[0].item() == pytest.approx((dataset.y_test != 0).float().mean().item())
 
 
+def test_mlp_scores_in_sample_blocks_are_the_modules_scores():
+    """Scoring goes through the samples a block at a time (``samples``, here blocks that do not divide
+    the split): every network's loss and error are those of its ``nn.Module`` on the whole split."""
+    import torch.nn.functional as F
+
+    p = problems.get("digits_mlp")
+    dataset = data.load("digits")
+    theta = p.init([torch.Generator().manual_seed(i) for i in range(3)]) * 4
+    blocked = p.evaluate(theta, dataset.x_test, dataset.y_test, chunk=2, samples=37)
+    for k in range(3):
+        model = p.module()
+        model.load_state_dict(p.state_dict(theta[k]))
+        with torch.no_grad():
+            logits = model(dataset.x_test)
+        assert blocked["loss"][k].item() == pytest.approx(F.cross_entropy(logits, dataset.y_test).item(), rel=1e-5)
+        assert blocked["error"][k].item() == pytest.approx((logits.argmax(1) != dataset.y_test).float().mean().item())
+
+
+def test_a_training_gathers_its_batches_into_one_buffer(monkeypatch):
+    """Every step's mini-batches go into the buffer made once for the training (a fresh 25 MB batch per
+    step was faulted in again and again with two shards training in threads of one process)."""
+    from gptpipe.sweep import sgd
+
+    buffers = set()
+    gather = sgd.batch_gradient
+
+    def spy(problem, theta, dataset, idx, generators, batch):
+        buffers.add(batch.data_ptr())
+        return gather(problem, theta, dataset, idx, generators, batch)
+
+    monkeypatch.setattr(sgd, "batch_gradient", spy)
+    sweep.train_runs(sweep.SweepConfig(problem="digits_mlp", runs=3, epochs=2, checkpoints=2), range(3), data.load("digits"))
+    assert len(buffers) == 1
+
+
 def test_run_result_does_not_depend_on_grouping():
     config = sweep.SweepConfig(problem="digits_mlp", runs=4, epochs=1, checkpoints=3)
     dataset = data.load("digits")

@@ -44,11 +44,16 @@ def checkpoint(recorder: CheckpointRecorder, problem, theta: torch.Tensor, datas
 
 
 def batch_gradient(problem, theta: torch.Tensor, dataset: datasets.Dataset, idx: torch.Tensor,
-                   generators: list[torch.Generator]) -> torch.Tensor:
+                   generators: list[torch.Generator], batch: torch.Tensor) -> torch.Tensor:
     """Every network's loss gradient ``[K, P]`` on its mini-batch: ``idx [B]`` is one batch for all,
-    ``idx [K, B]`` each network's own."""
+    ``idx [K, B]`` each network's own. The mini-batches are gathered into ``batch`` (rows of the
+    training inputs, at least ``idx.numel()`` of them), one buffer for a whole training: with two shards
+    training in threads of one process (what ``gptpipe collect`` runs), a fresh 25 MB batch per step
+    (64 mnist_mlp runs) went back to the operating system and was faulted in again almost every step,
+    which doubled the time of the step."""
+    flat = idx.reshape(-1)
     # index_select of the flat indices: 3x faster here than indexing with a [K, B] index
-    x = dataset.x_train.index_select(0, idx.reshape(-1)).view(*idx.shape, *dataset.x_train.shape[1:])
+    x = torch.index_select(dataset.x_train, 0, flat, out=batch[: len(flat)]).view(*idx.shape, *dataset.x_train.shape[1:])
     if problem.augment is not None:  # each network's own random augmentation, drawn from its generator
         x = problem.augment(x, generators)
     return problem.loss_gradient(theta, x, dataset.y_train[idx])
@@ -73,10 +78,12 @@ def train_runs(config: SweepConfig, runs: list[int] | range, dataset: datasets.D
     sgd = BatchedSGD(lrs, problem.n_params, config.momentum, config.weight_decay, config.nesterov)
     if recorder.due(0):
         checkpoint(recorder, problem, theta, dataset)
+    per_step = config.batch_size * (1 if config.data_order == "shared" else len(runs))
+    batch = torch.empty(per_step, *dataset.x_train.shape[1:], dtype=dataset.x_train.dtype)
     for order in epoch_orders(config, n_train, generators):
         for b in range(per_epoch):
             idx = order[..., b * config.batch_size : (b + 1) * config.batch_size]
-            grad = batch_gradient(problem, theta, dataset, idx, generators)
+            grad = batch_gradient(problem, theta, dataset, idx, generators, batch)
             sgd.step(theta, grad, lr_factor(config, sgd.steps, total) * recorder.alive)
             if recorder.due(sgd.steps):
                 checkpoint(recorder, problem, theta, dataset)
