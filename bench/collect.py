@@ -27,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,7 +99,27 @@ def roofline_model(problem, config: sweep.SweepConfig, n_train: int, n_test: int
     return {"flops_step": flops_step, "flops_score": flops_score, "bytes_step": bytes_step, "bytes_score": bytes_score}
 
 
+def side_by_side(config: sweep.SweepConfig, shards: int, dataset) -> float:
+    """Seconds for ``shards`` trainings of ``config.runs`` runs each, side by side in threads of this
+    process with one intra-op thread each: what ``gptpipe collect`` runs (one shard per core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    workers = [threading.Thread(target=sweep.train_runs, args=(config, range(i * config.runs, (i + 1) * config.runs), dataset))
+               for i in range(shards)]
+    t = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - t
+    torch.set_num_threads(before)
+    return seconds
+
+
 def bench_roofline(args) -> None:
+    """The trainer against its bound, run two ways: one training of K runs on all ``--threads`` threads,
+    and ``--threads`` trainings of K runs side by side, one thread each (as ``gptpipe collect`` runs
+    its shards)."""
     torch.set_num_threads(args.threads)
     dataset = data.load("mnist5k")
     problem = problems.get("mnist_mlp")
@@ -107,12 +128,13 @@ def bench_roofline(args) -> None:
     bw = memory_bandwidth_gbs()
     model = roofline_model(problem, config, len(dataset.x_train), len(dataset.x_test), args.k)
     sweep.train_runs(sweep.SweepConfig(problem="mnist_mlp", runs=4, epochs=1, checkpoints=2), range(4), dataset)  # warm-up
-    measured = {}
+    measured, side = {}, {}
     for order in ("per_run", "shared"):
         run_config = sweep.SweepConfig(**{**config.to_dict(), "data_order": order})
         t = time.perf_counter()
         sweep.train_runs(run_config, range(args.k), dataset)
         measured[order] = args.k * args.epochs / (time.perf_counter() - t)
+        side[order] = args.threads * args.k * args.epochs / side_by_side(run_config, args.threads, dataset)
     row = {"problem": "mnist_mlp/mnist5k", "threads": args.threads, "k": args.k, "epochs": args.epochs,
            "checkpoints": args.checkpoints, "fp32_peak_gflops": round(peak / 1e9, 1),
            "copy_gbs": round(bw["copy"], 1), "triad_gbs": round(bw["triad"], 1),
@@ -127,7 +149,9 @@ def bench_roofline(args) -> None:
                     f"{order}_step_bound_by": "memory" if model["bytes_step"][order] / bandwidth > model["flops_step"] / peak else "compute",
                     f"{order}_bound_net_epochs_per_s": round(bound, 1),
                     f"{order}_measured_net_epochs_per_s": round(measured[order], 1),
-                    f"{order}_share_of_bound": round(measured[order] / bound, 3)})
+                    f"{order}_share_of_bound": round(measured[order] / bound, 3),
+                    f"{order}_side_by_side_net_epochs_per_s": round(side[order], 1),
+                    f"{order}_side_by_side_share_of_bound": round(side[order] / bound, 3)})
     row["score_bound_by"] = "memory" if model["bytes_score"] / bandwidth > model["flops_score"] / peak else "compute"
     record("roofline", **row)
 
