@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the CLI shows its own progress
 
@@ -44,15 +44,23 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def start_prefect_server() -> Callable[[], None]:
-    """Find or start the local Prefect server (``flows.local_server``) in a thread and return the wait
+@contextmanager
+def prefect_server():
+    """Find or start the local Prefect server (``flows.local_server``) in a thread, and give the wait
     for it, to call before the first flow: a start-up, seconds of its own process, runs while the
-    command imports its flow."""
+    command imports torch, checks its input and imports its flow. Input that fails a check in the block
+    abandons the server: the command neither waits for it nor holds it, and one started for it retires
+    at once (also where the command's process ends first)."""
+    # Prefect's settings first, on this thread: imported by the starting thread instead, the 2 s of
+    # Python contend for the interpreter with torch's import, and the server's process starts 1.2 s later
+    import prefect.settings  # noqa: F401
+
     found: list = []
+    abandoned = threading.Event()
 
     def start():
         try:
-            found.append(local_server.connect())
+            found.append(local_server.connect(abandoned))
         except BaseException as e:  # handed to the main thread by ready()
             found.append(e)
 
@@ -78,7 +86,11 @@ def start_prefect_server() -> Callable[[], None]:
 
         refresh_global_settings_context()
 
-    return ready
+    try:
+        yield ready
+    except BaseException:
+        abandoned.set()
+        raise
 
 
 StoreOpt = typer.Option(None, "--store", help="Store URL (local folder, s3://bucket/prefix). Default: $GPTPIPE_STORE or ~/.gptpipe/store")
@@ -193,22 +205,23 @@ def collect(
 ):
     """Train a sweep of small networks and store every checkpoint. Re-running resumes."""
     from flows.runners import RUNNERS, task_runner, torch_threads_per_task
-    from gptpipe.stages import collect as collect_stage
-    from gptpipe.sweep.config import SweepConfig
-    from storage import sweeps
-    from storage.store import open_store
 
     url = store or default_store_url()
-    with user_errors():
+    # the server starts while torch loads and the sweep is checked: a no-op collect that starts it took 13-16 s, now 11-13
+    with user_errors(), prefect_server() as server_ready:
         if runner not in RUNNERS:
             raise StoreError(f"unknown runner {runner!r} (choose from {', '.join(RUNNERS)})")
         if workers is not None and workers < 1:
             raise StoreError(f"--workers must be at least 1, got {workers}")
+        from gptpipe.stages import collect as collect_stage
+        from gptpipe.sweep.config import SweepConfig
+        from storage import sweeps
+        from storage.store import open_store
+
         recipe = given(data=data, epochs=epochs, checkpoints=checkpoints, shard_size=shard_size, seed=seed, lr_min=lr_min,
                        lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
         config = SweepConfig(problem=problem, runs=runs, **recipe)
         collect_stage.check(url, sweep, config, data_root)
-        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.collect import collect_flow
         from gptpipe.evaluation.report import plt_module
 
@@ -332,16 +345,16 @@ def train(
 
         if distributed.env_world_size() > 1:  # started by torchrun: every rank trains, rank 0 writes
             return _train_under_torchrun(url, list(sweep), model, metric, options, save_every, budget, candidates)
-        server_ready = start_prefect_server()  # starts while the flow's modules load
-        from flows.train import train_flow
+        with prefect_server() as server_ready:  # not above: a torchrun rank uses no server
+            from flows.train import train_flow
 
-        target = steps or _preset_steps(preset)
-        server_ready()
-        with progress_bar(f"train {model}", target * candidates, lambda: trained_steps(st, model, candidates)):
-            summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
-                                 candidates=candidates, choose_by=choose_by,
-                                 **given(save_every=save_every, data_root=data_root, validation_inits=validation_inits,
-                                       calibration_networks=calibration_networks), **options)
+            target = steps or _preset_steps(preset)
+            server_ready()
+            with progress_bar(f"train {model}", target * candidates, lambda: trained_steps(st, model, candidates)):
+                summary = train_flow(store=url, sweeps=list(sweep), model=model, metric=metric, memory_budget=budget,
+                                     candidates=candidates, choose_by=choose_by,
+                                     **given(save_every=save_every, data_root=data_root, validation_inits=validation_inits,
+                                           calibration_networks=calibration_networks), **options)
     _echo_summary(f"model {model} in {url}/models/{model}", summary)
 
 
@@ -443,12 +456,12 @@ def evaluate(
                                                   "with (default: EvalRequest's 512; the curves cost 2 x this many training steps)"),
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
-    from gptpipe.gpt.diffusion import SAMPLERS
-    from storage import evals, models
-    from storage.store import open_store
-
     url = store or default_store_url()
-    with user_errors():
+    with user_errors(), prefect_server() as server_ready:  # the server starts while torch loads and the model is checked
+        from gptpipe.gpt.diffusion import SAMPLERS
+        from storage import evals, models
+        from storage.store import open_store
+
         if min(networks or 2, prompts or 2, calibration_networks or 2) < 2:
             raise StoreError("--networks, --prompts and --calibration-networks must be at least 2")
         if optimiser_steps is not None and optimiser_steps < 1:
@@ -470,7 +483,6 @@ def evaluate(
                              "cannot do: add --temperature 1")
         if eval:
             evals.check_new(st, eval)
-        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.evaluate import evaluate_flow
 
         server_ready()
@@ -585,51 +597,50 @@ def demo(
     as the pipeline flow runs them. Re-running reuses the stored sweep and model and writes a new evaluation."""
     from datetime import datetime, timezone
 
-    from flows.runners import torch_threads_per_task
-    from gptpipe import problems as problems_mod
-    from gptpipe.stages import collect as collect_stage
-    from gptpipe.sweep.config import SweepConfig
-    from storage import evals, models, sweeps
-    from storage.store import open_store
-
     url = store or default_store_url()
-    with user_errors():
+    with user_errors(), prefect_server() as server_ready:  # the server starts while torch loads and the sweep is checked
         if problem not in DEMOS:
             raise StoreError(f"no demo for problem {problem!r} (choose from {', '.join(DEMOS)})")
+        from flows.runners import torch_threads_per_task
+        from gptpipe import problems as problems_mod
+        from gptpipe.stages import collect as collect_stage
+        from gptpipe.sweep.config import SweepConfig
+        from storage import evals, models, sweeps
+        from storage.store import open_store
+
         d = DEMOS[problem]
         recipe = given(checkpoints=d.checkpoints, shard_size=d.shard_size, lr_min=d.lr_min, lr_max=d.lr_max,
                        data_order=d.data_order, checkpoint_spacing=d.checkpoint_spacing)
         config = SweepConfig(problem=problem, runs=d.runs, **recipe)
         collect_stage.check(url, d.name, config, None)
-    typer.echo(f"store: {url}")
-    workers = os.cpu_count() or 1
-    model = d.model or d.name
-    eval_name = f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        typer.echo(f"store: {url}")
+        workers = os.cpu_count() or 1
+        model = d.model or d.name
+        eval_name = f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
-    def polled(count):
-        def poll():
-            try:
-                return count(open_store(url))
-            except StoreError:
-                return 0
-        return poll
+        def polled(count):
+            def poll():
+                try:
+                    return count(open_store(url))
+                except StoreError:
+                    return 0
+            return poll
 
-    bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
-            (f"train {model}", d.steps * d.candidates, polled(lambda st: trained_steps(st, model, d.candidates))),
-            (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
-    server_ready = start_prefect_server()  # starts while the flow's modules load
-    from flows.pipeline import pipeline_flow
+        bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
+                (f"train {model}", d.steps * d.candidates, polled(lambda st: trained_steps(st, model, d.candidates))),
+                (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
+        from flows.pipeline import pipeline_flow
 
-    server_ready()
-    with user_errors(), progress_bars(bars):
-        summary = pipeline_flow(
-            sweep=d.name, problem=problem, runs=d.runs, model=model, store=url, stages="subflows", runner=d.runner,
-            workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
-            train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
-                                compile=d.compile or None, temperature=d.temperature,
-                                candidates=d.candidates if d.candidates > 1 else None, choose_by=d.choose_by),
-            evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
-                              **given(calibration_networks=d.calibration_networks, optimiser_steps=d.optimiser_steps)})
+        server_ready()
+        with progress_bars(bars):
+            summary = pipeline_flow(
+                sweep=d.name, problem=problem, runs=d.runs, model=model, store=url, stages="subflows", runner=d.runner,
+                workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
+                train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
+                                    compile=d.compile or None, temperature=d.temperature,
+                                    candidates=d.candidates if d.candidates > 1 else None, choose_by=d.choose_by),
+                evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
+                                  **given(calibration_networks=d.calibration_networks, optimiser_steps=d.optimiser_steps)})
     metric = problems_mod.get(problem).primary
     typer.echo(f"{metric} per learning-rate bucket (means over runs):")
     catalog(sql=f"select round(log10(lr), 1) as log10_lr, count(*) as runs, avg(best_{metric}) as best_{metric}, "
@@ -652,16 +663,16 @@ def import_gpt(
 ):
     """Import a released G.pt checkpoint dataset (LMDB layout) as a sweep. Re-running resumes."""
     from flows.runners import task_runner
-    from gptpipe.stages import interop
-    from storage import sweeps
-    from storage.store import open_store
 
     url = store or default_store_url()
-    with user_errors():
+    with user_errors(), prefect_server() as server_ready:  # the server starts while torch loads and the source is checked
         if workers is not None and workers < 1:
             raise StoreError(f"--workers must be at least 1, got {workers}")
+        from gptpipe.stages import interop
+        from storage import sweeps
+        from storage.store import open_store
+
         config, _ = interop.check(url, sweep, problem, path, checkpoints, shard_size)
-        server_ready = start_prefect_server()  # starts while the flow's modules load
         from flows.interop import import_flow
 
         flow = import_flow.with_options(task_runner=task_runner("thread", workers or (os.cpu_count() or 1)))

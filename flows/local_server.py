@@ -7,8 +7,9 @@ database of ``$PREFECT_HOME``) in a session of its own, and later commands find 
 ``$PREFECT_HOME/gptpipe-server.json``. It stays while it is used: every command holds a shared lock on
 ``gptpipe-server.users`` for as long as it lives (the kernel drops it when the process ends, kill -9
 included), and the server exits once nobody has held that lock for ``$GPTPIPE_PREFECT_IDLE_S`` seconds
-(600 by default). Starting, finding and retiring the server all happen under ``gptpipe-server.lock``,
-so a command never connects to a server that is on its way out.
+(600 by default), or at once if nobody can find it (the command starting it ended first). Starting,
+finding and retiring the server all happen under ``gptpipe-server.lock``, so a command never connects to
+a server that is on its way out.
 """
 
 from __future__ import annotations
@@ -96,10 +97,12 @@ def _start(home: Path) -> str:
     raise RuntimeError(f"the local Prefect server did not answer within {START_TIMEOUT_S} s; see {home / LOG}")
 
 
-def connect() -> tuple[str, bool] | None:
+def connect(abandoned: threading.Event | None = None) -> tuple[str, bool] | None:
     """Where no Prefect API is configured, the address of this Prefect home's shared server (started
     if none is running) and whether this call started it; this process then holds it until it exits.
-    None where an API is configured or Prefect's ephemeral mode is switched off."""
+    None where an API is configured or Prefect's ephemeral mode is switched off, and where ``abandoned``
+    is set before the server is held (the caller's input failed a check meanwhile): a server started for
+    it is then left unrecorded, and retires at once."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
@@ -109,8 +112,12 @@ def connect() -> tuple[str, bool] | None:
     with _locked(home / LOCK):
         url = _answering(home)
         started = url is None
-        if started:
+        if started and not (abandoned and abandoned.is_set()):
             url = _start(home)
+        if abandoned and abandoned.is_set():
+            if started and url:
+                (home / STATE).unlink(missing_ok=True)
+            return None
         lease = open(home / USERS, "a")
         fcntl.flock(lease, fcntl.LOCK_SH)
         _leases.append(lease)
@@ -136,13 +143,23 @@ def _retire_when_idle(home: Path, port: int, server) -> None:
             except BlockingIOError:  # a command holds it
                 idle_since = time.monotonic()
                 continue
-            if time.monotonic() - idle_since < idle_s():
+            findable = _names(home, port)
+            if findable and time.monotonic() - idle_since < idle_s():
                 continue
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads((home / STATE).read_text())["api_url"].endswith(f":{port}/api"):
-                    (home / STATE).unlink()
+            if findable:
+                (home / STATE).unlink(missing_ok=True)
             server.should_exit = True
             return
+
+
+def _names(home: Path, port: int) -> bool:
+    """Whether this home's state file names the server on ``port``. A server it does not name is unused
+    and stays so: the command that started it ended before recording it (a bad input found while the
+    server started, a kill), or another one replaced it."""
+    try:
+        return json.loads((home / STATE).read_text())["api_url"].endswith(f":{port}/api")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def serve(home: Path, port: int) -> None:

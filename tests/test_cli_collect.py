@@ -194,6 +194,66 @@ def test_a_killed_command_leaves_nothing_running(tmp_path, sig, prefect_database
                 pass
 
 
+def local_servers(home) -> list:
+    """The running local Prefect servers of Prefect home ``home``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if "flows.local_server" in p.cmdline() and str(home) in p.cmdline():
+                found.append(p)
+        except psutil.Error:  # exited while we looked
+            pass
+    return found
+
+
+def test_bad_input_found_while_the_server_starts_leaves_no_server(tmp_path, prefect_database):
+    """A command starts the local server while it loads torch and checks its input; input found bad
+    meanwhile is still one line and exit status 2, and no server stays behind, though nothing has used
+    one and its idle time (600 s) is far off."""
+    env = no_prefect_api(tmp_path, 600, prefect_database)
+    proc = subprocess.run([str(BIN / "gptpipe"), "collect", "--store", str(tmp_path / "s"), "--sweep", "x", "--problem",
+                           "digits_mlp", "--runs", "0"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--runs must be positive" in proc.stderr
+    deadline = time.time() + 30
+    while local_servers(env["PREFECT_HOME"]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not local_servers(env["PREFECT_HOME"]) and not (tmp_path / "prefect" / "gptpipe-server.json").exists()
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_server_abandoned_while_it_starts_retires_at_once(tmp_path, prefect_database, monkeypatch):
+    """``local_server.connect`` told mid-start that its caller gave up (what a command whose input
+    failed a check does) returns nothing and holds nothing, and the server it started, which nobody can
+    find, exits without waiting out its idle time."""
+    import contextvars
+    import threading
+
+    import psutil
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from flows import local_server
+
+    home = migrated_prefect_home(prefect_database, tmp_path / "prefect")
+    monkeypatch.setenv("GPTPIPE_PREFECT_IDLE_S", "600")
+    abandoned, result = threading.Event(), []
+    with temporary_settings(updates={PREFECT_HOME: str(home)}, restore_defaults={PREFECT_API_URL}):
+        # in this context, as the command's thread: Prefect's settings live in context variables
+        context = contextvars.copy_context()
+        thread = threading.Thread(target=context.run, args=(lambda: result.append(local_server.connect(abandoned)),))
+        thread.start()
+        deadline = time.time() + 60
+        while not local_servers(home) and time.time() < deadline:
+            time.sleep(0.05)
+        [server] = local_servers(home)
+        abandoned.set()
+        thread.join(timeout=120)
+    assert result == [None] and not local_server.in_use() and not (home / "gptpipe-server.json").exists()
+    server.wait(timeout=30)  # raises psutil.TimeoutExpired if it stays
+    assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
+
+
 def test_commands_share_the_local_server_while_they_use_it(tmp_path):
     """Without a configured API the first command starts the local Prefect server and says so; it stays
     up while that command lives, however long past its idle time, a command started meanwhile uses it (no
