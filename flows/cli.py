@@ -207,38 +207,40 @@ def collect(
     from flows.runners import RUNNERS, task_runner, torch_threads_per_task
 
     url = store or default_store_url()
-    # the server starts while torch loads and the sweep is checked: a no-op collect that starts it took 13-16 s, now 11-13
-    with user_errors(), prefect_server() as server_ready:
+    with user_errors():
         if runner not in RUNNERS:
             raise StoreError(f"unknown runner {runner!r} (choose from {', '.join(RUNNERS)})")
         if workers is not None and workers < 1:
             raise StoreError(f"--workers must be at least 1, got {workers}")
-        from gptpipe.stages import collect as collect_stage
-        from gptpipe.sweep.config import SweepConfig
-        from storage import sweeps
-        from storage.store import open_store
+        check_name(sweep)
+        # the server starts while torch loads and the sweep is checked: a no-op collect that starts it took 13-16 s, now 11-13
+        with prefect_server() as server_ready:
+            from gptpipe.stages import collect as collect_stage
+            from gptpipe.sweep.config import SweepConfig
+            from storage import sweeps
+            from storage.store import open_store
 
-        recipe = given(data=data, epochs=epochs, checkpoints=checkpoints, shard_size=shard_size, seed=seed, lr_min=lr_min,
-                       lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
-        config = SweepConfig(problem=problem, runs=runs, **recipe)
-        collect_stage.check(url, sweep, config, data_root)
-        from flows.collect import collect_flow
-        from gptpipe.evaluation.report import plt_module
+            recipe = given(data=data, epochs=epochs, checkpoints=checkpoints, shard_size=shard_size, seed=seed, lr_min=lr_min,
+                           lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
+            config = SweepConfig(problem=problem, runs=runs, **recipe)
+            collect_stage.check(url, sweep, config, data_root)
+            from flows.collect import collect_flow
+            from gptpipe.evaluation.report import plt_module
 
-        plt_module()  # the sweep's summary plot needs it at the end; now it loads while the server starts
-        workers = workers or (os.cpu_count() or 1)
-        flow = collect_flow.with_options(task_runner=task_runner(runner, workers, dask_address))
+            plt_module()  # the sweep's summary plot needs it at the end; now it loads while the server starts
+            workers = workers or (os.cpu_count() or 1)
+            flow = collect_flow.with_options(task_runner=task_runner(runner, workers, dask_address))
 
-        def committed():
-            try:
-                return len(sweeps.committed_shards(open_store(url), sweep))
-            except StoreError:
-                return 0
+            def committed():
+                try:
+                    return len(sweeps.committed_shards(open_store(url), sweep))
+                except StoreError:
+                    return 0
 
-        server_ready()
-        with progress_bar(f"collect {sweep}", config.n_shards, committed):
-            summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data_root=data_root,
-                           torch_threads=torch_threads_per_task(workers), **recipe)
+            server_ready()
+            with progress_bar(f"collect {sweep}", config.n_shards, committed):
+                summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data_root=data_root,
+                               torch_threads=torch_threads_per_task(workers), **recipe)
     _echo_summary(f"sweep {sweep} in {url}", summary)
 
 
@@ -457,42 +459,43 @@ def evaluate(
 ):
     """Prompt G.pt with a range of desired metrics and report achieved vs requested."""
     url = store or default_store_url()
-    with user_errors(), prefect_server() as server_ready:  # the server starts while torch loads and the model is checked
-        from gptpipe.gpt.diffusion import SAMPLERS
-        from storage import evals, models
-        from storage.store import open_store
-
+    with user_errors():
         if min(networks or 2, prompts or 2, calibration_networks or 2) < 2:
             raise StoreError("--networks, --prompts and --calibration-networks must be at least 2")
         if optimiser_steps is not None and optimiser_steps < 1:
             raise StoreError("--optimiser-steps must be at least 1")
-        if sampler and sampler not in SAMPLERS:
-            raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-        if device is not None:
-            from gptpipe.gpt.trainer import resolve_device
+        with prefect_server() as server_ready:  # the server starts while torch loads and the model is checked
+            from gptpipe.gpt.diffusion import SAMPLERS
+            from storage import evals, models
+            from storage.store import open_store
 
-            resolve_device(device)  # a device that is not here: one line now
-        st = open_store(url)
-        model = model or models.newest(st)
-        lineage = models.read_lineage(st, model)
-        defaults = lineage.get("train_config", {})  # how the model is sampled unless told otherwise
-        check_guidance(guidance, defaults.get("prompt_dropout"), model)
-        check_temperature(temperature, sampler or defaults.get("sampler", "ddim"))
-        if sampler == "mean" and temperature is None and defaults.get("temperature", 1.0) != 1.0:
-            raise StoreError(f"{model} is sampled at temperature {defaults['temperature']:g}, which the 'mean' sampler "
-                             "cannot do: add --temperature 1")
-        if eval:
-            evals.check_new(st, eval)
-        from flows.evaluate import evaluate_flow
+            if sampler and sampler not in SAMPLERS:
+                raise StoreError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+            if device is not None:
+                from gptpipe.gpt.trainer import resolve_device
 
-        server_ready()
-        with console.status(f"evaluating {model}"):
-            summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
-                                    **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
-                                            sample_steps=sample_steps, guidance=guidance, temperature=temperature,
-                                            seed=seed, device=device,
-                                            calibrate=None if calibration else False,
-                                            calibration_networks=calibration_networks, optimiser_steps=optimiser_steps))
+                resolve_device(device)  # a device that is not here: one line now
+            st = open_store(url)
+            model = model or models.newest(st)
+            lineage = models.read_lineage(st, model)
+            defaults = lineage.get("train_config", {})  # how the model is sampled unless told otherwise
+            check_guidance(guidance, defaults.get("prompt_dropout"), model)
+            check_temperature(temperature, sampler or defaults.get("sampler", "ddim"))
+            if sampler == "mean" and temperature is None and defaults.get("temperature", 1.0) != 1.0:
+                raise StoreError(f"{model} is sampled at temperature {defaults['temperature']:g}, which the 'mean' sampler "
+                                 "cannot do: add --temperature 1")
+            if eval:
+                evals.check_new(st, eval)
+            from flows.evaluate import evaluate_flow
+
+            server_ready()
+            with console.status(f"evaluating {model}"):
+                summary = evaluate_flow(store=url, model=model, eval=eval, data_root=data_root,
+                                        **given(networks=networks, prompts=prompts, recursive=recursive, sampler=sampler,
+                                                sample_steps=sample_steps, guidance=guidance, temperature=temperature,
+                                                seed=seed, device=device,
+                                                calibrate=None if calibration else False,
+                                                calibration_networks=calibration_networks, optimiser_steps=optimiser_steps))
     _print_summary(url, summary)
 
 
@@ -598,49 +601,50 @@ def demo(
     from datetime import datetime, timezone
 
     url = store or default_store_url()
-    with user_errors(), prefect_server() as server_ready:  # the server starts while torch loads and the sweep is checked
+    with user_errors():
         if problem not in DEMOS:
             raise StoreError(f"no demo for problem {problem!r} (choose from {', '.join(DEMOS)})")
-        from flows.runners import torch_threads_per_task
-        from gptpipe import problems as problems_mod
-        from gptpipe.stages import collect as collect_stage
-        from gptpipe.sweep.config import SweepConfig
-        from storage import evals, models, sweeps
-        from storage.store import open_store
+        with prefect_server() as server_ready:  # the server starts while torch loads and the sweep is checked
+            from flows.runners import torch_threads_per_task
+            from gptpipe import problems as problems_mod
+            from gptpipe.stages import collect as collect_stage
+            from gptpipe.sweep.config import SweepConfig
+            from storage import evals, models, sweeps
+            from storage.store import open_store
 
-        d = DEMOS[problem]
-        recipe = given(checkpoints=d.checkpoints, shard_size=d.shard_size, lr_min=d.lr_min, lr_max=d.lr_max,
-                       data_order=d.data_order, checkpoint_spacing=d.checkpoint_spacing)
-        config = SweepConfig(problem=problem, runs=d.runs, **recipe)
-        collect_stage.check(url, d.name, config, None)
-        typer.echo(f"store: {url}")
-        workers = os.cpu_count() or 1
-        model = d.model or d.name
-        eval_name = f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+            d = DEMOS[problem]
+            recipe = given(checkpoints=d.checkpoints, shard_size=d.shard_size, lr_min=d.lr_min, lr_max=d.lr_max,
+                           data_order=d.data_order, checkpoint_spacing=d.checkpoint_spacing)
+            config = SweepConfig(problem=problem, runs=d.runs, **recipe)
+            collect_stage.check(url, d.name, config, None)
+            typer.echo(f"store: {url}")
+            workers = os.cpu_count() or 1
+            model = d.model or d.name
+            eval_name = f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
-        def polled(count):
-            def poll():
-                try:
-                    return count(open_store(url))
-                except StoreError:
-                    return 0
-            return poll
+            def polled(count):
+                def poll():
+                    try:
+                        return count(open_store(url))
+                    except StoreError:
+                        return 0
+                return poll
 
-        bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
-                (f"train {model}", d.steps * d.candidates, polled(lambda st: trained_steps(st, model, d.candidates))),
-                (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
-        from flows.pipeline import pipeline_flow
+            bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
+                    (f"train {model}", d.steps * d.candidates, polled(lambda st: trained_steps(st, model, d.candidates))),
+                    (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
+            from flows.pipeline import pipeline_flow
 
-        server_ready()
-        with progress_bars(bars):
-            summary = pipeline_flow(
-                sweep=d.name, problem=problem, runs=d.runs, model=model, store=url, stages="subflows", runner=d.runner,
-                workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
-                train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
-                                    compile=d.compile or None, temperature=d.temperature,
-                                    candidates=d.candidates if d.candidates > 1 else None, choose_by=d.choose_by),
-                evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
-                                  **given(calibration_networks=d.calibration_networks, optimiser_steps=d.optimiser_steps)})
+            server_ready()
+            with progress_bars(bars):
+                summary = pipeline_flow(
+                    sweep=d.name, problem=problem, runs=d.runs, model=model, store=url, stages="subflows", runner=d.runner,
+                    workers=workers, collect_options={**recipe, "torch_threads": torch_threads_per_task(workers)},
+                    train_options=given(steps=d.steps, pairing=d.pairing, memory_budget=d.memory_budget and int(d.memory_budget),
+                                        compile=d.compile or None, temperature=d.temperature,
+                                        candidates=d.candidates if d.candidates > 1 else None, choose_by=d.choose_by),
+                    evaluate_options={"eval": eval_name, "networks": d.networks, "prompts": d.prompts,
+                                      **given(calibration_networks=d.calibration_networks, optimiser_steps=d.optimiser_steps)})
     metric = problems_mod.get(problem).primary
     typer.echo(f"{metric} per learning-rate bucket (means over runs):")
     catalog(sql=f"select round(log10(lr), 1) as log10_lr, count(*) as runs, avg(best_{metric}) as best_{metric}, "
@@ -665,28 +669,30 @@ def import_gpt(
     from flows.runners import task_runner
 
     url = store or default_store_url()
-    with user_errors(), prefect_server() as server_ready:  # the server starts while torch loads and the source is checked
+    with user_errors():
         if workers is not None and workers < 1:
             raise StoreError(f"--workers must be at least 1, got {workers}")
-        from gptpipe.stages import interop
-        from storage import sweeps
-        from storage.store import open_store
+        check_name(sweep)
+        with prefect_server() as server_ready:  # the server starts while torch loads and the source is checked
+            from gptpipe.stages import interop
+            from storage import sweeps
+            from storage.store import open_store
 
-        config, _ = interop.check(url, sweep, problem, path, checkpoints, shard_size)
-        from flows.interop import import_flow
+            config, _ = interop.check(url, sweep, problem, path, checkpoints, shard_size)
+            from flows.interop import import_flow
 
-        flow = import_flow.with_options(task_runner=task_runner("thread", workers or (os.cpu_count() or 1)))
+            flow = import_flow.with_options(task_runner=task_runner("thread", workers or (os.cpu_count() or 1)))
 
-        def committed():
-            try:
-                return len(sweeps.committed_shards(open_store(url), sweep))
-            except StoreError:
-                return 0
+            def committed():
+                try:
+                    return len(sweeps.committed_shards(open_store(url), sweep))
+                except StoreError:
+                    return 0
 
-        server_ready()
-        with progress_bar(f"import {sweep}", interop.n_shards(config), committed):
-            summary = flow(store=url, sweep=sweep, problem=problem, source=path, checkpoints=checkpoints, shard_size=shard_size)
-        bad = interop.report_rows(open_store(url), sweep)
+            server_ready()
+            with progress_bar(f"import {sweep}", interop.n_shards(config), committed):
+                summary = flow(store=url, sweep=sweep, problem=problem, source=path, checkpoints=checkpoints, shard_size=shard_size)
+            bad = interop.report_rows(open_store(url), sweep)
     for r in bad[:20]:
         typer.echo(f"  run {r['run']} ({r['source_run']}): {r['status']}, {r['n_ckpts']} checkpoints: {r['note']}", err=True)
     if len(bad) > 20:
