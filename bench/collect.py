@@ -83,17 +83,18 @@ def memory_bandwidth_gbs(n: int = 64 * 2**20, repeats: int = 5) -> dict:
 def roofline_model(problem, config: sweep.SweepConfig, n_train: int, n_test: int, k: int) -> dict:
     """FLOPs and bytes moved per network-epoch, for the training step and for checkpoint scoring, as the
     batched trainer does them (fp32). Step, per run: its mini-batch is gathered from the data (read the
-    pixels, write the batch, read it again in the batched matmul: 3 passes; one for all K runs when the
-    data order is shared), and every step reads and writes the weights, their gradient and the momentum
-    (~7 passes over the parameters). Scoring: the K networks score the same evaluation data, so one pass
-    over the pixels serves K networks; the hidden activations are written and read once per network."""
+    pixels, write the batch, then the first layer's matmul and its weight gradient's each read it: 4
+    passes; one for all K runs when the data order is shared), and every step reads and writes the
+    weights, their gradient and the momentum (~7 passes over the parameters). Scoring: the K networks
+    score the same evaluation data, so one pass over the pixels serves K networks; the hidden
+    activations are written and read once per network."""
     d, h, c = problem.d_in, problem.hidden, problem.classes
     n_params = d * h + h + h * c + c
     steps = math.ceil(n_train / config.batch_size)
     per_ckpt = config.checkpoints / config.epochs
     flops_step = n_train * (2 * d * h * 2 + 2 * h * c * 3)
     flops_score = (n_train + n_test) * 2 * (d * h + h * c) * per_ckpt
-    gather = 3 * n_train * d * 4
+    gather = 4 * n_train * d * 4
     bytes_step = {"per_run": gather + steps * 7 * n_params * 4, "shared": gather / k + steps * 7 * n_params * 4}
     bytes_score = per_ckpt * ((n_train + n_test) * d * 4 / k + (n_train + n_test) * h * 4 * 2 + n_params * 4)
     return {"flops_step": flops_step, "flops_score": flops_score, "bytes_step": bytes_step, "bytes_score": bytes_score}
