@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the CLI shows its own progress
 
@@ -183,6 +183,18 @@ def progress_bars(bars: list[tuple[str, int, object]], every: float = 0.5):
                 update()
 
 
+def store_poll(url: str, count: Callable) -> Callable[[], int]:
+    """A progress bar's poll: ``count(store)`` for the store at ``url``, 0 while it does not exist yet."""
+    from storage.store import open_store
+
+    def poll() -> int:
+        try:
+            return count(open_store(url))
+        except StoreError:
+            return 0
+    return poll
+
+
 @app.command()
 def collect(
     sweep: str = typer.Option(..., help="Sweep name (letters, digits, . _ -)"),
@@ -218,7 +230,6 @@ def collect(
             from gptpipe.stages import collect as collect_stage
             from gptpipe.sweep.config import SweepConfig
             from storage import sweeps
-            from storage.store import open_store
 
             recipe = given(data=data, epochs=epochs, checkpoints=checkpoints, shard_size=shard_size, seed=seed, lr_min=lr_min,
                            lr_max=lr_max, data_order=data_order, checkpoint_spacing=checkpoint_spacing)
@@ -230,15 +241,8 @@ def collect(
             plt_module()  # the sweep's summary plot needs it at the end; now it loads while the server starts
             workers = workers or (os.cpu_count() or 1)
             flow = collect_flow.with_options(task_runner=task_runner(runner, workers, dask_address))
-
-            def committed():
-                try:
-                    return len(sweeps.committed_shards(open_store(url), sweep))
-                except StoreError:
-                    return 0
-
             server_ready()
-            with progress_bar(f"collect {sweep}", config.n_shards, committed):
+            with progress_bar(f"collect {sweep}", config.n_shards, store_poll(url, lambda st: len(sweeps.committed_shards(st, sweep)))):
                 summary = flow(store=url, sweep=sweep, problem=problem, runs=runs, data_root=data_root,
                                torch_threads=torch_threads_per_task(workers), **recipe)
     _echo_summary(f"sweep {sweep} in {url}", summary)
@@ -326,7 +330,7 @@ def train(
 ):
     """Train G.pt on sweeps in the store. Re-running the same command resumes. Under
     `torchrun --nproc_per_node N` every process trains one share of each batch (docs/multi-gpu.md)."""
-    from storage import models, sweeps as sweeps_mod
+    from storage import sweeps as sweeps_mod
     from storage.store import open_store
 
     url = store or default_store_url()
@@ -609,8 +613,7 @@ def demo(
             from gptpipe import problems as problems_mod
             from gptpipe.stages import collect as collect_stage
             from gptpipe.sweep.config import SweepConfig
-            from storage import evals, models, sweeps
-            from storage.store import open_store
+            from storage import evals, sweeps
 
             d = DEMOS[problem]
             recipe = given(checkpoints=d.checkpoints, shard_size=d.shard_size, lr_min=d.lr_min, lr_max=d.lr_max,
@@ -622,17 +625,9 @@ def demo(
             model = d.model or d.name
             eval_name = f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
-            def polled(count):
-                def poll():
-                    try:
-                        return count(open_store(url))
-                    except StoreError:
-                        return 0
-                return poll
-
-            bars = [(f"collect {d.name}", config.n_shards, polled(lambda st: len(sweeps.committed_shards(st, d.name)))),
-                    (f"train {model}", d.steps * d.candidates, polled(lambda st: trained_steps(st, model, d.candidates))),
-                    (f"evaluate {eval_name}", 1, polled(lambda st: int(evals.exists(st, eval_name))))]
+            bars = [(f"collect {d.name}", config.n_shards, store_poll(url, lambda st: len(sweeps.committed_shards(st, d.name)))),
+                    (f"train {model}", d.steps * d.candidates, store_poll(url, lambda st: trained_steps(st, model, d.candidates))),
+                    (f"evaluate {eval_name}", 1, store_poll(url, lambda st: int(evals.exists(st, eval_name))))]
             from flows.pipeline import pipeline_flow
 
             server_ready()
@@ -682,15 +677,8 @@ def import_gpt(
             from flows.interop import import_flow
 
             flow = import_flow.with_options(task_runner=task_runner("thread", workers or (os.cpu_count() or 1)))
-
-            def committed():
-                try:
-                    return len(sweeps.committed_shards(open_store(url), sweep))
-                except StoreError:
-                    return 0
-
             server_ready()
-            with progress_bar(f"import {sweep}", interop.n_shards(config), committed):
+            with progress_bar(f"import {sweep}", interop.n_shards(config), store_poll(url, lambda st: len(sweeps.committed_shards(st, sweep)))):
                 summary = flow(store=url, sweep=sweep, problem=problem, source=path, checkpoints=checkpoints, shard_size=shard_size)
             bad = interop.report_rows(open_store(url), sweep)
     for r in bad[:20]:
